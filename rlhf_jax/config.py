@@ -1,0 +1,197 @@
+"""Config blocks shared by every stage, and the checks that run before any compute.
+
+A config file under `configs/` composes these blocks into one `ConfigDict` and picks
+sizes per variant (`tiny`, `small`, `tpu_*`). Every field is documented where it is made.
+"""
+import json
+import os
+
+import ml_collections
+
+from rlhf_jax.errors import UserError
+
+
+def model_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      vocab_size=-1,           # -1: taken from the data source (world vocab or tokenizer)
+      d_model=64,
+      n_layers=2,
+      n_heads=4,
+      d_ff=256,
+      mlp='swiglu',            # 'swiglu' | 'gelu'
+      dtype='float32',         # compute dtype: 'float32' | 'bfloat16'
+      param_dtype='float32',
+      rope_theta=10000.0,
+      tie_embeddings=False,
+      attention='xla',         # 'xla' (einsum + softmax) | 'dot_product_attention' (jax.nn)
+      remat='none',            # 'none' | 'full' | 'dots' (save matmul outputs only)
+  ))
+
+
+def optim_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      lr=3e-3,
+      warmup_steps=20,
+      end_lr_ratio=0.1,        # cosine decays from lr to lr * end_lr_ratio at train.steps
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,           # global-norm clipping; <= 0 disables
+      grad_accum=1,            # microbatches per optimiser update
+  ))
+
+
+# Logical axis -> mesh axis. Parameters: vocab, embed, mlp, heads, kv, norm.
+# Activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('norm', None),
+)
+
+
+def mesh_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      data=-1,                 # -1: all devices left after the other axes
+      fsdp=1,
+      tensor=1,
+      rules=DEFAULT_RULES,
+  ))
+
+
+def train_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=300,
+      batch_size=32,           # global batch, in sequences, per optimiser update
+      seq_len=64,
+      log_every=25,
+      eval_every=50,
+      eval_batches=4,
+      ckpt_every=100,
+      keep_ckpts=3,
+      progress=True,           # tqdm bar on stderr
+  ))
+
+
+def data_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      source='world',          # 'world' | 'text:PATH' | 'tfds:NAME'
+      vocab_size=1024,         # sentencepiece vocabulary for text/tfds sources
+      eval_fraction=0.05,      # held-out documents for text/tfds sources
+      tfds_split='train',
+      tfds_eval_split='',      # '' : hold out eval_fraction of tfds_split
+      tfds_data_dir='',        # '' : TFDS default data dir (never downloads)
+      text_key='text',
+  ))
+
+
+def world_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      seed=0,                  # the world's own seed: runs with different `seed` share a world
+      vocab_size=64,
+      branching=8,
+      zipf_a=1.1,
+      eos_prob=0.05,
+  ))
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      stage=stage,
+      seed=0,
+      model=model_block(),
+      optim=optim_block(),
+      mesh=mesh_block(),
+      train=train_block(),
+      data=data_block(),
+      world=world_block(),
+  ))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks that need no devices and no data; raises UserError naming the field."""
+  m, t, o = config.model, config.train, config.optim
+  if m.d_model % m.n_heads:
+    raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
+  if (m.d_model // m.n_heads) % 2:
+    raise UserError('model.d_model / model.n_heads must be even for rotary embeddings')
+  for name, choices in (('mlp', ('swiglu', 'gelu')), ('dtype', ('float32', 'bfloat16')),
+                        ('param_dtype', ('float32', 'bfloat16')),
+                        ('attention', ('xla', 'dot_product_attention')),
+                        ('remat', ('none', 'full', 'dots'))):
+    if m[name] not in choices:
+      raise UserError(f'model.{name}={m[name]!r} is not one of {choices}')
+  for name in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'ckpt_every',
+               'keep_ckpts'):
+    if t[name] <= 0:
+      raise UserError(f'train.{name}={t[name]} must be positive')
+  if o.grad_accum <= 0 or t.batch_size % o.grad_accum:
+    raise UserError(f'train.batch_size={t.batch_size} is not divisible by '
+                    f'optim.grad_accum={o.grad_accum}')
+  if o.lr <= 0:
+    raise UserError(f'optim.lr={o.lr} must be positive')
+  source = config.data.source
+  if not (source == 'world' or source.startswith('text:') or source.startswith('tfds:')):
+    raise UserError(f"data.source={source!r} is not one of 'world', 'text:PATH', 'tfds:NAME'")
+  if source.partition(':')[2] == '' and source != 'world':
+    raise UserError(f'data.source={source!r} names no path or dataset after the colon')
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+# Fields that may differ when a run is resumed: how often it reports or shows progress
+# does not change what it computes. (train.steps may not: it sets the LR schedule.)
+RESUMABLE_FIELDS = ('train.log_every', 'train.progress')
+# Fields left at -1 in the config file and filled in by the run.
+UNRESOLVED = ('model.vocab_size',)
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
+                   write: bool = True) -> None:
+  """Checks that an existing DIR/config.json describes the same run, then (re)writes it.
+
+  Called once before any compute with write=False (fields the run resolves later, such as
+  model.vocab_size = -1, match anything), and again with the resolved config."""
+  path = os.path.join(workdir, 'config.json')
+  new = to_dict(config)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path} is unreadable ({e}); use a fresh --workdir') from None
+    a, b = _flatten(old), _flatten(new)
+    diff = sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+                  and not (k in UNRESOLVED and b.get(k) == -1))
+    if diff:
+      raise UserError(f'{workdir} holds a run with a different config (differs at: '
+                      f'{", ".join(diff[:5])}); use a fresh --workdir or the same overrides')
+  if not write:
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,199 @@
+"""Decoder-only Transformer: RMSNorm, rotary positions, causal attention, SwiGLU/GELU MLP.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`);
+activations are constrained with `batch`, `length`, `act_*` names. The mapping of names to
+mesh axes lives in `config.mesh.rules`, never here.
+"""
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
+  mlp: str = 'swiglu'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  attention: str = 'xla'
+  remat: str = 'none'
+
+  @classmethod
+  def from_config(cls, block) -> 'ModelConfig':
+    return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def num_params(self) -> int:
+    """Parameter count, embeddings included."""
+    d, f = self.d_model, self.d_ff
+    mlp = (3 if self.mlp == 'swiglu' else 2) * d * f
+    per_layer = 4 * d * d + mlp + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.n_layers * per_layer + emb + d
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (non-embedding matmul params + output projection)
+    plus causal attention scores and values, forward and backward (PaLM appendix B, with
+    the causal half counted)."""
+    d, f = self.d_model, self.d_ff
+    mlp = (3 if self.mlp == 'swiglu' else 2) * d * f
+    matmul_params = self.n_layers * (4 * d * d + mlp) + self.vocab_size * d
+    attention = 6 * self.n_layers * seq_len * d  # 12 * L * T * d, halved for causality
+    return 6.0 * matmul_params + attention
+
+
+def _dense_init(fan_in: int):
+  return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nn.Module):
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates pairs (x[..., i], x[..., i + D/2]) by position-dependent angles.
+  x: [B, T, H, D]; positions: [B, T]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, D/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """[B, 1, T, T] bool: causal, within one segment, never to padding (segment 0)."""
+  t = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal[None] & same & (segment_ids[:, None, :] > 0))[:, None]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    proj = lambda name: nn.DenseGeneral(
+        (cfg.n_heads, cfg.head_dim), dtype=dtype, param_dtype=pdtype, use_bias=False,
+        kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model),
+                                                 ('embed', 'heads', 'kv')), name=name)(x)
+    q, k, v = proj('query'), proj('key'), proj('value')
+    q = rotary(q, positions, cfg.rope_theta)
+    k = rotary(k, positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', 'kv'))
+    k = nn.with_logical_constraint(k, ('batch', 'length', 'act_heads', 'kv'))
+    v = nn.with_logical_constraint(v, ('batch', 'length', 'act_heads', 'kv'))
+    if cfg.attention == 'dot_product_attention':
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+      scores = scores * cfg.head_dim ** -0.5
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'act_heads', 'kv'))
+    return nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=pdtype, use_bias=False,
+        kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model),
+                                                 ('heads', 'kv', 'embed')), name='out')(out)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    dense = lambda feats, axes, fan_in, name: nn.Dense(
+        feats, dtype=dtype, param_dtype=pdtype, use_bias=False,
+        kernel_init=nn.with_logical_partitioning(_dense_init(fan_in), axes), name=name)
+    if cfg.mlp == 'swiglu':
+      h = nn.silu(dense(cfg.d_ff, ('embed', 'mlp'), cfg.d_model, 'gate')(x))
+      h = h * dense(cfg.d_ff, ('embed', 'mlp'), cfg.d_model, 'up')(x)
+    else:
+      h = nn.gelu(dense(cfg.d_ff, ('embed', 'mlp'), cfg.d_model, 'up')(x))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'act_mlp'))
+    return dense(cfg.d_model, ('mlp', 'embed'), cfg.d_ff, 'down')(h)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    dtype, pdtype = _DTYPES[self.cfg.dtype], _DTYPES[self.cfg.param_dtype]
+    x = x + Attention(self.cfg, name='attn')(RMSNorm(dtype, pdtype, name='attn_norm')(x),
+                                             mask, positions)
+    x = x + Mlp(self.cfg, name='mlp')(RMSNorm(dtype, pdtype, name='mlp_norm')(x))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """logits: [B, T, V] float32; hidden: [B, T, D] final-norm hidden states (or None)."""
+  logits: jax.Array
+  hidden: jax.Array | None
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs, *, segment_ids, positions, return_hidden: bool = False):
+    """inputs, segment_ids, positions: [B, T] int32."""
+    cfg = self.cfg
+    dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+                     name='embed')
+    x = embed(inputs)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    mask = attention_mask(segment_ids)
+    block = Block
+    if cfg.remat != 'none':
+      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if cfg.remat == 'dots' else None)
+      block = nn.remat(Block, policy=policy)
+    for i in range(cfg.n_layers):
+      x = block(cfg, name=f'layer_{i}')(x, mask, positions)
+    hidden = RMSNorm(dtype, pdtype, name='final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(hidden) * cfg.d_model ** -0.5
+    else:
+      logits = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=pdtype, use_bias=False,
+                        kernel_init=nn.with_logical_partitioning(
+                            _dense_init(cfg.d_model), ('embed', 'vocab')),
+                        name='logits')(hidden)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ('batch', 'length', 'act_vocab'))
+    return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)

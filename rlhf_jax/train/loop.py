@@ -1,0 +1,93 @@
+"""The one training loop every stage runs: resume, step, log, evaluate, checkpoint.
+
+A stage supplies a jitted `step(state, batch) -> (state, metrics)`, a data source with
+`next_batch()`, `get_state()` and `set_state()`, and `evaluate(state) -> metrics`. The loop
+owns everything else, so resuming, logging and failure behave the same in every stage.
+"""
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import tqdm
+
+from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.metrics import MetricsWriter
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN or inf; the last good checkpoint stays in place."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  workdir: str
+  steps: int
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+  keep_ckpts: int
+  progress: bool
+  tokens_per_step: int
+
+  @classmethod
+  def from_config(cls, config, *, workdir: str, tokens_per_step: int) -> 'LoopSpec':
+    t = config.train
+    return cls(workdir=workdir, steps=t.steps, log_every=t.log_every,
+               eval_every=t.eval_every, ckpt_every=t.ckpt_every, keep_ckpts=t.keep_ckpts,
+               progress=t.progress, tokens_per_step=tokens_per_step)
+
+
+def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
+        put_batch: Callable, evaluate: Callable[[Any], dict], static_metrics: dict) -> Any:
+  """Trains from the newest checkpoint in spec.workdir (or from `state`) to spec.steps.
+
+  static_metrics are logged once at step 0 (facts of the run, such as the world's
+  entropy rate). Returns the final state.
+  """
+  ckpt = Checkpointer(f'{spec.workdir}/checkpoints', keep=spec.keep_ckpts)
+  start = ckpt.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(start, state_shardings=state_shardings, like_state=state)
+    source.set_state(data_state)
+  writer = MetricsWriter(spec.workdir, resume_step=start)
+  if start == 0:
+    writer.write(0, {**static_metrics, **evaluate(state)})
+  bar = tqdm.tqdm(total=spec.steps, initial=start, disable=not spec.progress,
+                  dynamic_ncols=True, mininterval=1.0)
+  last_good = start
+  t0, steps_timed = time.perf_counter(), 0
+  try:
+    for i in range(start, spec.steps):
+      state, metrics = step(state, put_batch(source.next_batch()))
+      done = i + 1
+      steps_timed += 1
+      log = done % spec.log_every == 0 or done == spec.steps
+      save = done % spec.ckpt_every == 0 or done == spec.steps
+      evaluating = done % spec.eval_every == 0 or done == spec.steps
+      if not (log or save or evaluating):
+        continue
+      metrics = jax.device_get(metrics)  # the only host sync between log steps
+      loss = float(np.asarray(metrics['train/loss']))
+      if not math.isfinite(loss):
+        raise NonFiniteLoss(f'non-finite train/loss ({loss}) at step {done}; the last good '
+                            f'checkpoint is step {last_good} in {ckpt.directory}')
+      elapsed = time.perf_counter() - t0
+      metrics['perf/tokens_per_s'] = spec.tokens_per_step * steps_timed / max(elapsed, 1e-9)
+      metrics['perf/step_s'] = elapsed / steps_timed
+      if evaluating:
+        metrics.update(evaluate(state))
+      writer.write(done, metrics)
+      bar.set_postfix(loss=f'{loss:.4f}', tok_s=f'{metrics["perf/tokens_per_s"]:.0f}')
+      bar.update(done - bar.n)
+      if save:
+        ckpt.save(done, state=state, data_state=source.get_state())
+        last_good = done
+      t0, steps_timed = time.perf_counter(), 0
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return state

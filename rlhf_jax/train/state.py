@@ -1,0 +1,66 @@
+"""TrainState, the optimiser, and creating the state already sharded on the mesh."""
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from rlhf_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: [] int32 optimiser updates done; params/opt_state: pytrees; rng: [2] uint32 root
+  key of the run (a step derives its keys with fold_in(rng, step), so it never changes)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def make_schedule(optim, total_steps: int) -> optax.Schedule:
+  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.end_lr_ratio)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine; global-norm clipping; no decay on norms (vectors)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+  parts.append(optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
+                           eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def create_sharded(*, init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                   rng: jax.Array, mesh, mesh_config) -> tuple[TrainState, Any]:
+  """Builds the state directly in its sharded layout: shapes come from `jax.eval_shape`,
+  layouts from the parameters' logical axis names, and one jitted init with
+  `out_shardings` writes every shard where it lives (no full copy on one device).
+
+  init_params(rng) returns the model's params with logical-partitioning boxes.
+  Returns (state, state_shardings).
+  """
+  boxed = jax.eval_shape(init_params, rng)
+  param_specs = nn.get_partition_spec(boxed)
+  abstract_params = nn.meta.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+                                    transform_non_params=lambda _: PartitionSpec())
+  specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
+                     rng=PartitionSpec())
+  shardings = sharding.logical_shardings(specs, mesh, mesh_config)
+
+  def init(rng):
+    params = nn.meta.unbox(init_params(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=rng)
+
+  with mesh:
+    state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
