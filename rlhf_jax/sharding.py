@@ -1,4 +1,5 @@
 """The device mesh from `config.mesh`, and shardings from logical axis names."""
+import contextlib
 import math
 
 import flax.linen as nn
@@ -65,3 +66,11 @@ def data_parallel_size(mesh: Mesh, mesh_config) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, mesh_config):
+  """The mesh and logical-axis rules in force while steps are traced and run; without
+  them the model's activation constraints are no-ops."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(mesh_config)):
+    yield

@@ -101,10 +101,10 @@ class Attention(nn.Module):
   def __call__(self, x, mask, positions):
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-    proj = lambda name: nn.DenseGeneral(
-        (cfg.n_heads, cfg.head_dim), dtype=dtype, param_dtype=pdtype, use_bias=False,
-        kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model),
-                                                 ('embed', 'heads', 'kv')), name=name)(x)
+    shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
+    init = nn.with_logical_partitioning(_dense_init(cfg.d_model), ('embed', 'heads', 'kv'))
+    proj = lambda name: jnp.einsum(
+        'btd,dhk->bthk', x, self.param(name, init, shape, pdtype).astype(dtype))
     q, k, v = proj('query'), proj('key'), proj('value')
     q = rotary(q, positions, cfg.rope_theta)
     k = rotary(k, positions, cfg.rope_theta)
@@ -120,10 +120,10 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
       out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'act_heads', 'kv'))
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=pdtype, use_bias=False,
-        kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model),
-                                                 ('heads', 'kv', 'embed')), name='out')(out)
+    w_out = self.param('out', nn.with_logical_partitioning(_dense_init(cfg.d_model),
+                                                           ('heads', 'kv', 'embed')),
+                       (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype)
+    return jnp.einsum('bthk,hkd->btd', out, w_out.astype(dtype))
 
 
 class Mlp(nn.Module):

@@ -108,7 +108,7 @@ def run(config, *, workdir: str) -> None:
               'world/expected_length': setup.source.stats['expected_length']}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir, tokens_per_step=config.train.batch_size * config.train.seq_len)
-  with setup.mesh:
+  with sharding.activate(setup.mesh, config.mesh):
     loop.run(spec=spec, state=setup.state, state_shardings=setup.state_shardings,
              step=setup.step, source=setup.source, put_batch=setup.put_batch,
              evaluate=evaluate, static_metrics=static)

@@ -50,7 +50,7 @@ def train_step(state: TrainState, batch: LMBatch, *, model, tx, schedule, grad_a
   metrics = {
       'train/loss': loss_sum / denom,
       'train/accuracy': correct / denom,
-      'train/grad_norm': optax.global_norm(grads),
+      'train/grad_norm': optax.tree.norm(grads),
       'train/lr': schedule(state.step),
       'train/tokens': count,
   }

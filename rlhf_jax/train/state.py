@@ -61,6 +61,6 @@ def create_sharded(*, init_params: Callable[[jax.Array], Any], tx: optax.Gradien
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=rng)
 
-  with mesh:
+  with sharding.activate(mesh, mesh_config):
     state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
