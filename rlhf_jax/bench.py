@@ -1,0 +1,112 @@
+"""Train-step throughput and MFU, against the matmul peak measured in the same run.
+
+  python -m rlhf_jax.bench --config=configs/pretrain.py:small [--steps=10] [--config.x=...]
+
+MFU = model FLOPs per second (ModelConfig.flops_per_token * tokens/s) divided by the FLOP/s
+of a large float32 matmul timed on the same device in the same process, so the ratio holds
+on a noisy or throttled machine where absolute seconds would not. Prints a table, then one
+JSON line of the figures.
+"""
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:small',
+                                          'Config file[:variant].', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 8, 'Timed train steps (after compilation).')
+_MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Size of the square peak-FLOP/s matmul.')
+
+
+def _best_time(fn, reps: int) -> float:
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_peak(n: int, reps: int = 5) -> float:
+  """FLOP/s of an n x n float32 matmul chain: the device's practical matmul peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(mm(a, b))
+  return 2.0 * n ** 3 / _best_time(lambda: mm(a, b), reps)
+
+
+def step_time(setup, steps: int) -> tuple[float, float]:
+  """(compile + first step seconds, median seconds per step over `steps` steps)."""
+  state = setup.state
+  batches = [setup.put_batch(setup.source.next_batch()) for _ in range(2)]
+  t = time.perf_counter()
+  state, m = setup.step(state, batches[0])
+  jax.block_until_ready(m)
+  first = time.perf_counter() - t
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, m = setup.step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return first, float(np.median(times))
+
+
+def main():
+  try:
+    flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  from rlhf_jax.stages.pretrain import Setup
+  config = _CONFIG.value
+  try:
+    with tempfile.TemporaryDirectory() as workdir:
+      setup = Setup(config, workdir=workdir)
+      with sharding.activate(setup.mesh, config.mesh):
+        peak_before = matmul_peak(_MATMUL_N.value)
+        compile_s, step_s = step_time(setup, _STEPS.value)
+        peak_after = matmul_peak(_MATMUL_N.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  peak = max(peak_before, peak_after)
+  model = setup.model.cfg
+  tokens = config.train.batch_size * config.train.seq_len
+  tokens_per_s = tokens / step_s
+  model_flops = model.flops_per_token(config.train.seq_len) * tokens_per_s
+  figures = {
+      'config': next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')),
+                     'configs/pretrain.py:small'),
+      'devices': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind,
+      'params': model.num_params(),
+      'batch_size': config.train.batch_size,
+      'seq_len': config.train.seq_len,
+      'dtype': model.dtype,
+      'compile_s': round(compile_s, 2),
+      'step_s': round(step_s, 4),
+      'tokens_per_s': round(tokens_per_s, 1),
+      'model_tflops_per_s': round(model_flops / 1e12, 4),
+      'matmul_peak_tflops_per_s': round(peak / 1e12, 4),
+      'mfu': round(model_flops / peak, 4),
+  }
+  width = max(len(k) for k in figures)
+  print(f'{"figure":<{width}}  value')
+  for key, value in figures.items():
+    print(f'{key:<{width}}  {value}')
+  print(json.dumps(figures))
+
+
+if __name__ == '__main__':
+  main()
