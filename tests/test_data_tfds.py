@@ -158,3 +158,20 @@ def test_missing_data_dir_and_unprepared_dataset(tmp_path):
         name='imdb_reviews', split='train', data_dir=str(tmp_path),
         text_key='text')
   assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_pretrains_on_tfds(data_dir, run_cli, tmp_path):
+  """End to end from the command line: a fresh process reads the prepared files by name."""
+  import json
+  workdir = tmp_path / 'run'
+  result = run_cli('--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
+                   f'--config.data.source=tfds:{_NAME}', f'--config.data.tfds_data_dir={data_dir}',
+                   '--config.data.tfds_eval_split=test', '--config.data.vocab_size=300',
+                   '--config.train.steps=30', '--config.train.batch_size=8',
+                   '--config.train.seq_len=32', '--config.train.eval_every=30',
+                   '--config.train.progress=False')
+  assert result.returncode == 0, result.stderr[-2000:]
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  losses = [r['eval/loss'] for r in records if 'eval/loss' in r]
+  assert losses[-1] < 0.6 * losses[0]
+  assert (workdir / 'tokenizer.model').exists()
