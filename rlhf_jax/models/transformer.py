@@ -74,13 +74,16 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotates pairs (x[..., i], x[..., i + D/2]) by position-dependent angles.
-  x: [B, T, H, D]; positions: [B, T]."""
-  half = x.shape[-1] // 2
+def rotary_angles(positions: jax.Array, head_dim: int, theta: float):
+  """(sin, cos), each [B, T, 1, D/2], computed once per forward and shared by all layers."""
+  half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, D/2]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  angle = positions[..., None].astype(jnp.float32) * freq
+  return jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+
+
+def rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotates pairs (x[..., i], x[..., i + D/2]) by position-dependent angles; x: [B, T, H, D]."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -98,7 +101,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, mask, angles):
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
@@ -106,8 +109,7 @@ class Attention(nn.Module):
     proj = lambda name: jnp.einsum(
         'btd,dhk->bthk', x, self.param(name, init, shape, pdtype).astype(dtype))
     q, k, v = proj('query'), proj('key'), proj('value')
-    q = rotary(q, positions, cfg.rope_theta)
-    k = rotary(k, positions, cfg.rope_theta)
+    q, k = rotary(q, *angles), rotary(k, *angles)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', 'kv'))
     k = nn.with_logical_constraint(k, ('batch', 'length', 'act_heads', 'kv'))
     v = nn.with_logical_constraint(v, ('batch', 'length', 'act_heads', 'kv'))
@@ -149,10 +151,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, mask, angles):
     dtype, pdtype = _DTYPES[self.cfg.dtype], _DTYPES[self.cfg.param_dtype]
     x = x + Attention(self.cfg, name='attn')(RMSNorm(dtype, pdtype, name='attn_norm')(x),
-                                             mask, positions)
+                                             mask, angles)
     x = x + Mlp(self.cfg, name='mlp')(RMSNorm(dtype, pdtype, name='mlp_norm')(x))
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
@@ -179,13 +181,14 @@ class Transformer(nn.Module):
     x = embed(inputs)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     mask = attention_mask(segment_ids)
+    angles = rotary_angles(positions, cfg.head_dim, cfg.rope_theta)
     block = Block
     if cfg.remat != 'none':
       policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
                 if cfg.remat == 'dots' else None)
       block = nn.remat(Block, policy=policy)
     for i in range(cfg.n_layers):
-      x = block(cfg, name=f'layer_{i}')(x, mask, positions)
+      x = block(cfg, name=f'layer_{i}')(x, mask, angles)
     hidden = RMSNorm(dtype, pdtype, name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(hidden) * cfg.d_model ** -0.5
