@@ -52,7 +52,9 @@ def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
   if start:
     state, data_state = ckpt.restore(start, state_shardings=state_shardings, like_state=state)
     source.set_state(data_state)
-  writer = MetricsWriter(spec.workdir, resume_step=start)
+  # A run with no checkpoint to resume rewrites step 0 too, so keeps no earlier line
+  # (one killed before its first checkpoint has already logged step 0).
+  writer = MetricsWriter(spec.workdir, resume_step=start if start else -1)
   if start == 0:
     writer.write(0, {**static_metrics, **evaluate(state)})
   bar = tqdm.tqdm(total=spec.steps, initial=start, disable=not spec.progress,
@@ -71,9 +73,14 @@ def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
         continue
       metrics = jax.device_get(metrics)  # the only host sync between log steps
       loss = float(np.asarray(metrics['train/loss']))
-      if not math.isfinite(loss):
-        raise NonFiniteLoss(f'non-finite train/loss ({loss}) at step {done}; the last good '
-                            f'checkpoint is step {last_good} in {ckpt.directory}')
+      # The loss is that of the parameters before this update; a non-finite gradient norm
+      # means the update itself has already poisoned the state about to be saved.
+      for key in ('train/loss', 'train/grad_norm'):
+        value = float(np.asarray(metrics.get(key, 0.0)))
+        if not math.isfinite(value):
+          where = (f'the last good checkpoint is step {last_good} in {ckpt.directory}'
+                   if last_good else 'no checkpoint was written')
+          raise NonFiniteLoss(f'non-finite {key} ({value}) at step {done}; {where}')
       elapsed = time.perf_counter() - t0
       metrics['perf/tokens_per_s'] = spec.tokens_per_step * steps_timed / max(elapsed, 1e-9)
       metrics['perf/step_s'] = elapsed / steps_timed
