@@ -32,19 +32,46 @@ def _one_line(e: BaseException) -> str:
   return text or type(e).__name__
 
 
+def _flag_error(e: BaseException) -> str:
+  """ml_collections puts the config file's whole traceback into the flag error; the user
+  needs its first line (which flag) and its last (what the config file raised)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if any(l.startswith('Traceback (most recent call last)') for l in lines):
+    return f'{lines[0]} {lines[-1]}'
+  return _one_line(e)
+
+
+def _config_error(e: BaseException) -> str:
+  if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
+    e = e.args[0]  # ConfigDict.__getattr__ wraps the KeyError of an unknown field
+  if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+    # str(KeyError) is the repr of the message, with its quotes and newline escaped.
+    return 'unknown field ' + '; '.join(l.strip() for l in e.args[0].splitlines() if l.strip())
+  if isinstance(e, OSError) and 'earlier failure to load' in str(e):
+    # A config file that cannot be read is reported lazily, on first use of the config,
+    # with a multi-line list of the paths tried: its last line is the OS error.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return f'cannot load the config file: {lines[-1]}'
+  return _one_line(e)
+
+
 def parse(argv: list[str]):
   """Parses flags; every problem with them becomes a UserError."""
   try:
     flags.FLAGS(argv)
+    config = _CONFIG.value
+    if config is not None:
+      config.get('stage')  # raises here if the config file could not be loaded
   except flags.Error as e:
-    raise UserError(_one_line(e)) from None
-  except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError, OSError) as e:
-    raise UserError(f'bad --config: {_one_line(e)}') from None
+    raise UserError(_flag_error(e)) from None
+  except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError, OSError,
+          SyntaxError) as e:
+    raise UserError(f'bad --config: {_config_error(e)}') from None
   if _WORKDIR.value is None:
     raise UserError('--workdir is required')
-  if _CONFIG.value is None:
+  if config is None:
     raise UserError('--config is required')
-  return _CONFIG.value, _WORKDIR.value
+  return config, _WORKDIR.value
 
 
 def prepare_workdir(workdir: str) -> str:
