@@ -1,0 +1,213 @@
+"""Resuming reproduces the uninterrupted run exactly: an exception mid-run (in process), a
+SIGKILL between checkpoints and one in the middle of writing a checkpoint (through the
+CLI) all end with bitwise the same train state and the same metrics.jsonl (timings aside);
+rerunning a finished run changes nothing."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, cli_env
+
+SMALL = ('--config.model.d_model=32', '--config.model.d_ff=64', '--config.train.seq_len=32',
+         '--config.train.batch_size=8', '--config.train.eval_batches=1',
+         '--config.train.progress=False')
+
+
+def load_config(variant: str):
+  spec = importlib.util.spec_from_file_location(
+      'pretrain_config', os.path.join(REPO, 'configs', 'pretrain.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def read_state(step_dir) -> dict:
+  """A checkpoint's train state as host numpy arrays, whatever mesh wrote it."""
+  path = os.path.join(str(step_dir), 'state')
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def assert_states_equal(a: dict, b: dict):
+  paths_a = jax.tree_util.tree_leaves_with_path(a)
+  paths_b = dict(jax.tree_util.tree_leaves_with_path(b))
+  assert len(paths_a) == len(paths_b)
+  for path, x in paths_a:
+    y = paths_b[path]
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
+
+
+def metrics_without_timing(workdir) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith('perf/')}
+            for line in f]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+# --- In process: an exception from the data source after 7 batches --------------------------
+
+class Crash(Exception):
+  pass
+
+
+def small_config(steps: int):
+  config = load_config('tiny')
+  config.model.update(d_model=32, d_ff=64)
+  config.train.update(steps=steps, batch_size=8, seq_len=32, ckpt_every=4, log_every=2,
+                      eval_every=6, eval_batches=1, keep_ckpts=10, progress=False)
+  return config
+
+
+def test_crash_in_process_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
+  from rlhf_jax.data.world_source import WorldSource
+  from rlhf_jax.stages import pretrain
+  steps = 12
+  straight, crashed = str(tmp_path / 'straight'), str(tmp_path / 'crashed')
+  for workdir in (straight, crashed):  # main.prepare_workdir makes it before a stage runs
+    os.makedirs(workdir)
+  pretrain.run(small_config(steps), workdir=straight)
+  assert checkpoint_steps(straight) == [4, 8, 12]
+
+  original = WorldSource.next_batch
+  calls = []
+
+  def failing_next_batch(self):
+    if len(calls) == 7:
+      raise Crash('the data source died after 7 batches')
+    calls.append(1)
+    return original(self)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(WorldSource, 'next_batch', failing_next_batch)
+    with pytest.raises(Crash):
+      pretrain.run(small_config(steps), workdir=crashed)
+  # 7 steps done: the checkpoint at 4 is there, and lines up to step 6 were written.
+  assert checkpoint_steps(crashed) == [4]
+  assert [r['step'] for r in metrics_without_timing(crashed)] == [0, 2, 4, 6]
+
+  pretrain.run(small_config(steps), workdir=crashed)
+  assert checkpoint_steps(crashed) == [4, 8, 12]
+  assert_states_equal(read_state(os.path.join(straight, 'checkpoints', '12')),
+                      read_state(os.path.join(crashed, 'checkpoints', '12')))
+  assert metrics_without_timing(crashed) == metrics_without_timing(straight)
+  assert [r['step'] for r in metrics_without_timing(straight)] == [0, 2, 4, 6, 8, 10, 12]
+
+
+# --- Through the CLI: SIGKILL ----------------------------------------------------------------
+
+STEPS = 60
+CLI_ARGS = ('--config=configs/pretrain.py:tiny', *SMALL, f'--config.train.steps={STEPS}',
+            '--config.train.ckpt_every=10', '--config.train.log_every=5',
+            '--config.train.eval_every=20')
+
+
+def cli(workdir):
+  return [sys.executable, '-m', 'rlhf_jax.main', *CLI_ARGS, f'--workdir={workdir}']
+
+
+def run_to_end(workdir):
+  result = subprocess.run(cli(workdir), cwd=REPO, env=cli_env(1), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted') / 'run'
+  run_to_end(workdir)
+  # keep_ckpts=3 (the default) leaves the newest three.
+  assert checkpoint_steps(workdir) == [40, 50, 60]
+  return workdir
+
+
+def kill_when(workdir, ready) -> list[str]:
+  """Starts the run and SIGKILLs it as soon as ready(names in checkpoints/) holds; returns
+  those names. Fails if the run finished first (then nothing was tested)."""
+  proc = subprocess.Popen(cli(workdir), cwd=REPO, env=cli_env(1), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  try:
+    while time.monotonic() < deadline:
+      try:
+        names = os.listdir(os.path.join(workdir, 'checkpoints'))
+      except FileNotFoundError:
+        names = []
+      if ready(names):
+        assert proc.poll() is None, 'the run ended before it could be killed'
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return names
+      assert proc.poll() is None, 'the run ended before it could be killed'
+      time.sleep(0.002)
+    raise AssertionError('no checkpoint appeared in time')
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def finalised(names):
+  return [int(n) for n in names if n.isdigit()]
+
+
+def writing(names):
+  """Orbax writes into "<step>.orbax-checkpoint-tmp..." and renames it when complete."""
+  return any(not n.isdigit() and n.split('.')[0].isdigit() for n in names)
+
+
+@pytest.mark.parametrize('when', ['after-a-checkpoint', 'while-writing-a-checkpoint',
+                                  'while-writing-the-first-checkpoint'])
+def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, uninterrupted, when):
+  workdir = tmp_path / 'run'
+  if when == 'after-a-checkpoint':
+    seen = kill_when(workdir, lambda names: any(0 < s < STEPS for s in finalised(names)))
+  elif when == 'while-writing-a-checkpoint':
+    seen = kill_when(workdir, lambda names: finalised(names) and writing(names))
+  else:  # nothing to resume from: the rerun starts over in a workdir that is not empty
+    seen = kill_when(workdir, writing)
+  left = sorted(os.listdir(workdir / 'checkpoints'))
+  context = f'seen before the kill: {seen}; left after it: {left}'
+  assert all(s < STEPS for s in checkpoint_steps(workdir)), context
+  assert (workdir / 'metrics.jsonl').exists()
+
+  result = run_to_end(workdir)
+  assert 'error' not in result.stderr.lower(), (context, result.stderr[-3000:])
+  # No partial checkpoint directory survives the rerun.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['40', '50', '60'], context
+  assert_states_equal(read_state(uninterrupted / 'checkpoints' / str(STEPS)),
+                      read_state(workdir / 'checkpoints' / str(STEPS)))
+  assert metrics_without_timing(workdir) == metrics_without_timing(uninterrupted)
+
+
+def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
+  def files(root, *, skip_events=True):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+      for n in names:
+        if skip_events and n.startswith('events.out.tfevents'):
+          continue
+        path = os.path.join(dirpath, n)
+        with open(path, 'rb') as f:
+          out[os.path.relpath(path, root)] = f.read()
+    return out
+
+  before = files(uninterrupted)
+  result = run_to_end(uninterrupted)
+  assert result.stderr.strip() == ''
+  assert files(uninterrupted) == before
