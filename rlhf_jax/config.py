@@ -24,6 +24,7 @@ def model_block() -> ml_collections.ConfigDict:
       rope_theta=10000.0,
       tie_embeddings=False,
       attention='xla',         # 'xla' (einsum + softmax) | 'dot_product_attention' (jax.nn)
+      attention_block=64,      # 'xla': query block; keys after a block's end are skipped (0: off)
       remat='none',            # 'none' | 'full' | 'dots' (save matmul outputs only)
   ))
 
@@ -131,6 +132,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         ('remat', ('none', 'full', 'dots'))):
     if m[name] not in choices:
       raise UserError(f'model.{name}={m[name]!r} is not one of {choices}')
+  if m.attention_block < 0:
+    raise UserError(f'model.attention_block={m.attention_block} must be >= 0 (0: no blocks)')
   for name in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'ckpt_every',
                'keep_ckpts'):
     if t[name] <= 0:

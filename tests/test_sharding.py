@@ -67,10 +67,10 @@ def test_mesh_matches_single_device(mesh, reference, tmp_path):
 
 def test_parameters_are_sharded_not_replicated(tmp_path):
   setup = Setup(small_config((2, 2, 2)), workdir=str(tmp_path), devices=jax.devices())
-  up = setup.state.params['layer_0']['mlp']['up']['kernel']  # logical ('embed', 'mlp')
+  up = setup.state.params['layer_0']['mlp']['gate_up']  # logical ('embed', None, 'mlp')
   shard = up.addressable_shards[0].data.shape
-  assert shard == (up.shape[0] // 2, up.shape[1] // 2)  # embed over fsdp, mlp over tensor
-  mu = setup.state.opt_state[1][0].mu['layer_0']['mlp']['up']['kernel']
+  assert shard == (up.shape[0] // 2, 2, up.shape[2] // 2)  # embed over fsdp, mlp over tensor
+  mu = setup.state.opt_state[1][0].mu['layer_0']['mlp']['gate_up']
   assert mu.sharding == up.sharding  # optimiser moments live with their parameter
 
 
