@@ -98,6 +98,14 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   return (causal[None] & same & (segment_ids[:, None, :] > 0))[:, None]
 
 
+def _attend(q, k, v, mask, dtype):
+  """q [B, H, Tq, D] over k, v [B, H, Tk, D] under mask [B, 1, Tq, Tk] -> [B, H, Tq, D]."""
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+
+
 def causal_block_attention(q, k, v, *, mask, block: int, dtype) -> jax.Array:
   """Softmax attention of q over k, v ([B, T, H, D], q already scaled) under `mask`
   [B, 1, T, T], which must include the causal mask.
@@ -112,23 +120,45 @@ def causal_block_attention(q, k, v, *, mask, block: int, dtype) -> jax.Array:
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]: contiguous heads
   t = q.shape[2]
   block = t if block <= 0 else min(block, t)
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    scores = jnp.einsum('bhqd,bhkd->bhqk', q[:, :, start:end], k[:, :, :end])
-    scores = jnp.where(mask[:, :, start:end, :end], scores.astype(jnp.float32),
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    outs.append(jnp.einsum('bhqk,bhkd->bhqd', probs, v[:, :, :end]))
+  outs = [_attend(q[:, :, start:start + block], k[:, :, :start + block],
+                  v[:, :, :start + block], mask[:, :, start:start + block, :start + block],
+                  dtype)
+          for start in range(0, t, block)]
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   return out.transpose(0, 2, 1, 3)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for the slots decoded so far (one slot per token).
+
+  keys, values: tuple over layers of [B, S, H, D]; segment_ids: [B, S] int32 of the token
+  in each slot (0: padding or not yet written); index: [] int32, the first free slot.
+  Slots are filled left to right, so slot order is token order: a query at slot s sees
+  keys at slots <= s of its own segment.
+  """
+  keys: tuple
+  values: tuple
+  segment_ids: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def empty(cls, cfg: 'ModelConfig', *, batch: int, length: int) -> 'KVCache':
+    shape = (batch, length, cfg.n_heads, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, _DTYPES[cfg.dtype]) for _ in range(cfg.n_layers))
+    return cls(keys=zeros(), values=zeros(), segment_ids=jnp.zeros((batch, length), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
 
 
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, angles):
+  def __call__(self, x, mask, angles, kv=None, index=None):
+    """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T]. With kv = (keys,
+    values) [B, S, H, D] of this layer, writes this call's keys and values at slots
+    index..index+T-1 and attends over all S slots under mask [B, 1, T, S]; returns
+    (out, (keys, values))."""
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
@@ -137,19 +167,25 @@ class Attention(nn.Module):
         'btd,dhk->bthk', x, self.param(name, init, shape, pdtype).astype(dtype))
     q, k, v = proj('query'), proj('key'), proj('value')
     q, k = rotary(q, *angles), rotary(k, *angles)
-    q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', 'kv'))
-    k = nn.with_logical_constraint(k, ('batch', 'length', 'act_heads', 'kv'))
-    v = nn.with_logical_constraint(v, ('batch', 'length', 'act_heads', 'kv'))
-    if cfg.attention == 'dot_product_attention':
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    names = ('batch', 'length', 'act_heads', 'kv')
+    q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+    q = q * cfg.head_dim ** -0.5
+    if kv is not None:
+      write = lambda cache, new: nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index, 0, 0)), names)
+      k, v = kv = (write(kv[0], k), write(kv[1], v))
+      heads_major = lambda t: t.transpose(0, 2, 1, 3)
+      out = heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), mask, dtype))
+    elif cfg.attention == 'dot_product_attention':
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
     else:
-      out = causal_block_attention(q * cfg.head_dim ** -0.5, k, v, mask=mask,
-                                   block=cfg.attention_block, dtype=dtype)
-    out = nn.with_logical_constraint(out, ('batch', 'length', 'act_heads', 'kv'))
+      out = causal_block_attention(q, k, v, mask=mask, block=cfg.attention_block, dtype=dtype)
+    out = nn.with_logical_constraint(out, names)
     w_out = self.param('out', nn.with_logical_partitioning(_dense_init(cfg.d_model),
                                                            ('heads', 'kv', 'embed')),
                        (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype)
-    return jnp.einsum('bthk,hkd->btd', out, w_out.astype(dtype))
+    out = jnp.einsum('bthk,hkd->btd', out, w_out.astype(dtype))
+    return out if kv is None else (out, kv)
 
 
 class Mlp(nn.Module):
@@ -179,27 +215,51 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, angles):
+  def __call__(self, x, mask, angles, kv=None, index=None):
     dtype, pdtype = _DTYPES[self.cfg.dtype], _DTYPES[self.cfg.param_dtype]
-    x = x + Attention(self.cfg, name='attn')(RMSNorm(dtype, pdtype, name='attn_norm')(x),
-                                             mask, angles)
+    h = RMSNorm(dtype, pdtype, name='attn_norm')(x)
+    attn = Attention(self.cfg, name='attn')
+    if kv is None:
+      x = x + attn(h, mask, angles)
+    else:
+      out, kv = attn(h, mask, angles, kv, index)
+      x = x + out
     x = x + Mlp(self.cfg, name='mlp')(RMSNorm(dtype, pdtype, name='mlp_norm')(x))
-    return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    return x if kv is None else (x, kv)
 
 
 @flax.struct.dataclass
 class ModelOutput:
-  """logits: [B, T, V] float32; hidden: [B, T, D] final-norm hidden states (or None)."""
+  """logits: [B, T, V] float32; hidden: [B, T, D] final-norm hidden states (or None);
+  cache: the KVCache after this call's tokens were written (None without a cache)."""
   logits: jax.Array
   hidden: jax.Array | None
+  cache: KVCache | None = None
+
+
+def cache_mask(cache: KVCache, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mask [B, 1, T, S], slot segment ids [B, S]) for T new tokens written at cache.index:
+  a query sees written slots up to its own, in its own segment."""
+  t, s = segment_ids.shape[1], cache.segment_ids.shape[1]
+  slot_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                               (0, cache.index))
+  query_slot = cache.index + jnp.arange(t)
+  causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+  same = segment_ids[:, :, None] == slot_segments[:, None, :]
+  mask = causal[None] & same & (slot_segments[:, None, :] > 0)
+  return mask[:, None], slot_segments
 
 
 class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, inputs, *, segment_ids, positions, return_hidden: bool = False):
-    """inputs, segment_ids, positions: [B, T] int32."""
+  def __call__(self, inputs, *, segment_ids, positions, return_hidden: bool = False,
+               cache: KVCache | None = None):
+    """inputs, segment_ids, positions: [B, T] int32. With `cache`, the T tokens continue
+    the cached ones (a prompt to prefill, or one new token per row) and the output carries
+    the updated cache; the numbers equal a full forward over all tokens so far."""
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
@@ -208,15 +268,26 @@ class Transformer(nn.Module):
                      name='embed')
     x = embed(inputs)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    mask = attention_mask(segment_ids)
     angles = rotary_angles(positions, cfg.head_dim, cfg.rope_theta)
-    block = Block
-    if cfg.remat != 'none':
-      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-                if cfg.remat == 'dots' else None)
-      block = nn.remat(Block, policy=policy)
-    for i in range(cfg.n_layers):
-      x = block(cfg, name=f'layer_{i}')(x, mask, angles)
+    if cache is None:
+      mask = attention_mask(segment_ids)
+      block = Block
+      if cfg.remat != 'none':
+        policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                  if cfg.remat == 'dots' else None)
+        block = nn.remat(Block, policy=policy)
+      for i in range(cfg.n_layers):
+        x = block(cfg, name=f'layer_{i}')(x, mask, angles)
+    else:
+      mask, slot_segments = cache_mask(cache, segment_ids)
+      keys, values = [], []
+      for i in range(cfg.n_layers):
+        x, (k, v) = Block(cfg, name=f'layer_{i}')(
+            x, mask, angles, (cache.keys[i], cache.values[i]), cache.index)
+        keys.append(k)
+        values.append(v)
+      cache = KVCache(keys=tuple(keys), values=tuple(values), segment_ids=slot_segments,
+                      index=cache.index + inputs.shape[1])
     hidden = RMSNorm(dtype, pdtype, name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(hidden) * cfg.d_model ** -0.5
@@ -227,4 +298,4 @@ class Transformer(nn.Module):
                         name='logits')(hidden)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                         ('batch', 'length', 'act_vocab'))
-    return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
+    return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, cache=cache)

@@ -37,15 +37,12 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def create_sharded(*, init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                   rng: jax.Array, mesh, mesh_config) -> tuple[TrainState, Any]:
-  """Builds the state directly in its sharded layout: shapes come from `jax.eval_shape`,
-  layouts from the parameters' logical axis names, and one jitted init with
-  `out_shardings` writes every shard where it lives (no full copy on one device).
-
-  init_params(rng) returns the model's params with logical-partitioning boxes.
-  Returns (state, state_shardings).
-  """
+def abstract_sharded(*, init_params: Callable[[jax.Array], Any],
+                     tx: optax.GradientTransformation, rng: jax.Array, mesh,
+                     mesh_config) -> tuple[TrainState, Any]:
+  """The train state's shapes (`jax.ShapeDtypeStruct`s, nothing allocated) and its
+  shardings: layouts come from the parameters' logical axis names, optimiser moments
+  live with their parameter. init_params(rng) returns params with partitioning boxes."""
   boxed = jax.eval_shape(init_params, rng)
   param_specs = nn.get_partition_spec(boxed)
   abstract_params = nn.meta.unbox(boxed)
@@ -55,6 +52,18 @@ def create_sharded(*, init_params: Callable[[jax.Array], Any], tx: optax.Gradien
   specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
                      rng=PartitionSpec())
   shardings = sharding.logical_shardings(specs, mesh, mesh_config)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt, rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype))
+  return abstract, shardings
+
+
+def create_sharded(*, init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                   rng: jax.Array, mesh, mesh_config) -> tuple[TrainState, Any]:
+  """Builds the state directly in its sharded layout: shapes and shardings from
+  `abstract_sharded`, then one jitted init with `out_shardings` writes every shard where
+  it lives (no full copy on one device). Returns (state, state_shardings)."""
+  _, shardings = abstract_sharded(init_params=init_params, tx=tx, rng=rng, mesh=mesh,
+                                  mesh_config=mesh_config)
 
   def init(rng):
     params = nn.meta.unbox(init_params(rng))
