@@ -49,3 +49,21 @@ def test_text_pretraining_learns_the_corpus(run_cli, tmp_path):
   assert losses[0] > 0.9 * math.log(config['model']['vocab_size'])  # starts near uniform
   assert losses[-1] < 0.5 * unigram_entropy(workdir, corpus)
   assert all(b < a for a, b in zip(losses, losses[1:]))
+
+  # Samples decode to text with the run's tokenizer, continuing the prompt.
+  import ast
+  import subprocess
+  import sys
+  from conftest import REPO, cli_env
+  sampled = subprocess.run([sys.executable, '-m', 'rlhf_jax.sample', f'--workdir={workdir}',
+                            '--num=4', '--prompt=the cat', '--max_new_tokens=24',
+                            '--temperature=0.5'],
+                           cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  lines = sampled.stdout.strip().splitlines()
+  assert lines[0].endswith("prompt: 'the cat'") and len(lines) == 5
+  words = {w.strip('.') for phrase in SUBJECTS + VERBS + OBJECTS for w in phrase.split()}
+  texts = [ast.literal_eval(line.split(') ', 1)[1]) for line in lines[1:]]
+  said = [w.strip('.') for text in texts for w in text.split()]
+  # After 60 steps, at temperature 0.5, most sampled words are words of the corpus.
+  assert said and sum(w in words for w in said) >= 0.8 * len(said), texts

@@ -1,0 +1,294 @@
+"""Decoding with a KV cache, and teacher-forced scoring, with the train step's numerics.
+
+Prompts are left-padded to a common length P (`left_pad`), so every row's response starts
+at column P and a batch of prompts of different lengths decodes in lockstep: slot P + i of
+the cache holds response token i of every row. Positions count from each row's first real
+token, exactly as in a training row, so `score` of the same tokens reproduces the sampler's
+raw log-probs.
+
+Both are pure functions of (params, data); `Sampler` jits them once per shape on the
+training mesh (batch over `data`/`fsdp`, weights as the train state shards them).
+"""
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.transformer import KVCache, Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """How to pick each token. temperature, top_k (0: off) and top_p (1.0: off) are applied
+  in that order; greedy takes the argmax of the raw logits instead."""
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_id: int = 2
+  pad_id: int = 0
+
+  def validate(self, vocab_size: int) -> None:
+    if self.max_new_tokens <= 0:
+      raise UserError(f'max_new_tokens={self.max_new_tokens} must be positive')
+    if not self.greedy and not self.temperature > 0:
+      raise UserError(f'temperature={self.temperature} must be > 0 (or use greedy)')
+    if not 0 <= self.top_k <= vocab_size:
+      raise UserError(f'top_k={self.top_k} must be in [0, vocab size {vocab_size}]')
+    if not 0 < self.top_p <= 1:
+      raise UserError(f'top_p={self.top_p} must be in (0, 1]')
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """tokens:        [B, P+N] int32 left-padded prompt, then the response.
+  response:         [B, N] int32 sampled tokens, PAD after the row's EOS.
+  mask:             [B, N] float32, 1 on response tokens (EOS included), 0 after.
+  logprobs:         [B, N] float32 log-prob of each token under the sampling distribution
+                    (after temperature, top-k, top-p; 0 for greedy); 0 where mask is 0.
+  raw_logprobs:     [B, N] float32 log-prob under the model itself; 0 where mask is 0.
+  prompt_lengths:   [B] int32.
+  lengths:          [B] int32 response tokens per row (EOS included).
+  """
+  tokens: jax.Array
+  response: jax.Array
+  mask: jax.Array
+  logprobs: jax.Array
+  raw_logprobs: jax.Array
+  prompt_lengths: jax.Array
+  lengths: jax.Array
+
+
+def left_pad(prompts, *, pad_id: int = 0, length: int | None = None):
+  """Lists of token ids -> (tokens [B, P] int32 right-aligned, lengths [B] int32)."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  if len(prompts) == 0 or lengths.min() < 1:
+    raise UserError('every prompt needs at least one token (BOS)')
+  width = int(lengths.max()) if length is None else length
+  if lengths.max() > width:
+    raise UserError(f'a prompt of {lengths.max()} tokens does not fit in {width}')
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  for row, p in enumerate(prompts):
+    tokens[row, width - len(p):] = p
+  return tokens, lengths
+
+
+def _prompt_layout(prompt_lengths, width: int):
+  """(segment_ids, positions) [B, P] of left-padded prompts: 0/1 and 0.. from the first
+  real token."""
+  pad = width - prompt_lengths[:, None]
+  cols = jnp.arange(width)[None, :]
+  return (cols >= pad).astype(jnp.int32), jnp.maximum(cols - pad, 0).astype(jnp.int32)
+
+
+def filter_logits(logits: jax.Array, config: SampleConfig) -> jax.Array:
+  """The sampling distribution's logits [..., V]: temperature, then top-k, then top-p
+  (the smallest set of most likely tokens whose mass reaches top_p). Removed tokens get
+  -inf; ties at a threshold are all kept."""
+  logits = logits / config.temperature
+  if config.top_k:
+    kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if config.top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # The first sorted token is always kept, so at least one survives.
+    keep = mass_before < config.top_p
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def choose(logits: jax.Array, *, key: jax.Array, config: SampleConfig):
+  """Next tokens from logits [B, V]: (tokens [B], sampling log-probs [B], raw log-probs [B])."""
+  raw = jax.nn.log_softmax(logits, axis=-1)
+  if config.greedy:
+    tokens = jnp.argmax(logits, axis=-1)
+    sampled = jnp.zeros(tokens.shape, jnp.float32)
+  else:
+    filtered = filter_logits(logits, config)
+    tokens = jax.random.categorical(key, filtered, axis=-1)
+    sampled = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None],
+                                  axis=-1)[:, 0]
+  raw_picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+  return tokens.astype(jnp.int32), sampled, raw_picked
+
+
+@flax.struct.dataclass
+class _Loop:
+  """State of the decoding loop; [B, N] buffers are filled at column `step`."""
+  step: jax.Array
+  logits: jax.Array      # [B, V] logits for the token at column `step`
+  cache: KVCache | None
+  done: jax.Array        # [B] bool, EOS emitted
+  response: jax.Array
+  logprobs: jax.Array
+  raw_logprobs: jax.Array
+
+
+def _decode(prompts, prompt_lengths, key, *, config: SampleConfig, next_logits, first_logits,
+            cache, max_steps):
+  """The loop shared by the cached and the full-recompute decoders."""
+  b = prompts.shape[0]
+  n = config.max_new_tokens
+  zeros = jnp.zeros((b, n), jnp.float32)
+  init = _Loop(step=jnp.zeros((), jnp.int32), logits=first_logits, cache=cache,
+               done=jnp.zeros((b,), bool), response=jnp.full((b, n), config.pad_id, jnp.int32),
+               logprobs=zeros, raw_logprobs=zeros)
+
+  def body(s: _Loop) -> _Loop:
+    token, lp, raw = choose(s.logits, key=jax.random.fold_in(key, s.step), config=config)
+    live = ~s.done
+    token = jnp.where(live, token, config.pad_id)
+    put = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None], (0, s.step))
+    logits, cache = next_logits(s, token)
+    return _Loop(step=s.step + 1, logits=logits, cache=cache,
+                 done=s.done | (token == config.eos_id), response=put(s.response, token),
+                 logprobs=put(s.logprobs, jnp.where(live, lp, 0.0)),
+                 raw_logprobs=put(s.raw_logprobs, jnp.where(live, raw, 0.0)))
+
+  limit = n if max_steps is None else jnp.minimum(max_steps, n)
+  final = jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done), body, init)
+  # A column holds a response token if it was decoded while its row was live: before the
+  # loop stopped and not after the row's first EOS.
+  cols = jnp.arange(n)[None, :]
+  is_eos = final.response == config.eos_id
+  eos_before = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+  mask = ((cols < final.step) & ~eos_before).astype(jnp.float32)
+  return SampleOutput(
+      tokens=jnp.concatenate([prompts, final.response], axis=1), response=final.response,
+      mask=mask, logprobs=final.logprobs * mask, raw_logprobs=final.raw_logprobs * mask,
+      prompt_lengths=prompt_lengths, lengths=mask.sum(axis=1).astype(jnp.int32))
+
+
+def sample(params, prompts, prompt_lengths, key, max_steps=None, *, model: Transformer,
+           config: SampleConfig) -> SampleOutput:
+  """Samples up to config.max_new_tokens after each prompt with a KV cache.
+
+  prompts: [B, P] int32 left-padded (`left_pad`), prompt_lengths: [B] int32 >= 1; key: the
+  step keys are fold_in(key, i). One prefill over the prompts writes slots 0..P-1, then
+  each step feeds one token per row. The loop stops when every row has emitted EOS, or
+  after max_steps steps (a traced int, for benchmarks; None: max_new_tokens).
+  """
+  b, p = prompts.shape
+  segments, positions = _prompt_layout(prompt_lengths, p)
+  cache = KVCache.empty(model.cfg, batch=b, length=p + config.max_new_tokens)
+  out = model.apply({'params': params}, prompts, segment_ids=segments, positions=positions,
+                    cache=cache)
+
+  def next_logits(s: _Loop, token):
+    step_out = model.apply({'params': params}, token[:, None],
+                           segment_ids=jnp.ones((b, 1), jnp.int32),
+                           positions=(prompt_lengths + s.step)[:, None], cache=s.cache)
+    return step_out.logits[:, 0], step_out.cache
+
+  return _decode(prompts, prompt_lengths, key, config=config, next_logits=next_logits,
+                 first_logits=out.logits[:, -1], cache=out.cache, max_steps=max_steps)
+
+
+def _full_layout(prompt_lengths, width: int, total: int):
+  """(segment_ids, positions) [B, total] of a left-padded prompt of `width` columns
+  followed by response columns, which continue each row's positions."""
+  segments, positions = _prompt_layout(prompt_lengths, width)
+  extra = total - width
+  resp_pos = prompt_lengths[:, None] + jnp.arange(extra)[None, :]
+  return (jnp.concatenate([segments, jnp.ones((segments.shape[0], extra), jnp.int32)], 1),
+          jnp.concatenate([positions, resp_pos.astype(jnp.int32)], 1))
+
+
+def sample_without_cache(params, prompts, prompt_lengths, key, max_steps=None, *,
+                         model: Transformer, config: SampleConfig) -> SampleOutput:
+  """The same decoding by full recomputation: every step runs the model over the whole
+  [B, P+N] buffer and reads the logits at the current column. The reference for the
+  cached sampler's correctness and speed."""
+  b, p = prompts.shape
+  total = p + config.max_new_tokens
+  segments, positions = _full_layout(prompt_lengths, p, total)
+
+  def logits_at(buffer, col):
+    logits = model.apply({'params': params}, buffer, segment_ids=segments,
+                         positions=positions).logits
+    return jax.lax.dynamic_slice_in_dim(logits, col, 1, axis=1)[:, 0]
+
+  empty = jnp.full((b, config.max_new_tokens), config.pad_id, jnp.int32)
+
+  def next_logits(s: _Loop, token):
+    # The buffer is the prompt, the response so far and this step's token.
+    response = jax.lax.dynamic_update_slice(s.response, token[:, None], (0, s.step))
+    return logits_at(jnp.concatenate([prompts, response], axis=1), p + s.step), None
+
+  return _decode(prompts, prompt_lengths, key, config=config, next_logits=next_logits,
+                 first_logits=logits_at(jnp.concatenate([prompts, empty], axis=1), p - 1),
+                 cache=None, max_steps=max_steps)
+
+
+def score(params, prompts, prompt_lengths, responses, *, model: Transformer) -> jax.Array:
+  """Teacher-forced log-probs [B, N] of `responses` [B, N] after left-padded `prompts`
+  [B, P]: entry i is log p(responses[:, i] | prompt, responses[:, :i]), the same forward as
+  the train step. Callers multiply by their response mask."""
+  p, n = prompts.shape[1], responses.shape[1]
+  tokens = jnp.concatenate([prompts, responses], axis=1)
+  segments, positions = _full_layout(prompt_lengths, p, p + n)
+  logits = model.apply({'params': params}, tokens[:, :-1], segment_ids=segments[:, :-1],
+                       positions=positions[:, :-1]).logits[:, p - 1:]
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, responses[..., None], axis=-1)[..., 0]
+  return picked - logz
+
+
+class Sampler:
+  """`sample`, `sample_without_cache` and `score` for one model and SampleConfig, jitted
+  once per shape on `mesh`: batch arrays over the mesh's batch axes, params as
+  `param_shardings` (the train state's) say, so a rollout gathers nothing to one device."""
+
+  def __init__(self, *, model: Transformer, config: SampleConfig, mesh, mesh_config,
+               param_shardings):
+    config.validate(model.cfg.vocab_size)
+    self.model, self.config = model, config
+    self.mesh, self.mesh_config = mesh, mesh_config
+    self.batch_sharding = sharding.batch_sharding(mesh, mesh_config)
+    self.rows_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(self.batch_sharding.spec[0]))
+    self.dp = sharding.data_parallel_size(mesh, mesh_config)
+    replicated = sharding.replicated(mesh)
+    out = SampleOutput(tokens=self.batch_sharding, response=self.batch_sharding,
+                       mask=self.batch_sharding, logprobs=self.batch_sharding,
+                       raw_logprobs=self.batch_sharding, prompt_lengths=self.rows_sharding,
+                       lengths=self.rows_sharding)
+    decode_in = (param_shardings, self.batch_sharding, self.rows_sharding, replicated,
+                 replicated)
+    self._sample, self._sample_full = (
+        jax.jit(functools.partial(fn, model=model, config=config), in_shardings=decode_in,
+                out_shardings=out) for fn in (sample, sample_without_cache))
+    self._score = jax.jit(functools.partial(score, model=model),
+                          in_shardings=(param_shardings, self.batch_sharding,
+                                        self.rows_sharding, self.batch_sharding),
+                          out_shardings=self.batch_sharding)
+
+  def _check_rows(self, prompts) -> None:
+    if prompts.shape[0] % self.dp:
+      raise UserError(f'{prompts.shape[0]} prompts are not divisible by the data-parallel '
+                      f'size {self.dp} of the mesh')
+
+  def sample(self, params, prompts, prompt_lengths, key, *, max_steps: int | None = None,
+             cache: bool = True) -> SampleOutput:
+    self._check_rows(prompts)
+    steps = jnp.int32(self.config.max_new_tokens if max_steps is None else max_steps)
+    fn = self._sample if cache else self._sample_full
+    with sharding.activate(self.mesh, self.mesh_config):
+      return fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
+                key, steps)
+
+  def score(self, params, prompts, prompt_lengths, responses) -> jax.Array:
+    self._check_rows(prompts)
+    with sharding.activate(self.mesh, self.mesh_config):
+      return self._score(params, jnp.asarray(prompts, jnp.int32),
+                         jnp.asarray(prompt_lengths, jnp.int32),
+                         jnp.asarray(responses, jnp.int32))
