@@ -132,7 +132,7 @@ def causal_block_attention(q, k, v, *, mask, block: int, dtype) -> jax.Array:
 class KVCache:
   """Keys and values of every layer for the slots decoded so far (one slot per token).
 
-  keys, values: tuple over layers of [B, S, H, D]; segment_ids: [B, S] int32 of the token
+  keys, values: tuple over layers of [B, H, S, D]; segment_ids: [B, S] int32 of the token
   in each slot (0: padding or not yet written); index: [] int32, the first free slot.
   Slots are filled left to right, so slot order is token order: a query at slot s sees
   keys at slots <= s of its own segment.
@@ -144,7 +144,7 @@ class KVCache:
 
   @classmethod
   def empty(cls, cfg: 'ModelConfig', *, batch: int, length: int) -> 'KVCache':
-    shape = (batch, length, cfg.n_heads, cfg.head_dim)
+    shape = (batch, cfg.n_heads, length, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, _DTYPES[cfg.dtype]) for _ in range(cfg.n_layers))
     return cls(keys=zeros(), values=zeros(), segment_ids=jnp.zeros((batch, length), jnp.int32),
                index=jnp.zeros((), jnp.int32))
@@ -156,7 +156,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, angles, kv=None, index=None):
     """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T]. With kv = (keys,
-    values) [B, S, H, D] of this layer, writes this call's keys and values at slots
+    values) [B, H, S, D] of this layer, writes this call's keys and values at slots
     index..index+T-1 and attends over all S slots under mask [B, 1, T, S]; returns
     (out, (keys, values))."""
     cfg = self.cfg
@@ -171,11 +171,14 @@ class Attention(nn.Module):
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
     q = q * cfg.head_dim ** -0.5
     if kv is not None:
-      write = lambda cache, new: nn.with_logical_constraint(
-          jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index, 0, 0)), names)
-      k, v = kv = (write(kv[0], k), write(kv[1], v))
+      # The cache is heads-major, so each step transposes only its new keys and values,
+      # never the whole cache.
       heads_major = lambda t: t.transpose(0, 2, 1, 3)
-      out = heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), mask, dtype))
+      write = lambda cache, new: nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(cache, heads_major(new).astype(cache.dtype),
+                                       (0, 0, index, 0)), ('batch', 'act_heads', 'length', 'kv'))
+      k, v = kv = (write(kv[0], k), write(kv[1], v))
+      out = heads_major(_attend(heads_major(q), k, v, mask, dtype))
     elif cfg.attention == 'dot_product_attention':
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
     else:
