@@ -36,3 +36,31 @@ def run_cli():
                           env=cli_env(devices), capture_output=True, text=True,
                           timeout=timeout)
   return run
+
+
+# -- helpers shared by test modules (`from conftest import ...`) ----------------------------
+
+def load_config(name: str = 'pretrain', variant: str = 'tiny'):
+  """configs/<name>.py's get_config(variant), loaded by path as absl would."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'config_{name}',
+                                                os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def read_state(step_dir) -> dict:
+  """A checkpoint's train state as host numpy arrays, whatever mesh wrote it."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  path = os.path.join(str(step_dir), 'state')
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))

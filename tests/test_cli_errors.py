@@ -10,8 +10,9 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from conftest import checkpoint_steps, read_state
 
 CONFIG = '--config=configs/pretrain.py:tiny'
 # A model small enough that the runs these tests need take seconds, not a minute.
@@ -51,20 +52,6 @@ def existing_workdir(tmp_path):
   (workdir / 'notes' / 'plan.txt').write_text('keep me\n')
   (workdir / 'results.bin').write_bytes(bytes(range(256)))
   return workdir
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  names = os.listdir(os.path.join(workdir, 'checkpoints'))
-  return sorted(int(n) for n in names if n.isdigit())
-
-
-def read_state(step_dir) -> dict:
-  """A checkpoint's train state as host numpy arrays, whatever mesh wrote it."""
-  path = os.path.join(str(step_dir), 'state')
-  ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 @pytest.mark.parametrize('overrides, devices, mentions', [

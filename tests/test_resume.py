@@ -2,7 +2,6 @@
 SIGKILL between checkpoints and one in the middle of writing a checkpoint (through the
 CLI) all end with bitwise the same train state and the same metrics.jsonl (timings aside);
 rerunning a finished run changes nothing."""
-import importlib.util
 import json
 import os
 import signal
@@ -12,31 +11,13 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, checkpoint_steps, cli_env, load_config, read_state
 
 SMALL = ('--config.model.d_model=32', '--config.model.d_ff=64', '--config.train.seq_len=32',
          '--config.train.batch_size=8', '--config.train.eval_batches=1',
          '--config.train.progress=False')
-
-
-def load_config(variant: str):
-  spec = importlib.util.spec_from_file_location(
-      'pretrain_config', os.path.join(REPO, 'configs', 'pretrain.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-def read_state(step_dir) -> dict:
-  """A checkpoint's train state as host numpy arrays, whatever mesh wrote it."""
-  path = os.path.join(str(step_dir), 'state')
-  ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def assert_states_equal(a: dict, b: dict):
@@ -55,10 +36,6 @@ def metrics_without_timing(workdir) -> list[dict]:
             for line in f]
 
 
-def checkpoint_steps(workdir) -> list[int]:
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
-
-
 # --- In process: an exception from the data source after 7 batches --------------------------
 
 class Crash(Exception):
@@ -66,7 +43,7 @@ class Crash(Exception):
 
 
 def small_config(steps: int):
-  config = load_config('tiny')
+  config = load_config('pretrain', 'tiny')
   config.model.update(d_model=32, d_ff=64)
   config.train.update(steps=steps, batch_size=8, seq_len=32, ckpt_every=4, log_every=2,
                       eval_every=6, eval_batches=1, keep_ckpts=10, progress=False)

@@ -2,7 +2,6 @@
 scoring, cached greedy decoding equals full recomputation, sampled frequencies match the
 true language and the exact filtered distributions (chi-square), and sharded sampling
 equals single-device sampling."""
-import importlib.util
 import os
 
 import jax
@@ -16,15 +15,10 @@ from rlhf_jax.stages import pretrain
 from rlhf_jax.train.state import abstract_sharded, make_optimizer
 from rlhf_jax.world import language
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from conftest import load_config
 
 def tiny_config(mesh=(1, 1, 1)):
-  spec = importlib.util.spec_from_file_location('pretrain_cfg',
-                                                os.path.join(REPO, 'configs', 'pretrain.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('tiny')
+  config = load_config('pretrain', 'tiny')
   config.train.update(progress=False, eval_batches=1)
   config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   return config

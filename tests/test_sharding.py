@@ -1,6 +1,4 @@
 """The train step gives the same numbers on any mesh: (8,1,1), (2,2,2), (1,4,2) vs 1 device."""
-import importlib.util
-import os
 
 import jax
 import numpy as np
@@ -9,15 +7,7 @@ import pytest
 from rlhf_jax import sharding
 from rlhf_jax.stages.pretrain import Setup
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str, variant: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
+from conftest import load_config
 
 def small_config(mesh, grad_accum=1):
   config = load_config('pretrain', 'tiny')
