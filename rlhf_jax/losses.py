@@ -16,3 +16,25 @@ def xent_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   logp = token_logprobs(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
   return -(logp * weights).sum(), weights.sum(), correct.sum()
+
+
+def bradley_terry(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
+  """Per-pair -log sigmoid(r_chosen - r_rejected); rewards [B] -> [B]."""
+  return -jax.nn.log_sigmoid(chosen - rejected)
+
+
+def _policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+  """h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), sequence log-probs."""
+  return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float) -> jax.Array:
+  """Per-pair DPO loss -log sigmoid(beta * h) (Rafailov et al. 2023); inputs [B]."""
+  return -jax.nn.log_sigmoid(beta * _policy_margin(policy_chosen, policy_rejected,
+                                                   ref_chosen, ref_rejected))
+
+
+def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, tau: float) -> jax.Array:
+  """Per-pair IPO loss (h - 1/(2 tau))^2 (Azar et al. 2023); inputs [B]."""
+  return (_policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+          - 1.0 / (2.0 * tau)) ** 2
