@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import sharding
+from rlhf_jax import losses, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import KVCache, Transformer
 
@@ -238,9 +238,7 @@ def score(params, prompts, prompt_lengths, responses, *, model: Transformer) -> 
   segments, positions = _full_layout(prompt_lengths, p, p + n)
   logits = model.apply({'params': params}, tokens[:, :-1], segment_ids=segments[:, :-1],
                        positions=positions[:, :-1]).logits[:, p - 1:]
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, responses[..., None], axis=-1)[..., 0]
-  return picked - logz
+  return losses.token_logprobs(logits, responses)
 
 
 class Sampler:

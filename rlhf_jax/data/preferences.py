@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.sampling import left_pad
 from rlhf_jax.world import annotators, language
 from rlhf_jax.world import reward as reward_lib
 
@@ -66,7 +67,6 @@ def world_prompts(lang, *, key, num: int, max_len: int):
   for row, keep in zip(seqs, wanted):
     content = [int(t) for t in row[1:] if t > 2]
     prompts.append([language.BOS_ID] + content[:max(int(keep), 1)])
-  from rlhf_jax.sampling import left_pad
   return left_pad(prompts, length=max_len)
 
 

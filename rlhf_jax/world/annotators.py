@@ -61,12 +61,11 @@ def make_pool(reward: GoldReward, *, seed: int, num: int, minority_fraction: flo
 def utility(pool: AnnotatorPool, reward: GoldReward, *, annotator, prompts, prompt_mask,
             responses, response_mask) -> jax.Array:
   """[B] utility of each row's response to the annotator of that row (annotator: [B])."""
-  group = pool.group[annotator]
-  per_group = [combine(reward, reward_terms(
-      reward, prompts=prompts, prompt_mask=prompt_mask, responses=responses,
-      response_mask=response_mask, helpfulness=pool.group_helpfulness[g]),
-      length_bias=pool.length_bias[annotator]) for g in (0, 1)]
-  return jnp.where(group == 0, per_group[0], per_group[1])
+  by_group = pool.group_helpfulness[:, responses]  # [2, B, T]: both groups' token weights
+  weights = jnp.where(pool.group[annotator][:, None] == 0, by_group[0], by_group[1])
+  terms = reward_terms(reward, prompts=prompts, prompt_mask=prompt_mask, responses=responses,
+                       response_mask=response_mask, token_weights=weights)
+  return combine(reward, terms, length_bias=pool.length_bias[annotator])
 
 
 @jax.jit

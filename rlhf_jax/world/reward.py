@@ -74,13 +74,15 @@ def _topic_vector(reward: GoldReward, tokens, mask):
 
 
 def reward_terms(reward: GoldReward, *, prompts, prompt_mask, responses,
-                 response_mask, helpfulness=None) -> RewardTerms:
+                 response_mask, token_weights=None) -> RewardTerms:
   """The gold reward's parts for prompts/responses [B, T*] with masks [B, T*] (1 on real
-  tokens). `helpfulness` [V] replaces the gold weights (annotator groups use this)."""
-  weights = reward.helpfulness if helpfulness is None else helpfulness
+  tokens). `token_weights` [B, T] replaces the gold helpfulness of each response token
+  (annotator groups use this)."""
+  if token_weights is None:
+    token_weights = reward.helpfulness[responses]
   mask = response_mask.astype(jnp.float32)
   n = mask.sum(axis=1)
-  helpful = (weights[responses] * mask).sum(axis=1) / jnp.maximum(n, 1.0)
+  helpful = (token_weights * mask).sum(axis=1) / jnp.maximum(n, 1.0)
   cos = (_topic_vector(reward, prompts, prompt_mask.astype(jnp.float32)) *
          _topic_vector(reward, responses, mask)).sum(axis=-1)
   harmful = ((reward.harmful[responses] & (mask > 0)).any(axis=1)).astype(jnp.float32)
