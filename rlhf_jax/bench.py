@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import sharding
+from rlhf_jax.cli import config_name, parse_flags_or_exit
 from rlhf_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:small',
@@ -63,11 +64,7 @@ def step_time(setup, steps: int) -> tuple[float, float]:
 
 
 def main():
-  try:
-    flags.FLAGS(sys.argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  parse_flags_or_exit(sys.argv)
   from rlhf_jax.stages.pretrain import Setup
   config = _CONFIG.value
   try:
@@ -86,8 +83,7 @@ def main():
   tokens_per_s = tokens / step_s
   model_flops = model.flops_per_token(config.train.seq_len) * tokens_per_s
   figures = {
-      'config': next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')),
-                     'configs/pretrain.py:small'),
+      'config': config_name(sys.argv),
       'devices': jax.device_count(),
       'device_kind': jax.devices()[0].device_kind,
       'params': model.num_params(),

@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import sampling, sharding
+from rlhf_jax.cli import config_name, parse_flags_or_exit
 from rlhf_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:small',
@@ -61,11 +62,7 @@ def world_prompts(setup, rows: int, length: int):
 
 
 def main():
-  try:
-    flags.FLAGS(sys.argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  parse_flags_or_exit(sys.argv)
   from rlhf_jax.stages.pretrain import Setup
   config = _CONFIG.value
   try:
@@ -91,21 +88,17 @@ def main():
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  # Rows that emitted EOS stop counting; the loop runs until all rows are done.
-  decoded = lambda m: int(np.asarray(m['out'].mask).shape[0] *
-                          np.asarray(m['out'].mask).any(axis=0).sum())
-  cached_rate = decoded(cached) / cached['run_s']
-  full_rate = decoded(full) / full['run_s']
-  rows = [('kv_cache', cached, cached_rate), ('full_recompute', full, full_rate)]
+  # Rate = rows x decoding steps: the loop decodes every row at each step it runs.
+  steps = lambda m: int(np.asarray(m['out'].mask).any(axis=0).sum())
+  cached_rate = _BATCH.value * steps(cached) / cached['run_s']
+  full_rate = _BATCH.value * steps(full) / full['run_s']
   print(f'{"decoder":<16}{"steps":>7}{"compile s":>11}{"run s":>9}{"new tok/s":>11}'
         f'{"peak MiB":>10}')
-  for name, m, rate in rows:
-    steps = int(np.asarray(m['out'].mask).any(axis=0).sum())
-    print(f'{name:<16}{steps:>7}{m["compile_s"]:>11.2f}{m["run_s"]:>9.2f}{rate:>11.1f}'
+  for name, m, rate in (('kv_cache', cached, cached_rate), ('full_recompute', full, full_rate)):
+    print(f'{name:<16}{steps(m):>7}{m["compile_s"]:>11.2f}{m["run_s"]:>9.2f}{rate:>11.1f}'
           f'{m["peak_bytes"] / 2**20:>10.1f}')
   figures = {
-      'config': next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')),
-                     'configs/pretrain.py:small'),
+      'config': config_name(sys.argv),
       'devices': jax.device_count(), 'batch': _BATCH.value, 'prompt_len': _PROMPT_LEN.value,
       'new_tokens': _NEW.value,
       'kv_cache_tokens_per_s': round(cached_rate, 1),

@@ -8,6 +8,7 @@ under the model and under the true language; text runs decode with the run's
 sentencepiece model (`--prompt='Once upon'`). Samples are drawn with the KV-cached sampler
 on all local devices (batch over `data`). Bad input: one `error:` line, exit status 2.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -32,8 +33,21 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 
 
-def load_run(workdir: str):
-  """(config, model, params, step) of the run in `workdir`, params on all local devices."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run's resolved config, model and checkpointed params, laid out on `mesh` (all local
+  devices on `data`) as `param_shardings` say."""
+  config: ml_collections.ConfigDict
+  model: object
+  params: object
+  step: int
+  mesh: object
+  mesh_config: ml_collections.ConfigDict
+  param_shardings: object
+
+
+def load_run(workdir: str) -> Run:
+  """The run in `workdir` at --step (default: its newest checkpoint)."""
   from rlhf_jax.models.transformer import ModelConfig, Transformer
   from rlhf_jax.train.checkpoint import Checkpointer
   from rlhf_jax.train.state import abstract_sharded, make_optimizer
@@ -65,7 +79,8 @@ def load_run(workdir: str):
     state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
   finally:
     ckpt.close()
-  return config, model, state.params, step, mesh, mesh_config, shardings.params
+  return Run(config=config, model=model, params=state.params, step=step, mesh=mesh,
+             mesh_config=mesh_config, param_shardings=shardings.params)
 
 
 def make_prompt(config, workdir: str, text: str):
@@ -106,16 +121,18 @@ def main(argv=None) -> None:
     if _NUM.value <= 0:
       raise UserError(f'--num={_NUM.value} must be positive')
     workdir = os.path.abspath(_WORKDIR.value)
-    config, model, params, step, mesh, mesh_config, param_shardings = load_run(workdir)
+    run = load_run(workdir)
+    config = run.config
     prompt, tokenizer = make_prompt(config, workdir, _PROMPT.value)
     sample_config = sampling.SampleConfig(
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, greedy=_GREEDY.value)
-    sampler = sampling.Sampler(model=model, config=sample_config, mesh=mesh,
-                               mesh_config=mesh_config, param_shardings=param_shardings)
+    sampler = sampling.Sampler(model=run.model, config=sample_config, mesh=run.mesh,
+                               mesh_config=run.mesh_config, param_shardings=run.param_shardings)
     rows = -(-_NUM.value // sampler.dp) * sampler.dp  # a whole number of rows per device
     prompts, lengths = sampling.left_pad([prompt] * rows)
-    out = jax.device_get(sampler.sample(params, prompts, lengths, jax.random.key(_SEED.value)))
+    out = jax.device_get(sampler.sample(run.params, prompts, lengths,
+                                        jax.random.key(_SEED.value)))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -125,8 +142,10 @@ def main(argv=None) -> None:
     w = config.world
     lang = language.make_language(seed=w.seed, vocab_size=w.vocab_size, branching=w.branching,
                                   zipf_a=w.zipf_a, eos_prob=w.eos_prob)
-    true_logp = np.asarray(language.token_logprobs(lang, tokens=out.tokens[:, -1 - out.response.shape[1]:]))
-  print(f'# {workdir}, checkpoint {step}; prompt: {show(prompt, tokenizer)}')
+    # The chain is order 1: the last prompt token and the response give every term.
+    last_and_response = out.tokens[:, -1 - out.response.shape[1]:]
+    true_logp = np.asarray(language.token_logprobs(lang, tokens=last_and_response))
+  print(f'# {workdir}, checkpoint {run.step}; prompt: {show(prompt, tokenizer)}')
   for i in range(_NUM.value):
     n = int(out.lengths[i])
     logp = float(out.raw_logprobs[i].sum())
