@@ -58,6 +58,7 @@ DEFAULT_RULES = (
     ('heads', 'tensor'),
     ('kv', None),
     ('norm', None),
+    ('ensemble', None),        # the member axis of a reward-model ensemble
 )
 
 
@@ -106,6 +107,74 @@ def world_block() -> ml_collections.ConfigDict:
   ))
 
 
+def init_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      run='',                  # the earlier run this stage starts from (its DIR)
+      step=-1,                 # its checkpoint to load; -1: the newest
+  ))
+
+
+def reward_block() -> ml_collections.ConfigDict:
+  """The world's gold reward (rlhf_jax/world/reward.py)."""
+  return ml_collections.ConfigDict(dict(
+      seed=1,
+      topic=1.0,               # weight of the prompt-response topic cosine
+      length=0.0,              # gold reward per response token
+      harm=2.0,                # penalty for a response holding a forbidden token
+      num_harmful=3,
+      topic_dim=8,
+  ))
+
+
+def annotators_block() -> ml_collections.ConfigDict:
+  """The simulated labellers (rlhf_jax/world/annotators.py)."""
+  return ml_collections.ConfigDict(dict(
+      seed=2,
+      num=16,
+      minority_fraction=0.25,  # the last quarter of the pool is the minority group
+      minority_corr=0.3,       # correlation of the minority's helpfulness weights with gold
+      length_bias=0.0,         # mean per-token liking for length (reward-hacking bait)
+      length_bias_spread=0.0,
+      temperature=0.1,         # Bradley-Terry noise; 0: always the better response
+      temperature_spread=0.0,
+  ))
+
+
+def prefs_block() -> ml_collections.ConfigDict:
+  """Preference pairs: read from `dir`, or made from the init run's policy into
+  DIR/preferences (the same seed and policy give the same set)."""
+  return ml_collections.ConfigDict(dict(
+      dir='',                  # an existing preference set; '': make one
+      num_prompts=1024,
+      responses_per_prompt=4,  # k: every pair of the k responses to a prompt is labelled
+      prompt_len=8,            # BOS and up to prompt_len - 1 tokens of a true sequence
+      max_new_tokens=48,
+      temperature=1.0,
+      round=0,                 # recorded in the lineage
+      eval_fraction=0.1,       # prompts held out, with all their pairs
+  ))
+
+
+def policy_eval_block() -> ml_collections.ConfigDict:
+  """Sampling-based policy evaluation: gold reward and KL to the reference on fixed
+  world prompts, at temperature 1."""
+  return ml_collections.ConfigDict(dict(
+      num_prompts=256,
+      prompt_len=8,
+      max_new_tokens=48,
+  ))
+
+
+def feedback_config(stage: str) -> ml_collections.ConfigDict:
+  """base_config plus the blocks of the stages that learn from the world's feedback."""
+  config = base_config(stage)
+  config.init = init_block()
+  config.reward = reward_block()
+  config.annotators = annotators_block()
+  config.policy_eval = policy_eval_block()
+  return config
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       stage=stage,
@@ -148,6 +217,50 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"data.source={source!r} is not one of 'world', 'text:PATH', 'tfds:NAME'")
   if source.partition(':')[2] == '' and source != 'world':
     raise UserError(f'data.source={source!r} names no path or dataset after the colon')
+  if 'init' in config:
+    _validate_feedback(config)
+
+
+def _validate_feedback(config: ml_collections.ConfigDict) -> None:
+  if config.data.source != 'world':
+    raise UserError(f'stage {config.stage!r} learns from the world\'s gold reward and '
+                    f'annotators: data.source must be \'world\', not {config.data.source!r}')
+  if not config.init.run:
+    raise UserError('init.run is empty: name the run directory this stage starts from')
+  a = config.annotators
+  if a.num <= 0 or not 0 <= a.minority_fraction < 1 or a.temperature < 0:
+    raise UserError('annotators: num must be positive, minority_fraction in [0, 1), '
+                    'temperature >= 0')
+  for block in ('prefs', 'policy_eval', 'sft'):
+    if block not in config:
+      continue
+    b = config[block]
+    for name in ('num_prompts', 'max_new_tokens'):
+      if b[name] <= 0:
+        raise UserError(f'{block}.{name}={b[name]} must be positive')
+    if b.prompt_len < 2:
+      raise UserError(f'{block}.prompt_len={b.prompt_len} must be >= 2 (BOS and a token)')
+  if 'sft' in config and config.sft.samples_per_prompt < 1:
+    raise UserError(f'sft.samples_per_prompt={config.sft.samples_per_prompt} must be >= 1')
+  if 'rm' in config and config.rm.ensemble < 1:
+    raise UserError(f'rm.ensemble={config.rm.ensemble} must be >= 1')
+  if 'rm' in config and config.rm.pooling not in ('last', 'mean'):
+    raise UserError(f"rm.pooling={config.rm.pooling!r} is not one of ('last', 'mean')")
+  if 'dpo' in config:
+    d = config.dpo
+    if d.loss not in ('dpo', 'ipo'):
+      raise UserError(f"dpo.loss={d.loss!r} is not one of ('dpo', 'ipo')")
+    if not (d.beta > 0 and d.tau > 0):
+      raise UserError(f'dpo.beta={d.beta} and dpo.tau={d.tau} must be positive')
+  if 'prefs' in config:
+    p = config.prefs
+    if p.responses_per_prompt < 2:
+      raise UserError(f'prefs.responses_per_prompt={p.responses_per_prompt}: a pair needs '
+                      'at least 2 responses per prompt')
+    if not 0 < p.eval_fraction < 1:
+      raise UserError(f'prefs.eval_fraction={p.eval_fraction} must be in (0, 1)')
+    if not p.temperature > 0:
+      raise UserError(f'prefs.temperature={p.temperature} must be > 0')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -15,6 +15,9 @@ from rlhf_jax.errors import UserError
 
 STAGES = {
     'pretrain': 'rlhf_jax.stages.pretrain',
+    'sft': 'rlhf_jax.stages.sft',
+    'reward_model': 'rlhf_jax.stages.reward_model',
+    'dpo': 'rlhf_jax.stages.dpo',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
@@ -96,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     if config.stage not in STAGES:
       raise UserError(f'config.stage={config.stage!r} is not one of {sorted(STAGES)}')
     config_lib.validate(config)
+    stage = importlib.import_module(STAGES[config.stage])
+    if hasattr(stage, 'resolve'):  # fills fields from the earlier run it starts from
+      stage.resolve(config)
     workdir = prepare_workdir(workdir)
     config_lib.write_or_check(config, workdir, write=False)
-    stage = importlib.import_module(STAGES[config.stage])
     stage.run(config, workdir=workdir)
   except UserError as e:
     fail(str(e))

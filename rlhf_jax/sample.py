@@ -8,8 +8,6 @@ under the model and under the true language; text runs decode with the run's
 sentencepiece model (`--prompt='Once upon'`). Samples are drawn with the KV-cached sampler
 on all local devices (batch over `data`). Bad input: one `error:` line, exit status 2.
 """
-import dataclasses
-import json
 import os
 import sys
 
@@ -33,54 +31,17 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """A run's resolved config, model and checkpointed params, laid out on `mesh` (all local
-  devices on `data`) as `param_shardings` say."""
-  config: ml_collections.ConfigDict
-  model: object
-  params: object
-  step: int
-  mesh: object
-  mesh_config: ml_collections.ConfigDict
-  param_shardings: object
-
-
-def load_run(workdir: str) -> Run:
-  """The run in `workdir` at --step (default: its newest checkpoint)."""
-  from rlhf_jax.models.transformer import ModelConfig, Transformer
-  from rlhf_jax.train.checkpoint import Checkpointer
-  from rlhf_jax.train.state import abstract_sharded, make_optimizer
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{workdir} holds no run (no config.json)')
-  try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f'{path} is unreadable ({e})') from None
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(f'{workdir} has no checkpoints yet')
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_ckpts)
-  steps = ckpt.all_steps()
-  step = steps[-1] if (_STEP.value is None and steps) else _STEP.value
-  if step not in steps:
-    raise UserError(f'{workdir} has no checkpoint at step {step} (it has {steps or "none"})')
-  model = Transformer(ModelConfig.from_config(config.model))
+def load_run(workdir: str):
+  """The run in `workdir` at --step (default: its newest checkpoint), on a mesh of all
+  local devices on `data`. Returns (LoadedRun, mesh, mesh_config)."""
+  from rlhf_jax.train import runs
+  config = runs.read_config(workdir, role='--workdir')
   mesh_config = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
                                                rules=config.mesh.rules))
   mesh = sharding.make_mesh(mesh_config)
-  dummy = np.ones((1, 8), np.int32)
-  init = lambda rng: model.init(rng, dummy, segment_ids=dummy, positions=dummy)['params']
-  abstract, shardings = abstract_sharded(
-      init_params=init, tx=make_optimizer(config.optim, config.train.steps),
-      rng=jax.random.key_data(jax.random.key(0)), mesh=mesh, mesh_config=mesh_config)
-  try:
-    state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
-  finally:
-    ckpt.close()
-  return Run(config=config, model=model, params=state.params, step=step, mesh=mesh,
-             mesh_config=mesh_config, param_shardings=shardings.params)
+  return runs.load(workdir, mesh=mesh, mesh_config=mesh_config, step=_STEP.value,
+                   role='--workdir'), mesh, \
+      mesh_config
 
 
 def make_prompt(config, workdir: str, text: str):
@@ -121,14 +82,14 @@ def main(argv=None) -> None:
     if _NUM.value <= 0:
       raise UserError(f'--num={_NUM.value} must be positive')
     workdir = os.path.abspath(_WORKDIR.value)
-    run = load_run(workdir)
+    run, mesh, mesh_config = load_run(workdir)
     config = run.config
     prompt, tokenizer = make_prompt(config, workdir, _PROMPT.value)
     sample_config = sampling.SampleConfig(
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, greedy=_GREEDY.value)
-    sampler = sampling.Sampler(model=run.model, config=sample_config, mesh=run.mesh,
-                               mesh_config=run.mesh_config, param_shardings=run.param_shardings)
+    sampler = sampling.Sampler(model=run.model, config=sample_config, mesh=mesh,
+                               mesh_config=mesh_config, param_shardings=run.param_shardings)
     rows = -(-_NUM.value // sampler.dp) * sampler.dp  # a whole number of rows per device
     prompts, lengths = sampling.left_pad([prompt] * rows)
     out = jax.device_get(sampler.sample(run.params, prompts, lengths,

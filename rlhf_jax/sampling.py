@@ -193,7 +193,7 @@ def sample(params, prompts, prompt_lengths, key, max_steps=None, *, model: Trans
                  first_logits=out.logits[:, -1], cache=out.cache, max_steps=max_steps)
 
 
-def _full_layout(prompt_lengths, width: int, total: int):
+def sequence_layout(prompt_lengths, width: int, total: int):
   """(segment_ids, positions) [B, total] of a left-padded prompt of `width` columns
   followed by response columns, which continue each row's positions."""
   segments, positions = _prompt_layout(prompt_lengths, width)
@@ -210,7 +210,7 @@ def sample_without_cache(params, prompts, prompt_lengths, key, max_steps=None, *
   cached sampler's correctness and speed."""
   b, p = prompts.shape
   total = p + config.max_new_tokens
-  segments, positions = _full_layout(prompt_lengths, p, total)
+  segments, positions = sequence_layout(prompt_lengths, p, total)
 
   def logits_at(buffer, col):
     logits = model.apply({'params': params}, buffer, segment_ids=segments,
@@ -235,7 +235,7 @@ def score(params, prompts, prompt_lengths, responses, *, model: Transformer) -> 
   the train step. Callers multiply by their response mask."""
   p, n = prompts.shape[1], responses.shape[1]
   tokens = jnp.concatenate([prompts, responses], axis=1)
-  segments, positions = _full_layout(prompt_lengths, p, p + n)
+  segments, positions = sequence_layout(prompt_lengths, p, p + n)
   logits = model.apply({'params': params}, tokens[:, :-1], segment_ids=segments[:, :-1],
                        positions=positions[:, :-1]).logits[:, p - 1:]
   return losses.token_logprobs(logits, responses)
@@ -283,6 +283,22 @@ class Sampler:
     with sharding.activate(self.mesh, self.mesh_config):
       return fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
                 key, steps)
+
+  def sample_in_chunks(self, params, prompts, prompt_lengths, key, *,
+                       chunk: int = 1024) -> SampleOutput:
+    """`sample` over any number of prompts, `chunk` rows at a time (one compiled shape;
+    the last chunk is padded with copies of its first row), chunk c with key fold_in(key,
+    c). Returns host numpy arrays."""
+    n = prompts.shape[0]
+    chunk = -(-min(chunk, n) // self.dp) * self.dp
+    parts = []
+    for c, lo in enumerate(range(0, n, chunk)):
+      rows = np.arange(lo, lo + chunk)
+      rows = np.where(rows < n, rows, lo)
+      out = jax.device_get(self.sample(params, prompts[rows], prompt_lengths[rows],
+                                       jax.random.fold_in(key, c)))
+      parts.append(jax.tree.map(lambda x: np.asarray(x)[:min(chunk, n - lo)], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
   def score(self, params, prompts, prompt_lengths, responses) -> jax.Array:
     self._check_rows(prompts)

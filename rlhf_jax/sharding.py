@@ -58,6 +58,14 @@ def batch_sharding(mesh: Mesh, mesh_config) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def batch_tree_sharding(mesh: Mesh, mesh_config, batch):
+  """Shardings for a pytree of batch arrays ([B], [B, T], ...): rows over the batch axes,
+  the rest replicated."""
+  axis = batch_sharding(mesh, mesh_config).spec[0]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, PartitionSpec(axis, *([None] * (x.ndim - 1)))), batch)
+
+
 def data_parallel_size(mesh: Mesh, mesh_config) -> int:
   spec = nn.logical_to_mesh_axes(('batch',), rules(mesh_config))[0]
   axes = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))

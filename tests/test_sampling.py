@@ -82,7 +82,7 @@ def test_raw_logprobs_equal_scoring(trained):
   # The sampling log-probs are those of the filtered distribution (T = 0.9, top 20),
   # recomputed here in float64 from the scored logits.
   tokens = np.asarray(out.tokens)
-  segments, positions = sampling._full_layout(jnp.asarray(lengths), prompts.shape[1],
+  segments, positions = sampling.sequence_layout(jnp.asarray(lengths), prompts.shape[1],
                                               tokens.shape[1])
   logits = np.asarray(setup.model.apply({'params': params}, jnp.asarray(tokens[:, :-1]),
                                         segment_ids=segments[:, :-1],

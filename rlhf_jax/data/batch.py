@@ -21,6 +21,45 @@ class LMBatch:
   positions: np.ndarray
 
 
+@flax.struct.dataclass
+class PairBatch:
+  """Preference pairs for a reward-model or DPO step.
+
+  prompts:        [B, P] int32 left-padded; prompt_lengths: [B] int32.
+  chosen:         [B, R] int32 preferred response; rejected: [B, R] int32 the other.
+  chosen_mask:    [B, R] float32, 1 on response tokens; rejected_mask: [B, R] float32.
+  weight:         [B] float32, 1 on real pairs (0 pads a short final batch).
+  ref_chosen:     [B] float32 sequence log-prob of chosen under the reference policy
+                  (DPO; 0 for a reward model); ref_rejected: [B] float32.
+  """
+  prompts: np.ndarray
+  prompt_lengths: np.ndarray
+  chosen: np.ndarray
+  rejected: np.ndarray
+  chosen_mask: np.ndarray
+  rejected_mask: np.ndarray
+  weight: np.ndarray
+  ref_chosen: np.ndarray
+  ref_rejected: np.ndarray
+
+
+def prompt_response_batch(prompts, prompt_lengths, responses, response_mask) -> LMBatch:
+  """LMBatch of left-padded prompts [B, P] followed by responses [B, R], the loss on
+  response tokens only (the layout of `sampling.sequence_layout`: segment 1 from each
+  row's first real token, positions counting from it)."""
+  prompts, responses = np.asarray(prompts), np.asarray(responses)
+  p, r = prompts.shape[1], responses.shape[1]
+  rows = np.concatenate([prompts, responses], axis=1).astype(np.int32)
+  pad = p - np.asarray(prompt_lengths)[:, None]
+  cols = np.arange(p + r)[None, :]
+  segments = (cols >= pad).astype(np.int32)
+  positions = np.maximum(cols - pad, 0).astype(np.int32)
+  weights = np.zeros(rows.shape, np.float32)
+  weights[:, p:] = response_mask  # target column t holds token t + 1 of the row
+  return LMBatch(inputs=rows[:, :-1], targets=rows[:, 1:], weights=weights[:, 1:],
+                 segment_ids=segments[:, :-1], positions=positions[:, :-1])
+
+
 def from_rows(rows: np.ndarray, *, pad_id: int) -> LMBatch:
   """One document per row, `rows` `[B, T+1]` int, padded with `pad_id` after its end."""
   rows = np.asarray(rows)

@@ -7,14 +7,13 @@ holding one `.npy` file per field of `PreferencePairs` (loaded memory-mapped) an
 written to a temporary folder and renamed, so a killed writer leaves no partial shard.
 """
 import dataclasses
-import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data import array_store
 from rlhf_jax.errors import UserError
 from rlhf_jax.sampling import left_pad
 from rlhf_jax.world import annotators, language
@@ -33,6 +32,10 @@ class PreferencePairs:
   rejected_mask:  [N, R] float32.
   annotator:      [N] int32 who labelled the pair; group: [N] int32 their group.
   gold_chosen:    [N] float32 gold reward of chosen; gold_rejected: [N] float32.
+  annotator_prob: [N] float32 the probability that the labeller prefers chosen (the truth
+                  behind the label: for the noise ceiling, never for training).
+  prompt_id:      [N] int32 which prompt (pairs of one prompt share it; held-out splits
+                  are by prompt).
   round:          [N] int32 the loop round that produced the pair.
   """
   prompts: np.ndarray
@@ -45,6 +48,8 @@ class PreferencePairs:
   group: np.ndarray
   gold_chosen: np.ndarray
   gold_rejected: np.ndarray
+  annotator_prob: np.ndarray
+  prompt_id: np.ndarray
   round: np.ndarray
 
   def __len__(self) -> int:
@@ -75,20 +80,21 @@ def sample_pairs(sampler, params, *, prompts, prompt_lengths, key, k: int):
   prompt). Returns keyword arguments for `label_pairs`."""
   if k < 2:
     raise UserError(f'k={k}: at least two responses per prompt make a pair')
-  out = jax.device_get(sampler.sample(params, np.repeat(prompts, k, axis=0),
-                                      np.repeat(prompt_lengths, k), key))
+  out = sampler.sample_in_chunks(params, np.repeat(prompts, k, axis=0),
+                                 np.repeat(prompt_lengths, k), key)
   n = prompts.shape[0]
   i, j = np.triu_indices(k, 1)
   rows = np.arange(n)[:, None] * k
   a, b = (rows + i[None]).reshape(-1), (rows + j[None]).reshape(-1)
   return dict(prompts=np.repeat(prompts, len(i), axis=0),
               prompt_lengths=np.repeat(prompt_lengths, len(i)),
+              prompt_ids=np.repeat(np.arange(n, dtype=np.int32), len(i)),
               first=out.response[a], first_mask=out.mask[a],
               second=out.response[b], second_mask=out.mask[b])
 
 
-def label_pairs(*, prompts, prompt_lengths, first, first_mask, second, second_mask,
-                gold: reward_lib.GoldReward, pool: annotators.AnnotatorPool, key,
+def label_pairs(*, prompts, prompt_lengths, prompt_ids, first, first_mask, second,
+                second_mask, gold: reward_lib.GoldReward, pool: annotators.AnnotatorPool, key,
                 round_: int) -> PreferencePairs:
   """Assigns each pair an annotator (uniformly at random), draws the label, and orders it
   into chosen/rejected. Pairs whose two responses are identical are dropped."""
@@ -98,8 +104,9 @@ def label_pairs(*, prompts, prompt_lengths, first, first_mask, second, second_ma
   prompt_mask = prompts > 0
   pair = dict(prompts=prompts, prompt_mask=prompt_mask, first=first, first_mask=first_mask,
               second=second, second_mask=second_mask)
-  first_wins = np.asarray(annotators.label(pool, gold, key=k_label, annotator=jnp.asarray(who),
-                                           **pair)).astype(bool)
+  p_first = np.asarray(annotators.preference_prob(pool, gold, annotator=jnp.asarray(who),
+                                                  **pair))
+  first_wins = np.asarray(jax.random.uniform(k_label, (n,)) < p_first)
   gold_of = lambda y, m: np.asarray(reward_lib.gold_reward(
       gold, prompts=prompts, prompt_mask=prompt_mask, responses=y, response_mask=m))
   g1, g2 = gold_of(first, first_mask), gold_of(second, second_mask)
@@ -111,6 +118,8 @@ def label_pairs(*, prompts, prompt_lengths, first, first_mask, second, second_ma
       rejected_mask=pick(second_mask, first_mask).astype(np.float32),
       annotator=who, group=np.asarray(pool.group)[who].astype(np.int32),
       gold_chosen=pick(g1, g2).astype(np.float32), gold_rejected=pick(g2, g1).astype(np.float32),
+      annotator_prob=np.where(first_wins, p_first, 1 - p_first).astype(np.float32),
+      prompt_id=np.asarray(prompt_ids, np.int32),
       round=np.full(n, round_, np.int32))
   same = ((first * first_mask) == (second * second_mask)).all(axis=1)
   return pairs.take(np.nonzero(~same)[0])
@@ -121,17 +130,9 @@ def write_shard(directory: str, pairs: PreferencePairs, *, lineage: dict) -> str
   if len(pairs) == 0:
     raise UserError(f'no preference pairs to write to {directory}')
   os.makedirs(directory, exist_ok=True)
-  index = len(shard_paths(directory))
-  final = os.path.join(directory, f'shard_{index:05d}')
-  tmp = final + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
-  os.makedirs(tmp)
-  for name in FIELDS:
-    np.save(os.path.join(tmp, f'{name}.npy'), getattr(pairs, name))
-  with open(os.path.join(tmp, 'lineage.json'), 'w') as f:
-    json.dump({**lineage, 'pairs': len(pairs)}, f, indent=2, sort_keys=True)
-  os.rename(tmp, final)
-  return final
+  final = os.path.join(directory, f'shard_{len(shard_paths(directory)):05d}')
+  return array_store.write(final, {n: getattr(pairs, n) for n in FIELDS},
+                           lineage={**lineage, 'pairs': len(pairs)})
 
 
 def shard_paths(directory: str) -> list[str]:
@@ -159,20 +160,29 @@ def read(directory: str, *, rounds=None) -> tuple[PreferencePairs, list[dict]]:
     raise UserError(f'{directory} holds no preference pairs')
   parts, lineages = [], []
   for path in paths:
-    try:
-      with open(os.path.join(path, 'lineage.json')) as f:
-        lineage = json.load(f)
-      part = PreferencePairs(**{n: np.load(os.path.join(path, f'{n}.npy'), mmap_mode='r')
-                                for n in FIELDS})
-    except (OSError, ValueError) as e:
-      raise UserError(f'preference shard {path} is unreadable ({e})') from None
+    arrays, lineage = array_store.read(path, FIELDS)
     if rounds is None or lineage.get('round') in rounds:
-      parts.append(part)
+      parts.append(PreferencePairs(**arrays))
       lineages.append(lineage)
   if not parts:
     raise UserError(f'{directory} holds no preference pairs of rounds {rounds}')
-  pairs = PreferencePairs(**{n: _concatenate([np.asarray(getattr(p, n)) for p in parts],
-                                             left=(n == 'prompts')) for n in FIELDS})
-  if (pairs.chosen_mask.sum(axis=1) == 0).any() or (pairs.rejected_mask.sum(axis=1) == 0).any():
-    raise UserError(f'{directory} has a pair with an empty response')
+  # Prompt ids count within a shard; offset them so that they stay distinct in the set.
+  offsets = np.cumsum([0] + [int(np.max(p.prompt_id)) + 1 for p in parts[:-1]])
+  columns = {n: [np.asarray(getattr(p, n)) for p in parts] for n in FIELDS}
+  columns['prompt_id'] = [ids + off for ids, off in zip(columns['prompt_id'], offsets)]
+  pairs = PreferencePairs(**{n: _concatenate(columns[n], left=(n == 'prompts'))
+                             for n in FIELDS})
+  check(pairs, directory)
   return pairs, lineages
+
+
+def check(pairs: PreferencePairs, where: str) -> None:
+  """A set a stage can learn from: some pairs, no empty response, chosen != rejected."""
+  if len(pairs) == 0:
+    raise UserError(f'{where} holds no preference pairs')
+  if (pairs.chosen_mask.sum(axis=1) == 0).any() or (pairs.rejected_mask.sum(axis=1) == 0).any():
+    raise UserError(f'{where} has a pair with an empty response')
+  same = ((pairs.chosen * pairs.chosen_mask) == (pairs.rejected * pairs.rejected_mask)).all(1)
+  if same.any():
+    raise UserError(f'{where} has {int(same.sum())} pairs whose chosen response equals the '
+                    f'rejected one (the first is pair {int(np.argmax(same))})')

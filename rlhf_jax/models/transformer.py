@@ -259,10 +259,14 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, *, segment_ids, positions, return_hidden: bool = False,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, token_types=None):
     """inputs, segment_ids, positions: [B, T] int32. With `cache`, the T tokens continue
     the cached ones (a prompt to prefill, or one new token per row) and the output carries
-    the updated cache; the numbers equal a full forward over all tokens so far."""
+    the updated cache; the numbers equal a full forward over all tokens so far.
+
+    token_types: [B, T] int32 in {0, 1} (prompt, response) for models that must know where
+    a response starts (reward models); it adds a learned type embedding, a parameter only
+    such models have, zero at init."""
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
@@ -270,6 +274,11 @@ class Transformer(nn.Module):
                          nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
                      name='embed')
     x = embed(inputs)
+    if token_types is not None:
+      x = x + nn.Embed(2, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                       embedding_init=nn.with_logical_partitioning(
+                           nn.initializers.zeros, (None, 'embed')),
+                       name='type_embed')(token_types)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     angles = rotary_angles(positions, cfg.head_dim, cfg.rope_theta)
     if cache is None:

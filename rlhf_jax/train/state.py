@@ -73,3 +73,16 @@ def create_sharded(*, init_params: Callable[[jax.Array], Any], tx: optax.Gradien
   with sharding.activate(mesh, mesh_config):
     state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
+
+
+def state_from_params(params, *, tx: optax.GradientTransformation, rng: jax.Array,
+                      shardings) -> TrainState:
+  """A step-0 state holding `params` (e.g. loaded from an earlier run) with a fresh
+  optimiser state, laid out as `shardings` (a TrainState of shardings) say."""
+  def make(params, rng):
+    # A copy, so that donating the state never frees the caller's params (jit forwards an
+    # argument returned unchanged, buffer and all).
+    params = jax.tree.map(jnp.copy, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=rng)
+  return jax.jit(make, out_shardings=shardings)(params, rng)

@@ -1,0 +1,59 @@
+"""What every stage that starts from an earlier run needs: the mesh, the world, the earlier
+run's model loaded onto the mesh, the optimiser, and a step-0 state from given params."""
+import jax
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.train import runs
+from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
+from rlhf_jax.train.state import state_from_params
+from rlhf_jax.world import setup as world_setup
+
+
+def resolve(config) -> None:
+  """Called by main before the config is checked against DIR/config.json: the model and
+  world are those of the run named by init.run."""
+  runs.adopt(config)
+
+
+class FromRun:
+  """mesh, dp (data-parallel size), world, init (the earlier run, loaded), tx, schedule."""
+
+  def __init__(self, config, *, rows_per_step: int):
+    self.config = config
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.dp = sharding.data_parallel_size(self.mesh, config.mesh)
+    if rows_per_step % self.dp:
+      raise UserError(f'{rows_per_step} rows per step (train.batch_size) are not divisible '
+                      f'by the data-parallel size {self.dp} of the mesh')
+    self.world = world_setup.from_config(config)
+    self.init = runs.load(config.init.run, mesh=self.mesh, mesh_config=config.mesh,
+                          step=config.init.step, role='init.run')
+    self.tx = make_optimizer(config.optim, config.train.steps)
+    self.schedule = make_schedule(config.optim, config.train.steps)
+    self.rng = jax.random.key_data(jax.random.key(config.seed))
+    self.batch_sharding = sharding.batch_sharding(self.mesh, config.mesh)
+
+  def shardings(self, init_params):
+    """The train state's shardings for a model whose params init_params(rng) makes."""
+    _, shardings = abstract_sharded(init_params=init_params, tx=self.tx, rng=self.rng,
+                                    mesh=self.mesh, mesh_config=self.config.mesh)
+    return shardings
+
+  def lm_state(self, params):
+    """(state, shardings) of a language model starting at `params` (same model as init)."""
+    dummy = np.ones((1, 8), np.int32)
+    model = self.init.model
+    shardings = self.shardings(
+        lambda rng: model.init(rng, dummy, segment_ids=dummy, positions=dummy)['params'])
+    with sharding.activate(self.mesh, self.config.mesh):
+      state = state_from_params(params, tx=self.tx, rng=self.rng, shardings=shardings)
+    return state, shardings
+
+  def lineage(self) -> dict:
+    return {'init_run': self.init.workdir, 'init_step': self.init.step}
+
+  def round_rows(self, n: int) -> int:
+    """n rounded up to a whole number of rows per data-parallel shard."""
+    return -(-n // self.dp) * self.dp

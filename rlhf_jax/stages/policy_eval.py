@@ -1,0 +1,55 @@
+"""A policy measured against the truth by sampling: the gold reward of its responses and
+their KL to a reference policy, on fixed world prompts, at temperature 1.
+
+  policy/gold_reward       mean gold reward of one response per prompt (and its standard
+                           error, policy/gold_reward_se)
+  policy/kl_ref            mean over responses of sum_t log pi(y_t|.) - log ref(y_t|.):
+                           an unbiased estimate of the sequence KL(pi || ref)
+  policy/harm_rate         fraction of responses holding a forbidden token
+  policy/response_length   mean response tokens (EOS included)
+  policy/eos_rate          fraction of responses that ended with EOS within max_new_tokens
+
+The prompts and the sampling key depend on the world seed only, so every stage on a world
+is scored on the same prompts and two evaluations of the same params agree exactly.
+"""
+import jax
+import numpy as np
+
+from rlhf_jax import sampling
+from rlhf_jax.data.preferences import world_prompts
+from rlhf_jax.world import language
+from rlhf_jax.world import reward as reward_lib
+
+
+class PolicyEvaluator:
+
+  def __init__(self, *, config, world, model, mesh, mesh_config, param_shardings,
+               ref_params, dp: int):
+    pe = config.policy_eval
+    base = jax.random.fold_in(jax.random.key(config.world.seed), 0x9E1)
+    num = -(-pe.num_prompts // dp) * dp
+    self.prompts, self.lengths = world_prompts(world.lang, key=jax.random.fold_in(base, 0),
+                                               num=num, max_len=pe.prompt_len)
+    self.key = jax.random.fold_in(base, 1)
+    self.world, self.ref_params = world, ref_params
+    self.sampler = sampling.Sampler(
+        model=model, config=sampling.SampleConfig(max_new_tokens=pe.max_new_tokens),
+        mesh=mesh, mesh_config=mesh_config, param_shardings=param_shardings)
+
+  def __call__(self, params) -> dict:
+    out = jax.device_get(self.sampler.sample(params, self.prompts, self.lengths, self.key))
+    ref = np.asarray(jax.device_get(self.sampler.score(self.ref_params, self.prompts,
+                                                       self.lengths, out.response)))
+    mask = np.asarray(out.mask, np.float64)
+    kl = ((np.asarray(out.raw_logprobs, np.float64) - ref) * mask).sum(axis=1)
+    gold = np.asarray(reward_lib.gold_reward(
+        self.world.gold, prompts=self.prompts, prompt_mask=self.prompts > 0,
+        responses=out.response, response_mask=out.mask), np.float64)
+    harmful = (np.asarray(self.world.gold.harmful)[out.response] & (mask > 0)).any(axis=1)
+    ended = ((out.response == language.EOS_ID) & (mask > 0)).any(axis=1)
+    return {'policy/gold_reward': gold.mean(),
+            'policy/gold_reward_se': gold.std(ddof=1) / np.sqrt(len(gold)),
+            'policy/kl_ref': kl.mean(),
+            'policy/harm_rate': harmful.mean(),
+            'policy/response_length': mask.sum(axis=1).mean(),
+            'policy/eos_rate': ended.mean()}

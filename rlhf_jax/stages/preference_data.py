@@ -1,0 +1,53 @@
+"""The preference set a stage learns from: `prefs.dir` if the config names one, else the
+set in DIR/preferences, made on first use from the init run's policy (k samples per world
+prompt, every pair labelled by a random annotator of the pool) with its lineage."""
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax import sampling
+from rlhf_jax.data import preferences
+from rlhf_jax.data.batch import PairBatch
+from rlhf_jax.stages.from_run import FromRun
+
+
+def load_or_make(config, setup: FromRun, *, workdir: str):
+  """(PreferencePairs, lineages, directory), checked: pairs exist, none with an empty
+  response, none whose chosen equals rejected."""
+  p = config.prefs
+  directory = os.path.abspath(p.dir) if p.dir else os.path.join(workdir, 'preferences')
+  if not p.dir and not preferences.shard_paths(directory):
+    sampler = sampling.Sampler(
+        model=setup.init.model,
+        config=sampling.SampleConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature),
+        mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x9F3)
+    prompts, lengths = preferences.world_prompts(setup.world.lang, key=jax.random.fold_in(key, 0),
+                                                 num=p.num_prompts, max_len=p.prompt_len)
+    raw = preferences.sample_pairs(sampler, setup.init.params, prompts=prompts,
+                                   prompt_lengths=lengths, key=jax.random.fold_in(key, 1),
+                                   k=p.responses_per_prompt)
+    pairs = preferences.label_pairs(**raw, gold=setup.world.gold, pool=setup.world.pool,
+                                    key=jax.random.fold_in(key, 2), round_=p.round)
+    preferences.write_shard(directory, pairs, lineage={
+        **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
+        'temperature': p.temperature, 'annotators': config.annotators.to_dict(),
+        'reward': config.reward.to_dict()})
+  pairs, lineages = preferences.read(directory)
+  preferences.check(pairs, directory)
+  return pairs, lineages, directory
+
+
+def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=None,
+              ref_rejected=None):
+  """PairBatch of the given rows (valid: [B] bool, 0 weight where False)."""
+  zeros = np.zeros(len(rows), np.float32)
+  return PairBatch(
+      prompts=np.asarray(pairs.prompts[rows]), prompt_lengths=np.asarray(pairs.prompt_lengths[rows]),
+      chosen=np.asarray(pairs.chosen[rows]), rejected=np.asarray(pairs.rejected[rows]),
+      chosen_mask=np.asarray(pairs.chosen_mask[rows]),
+      rejected_mask=np.asarray(pairs.rejected_mask[rows]),
+      weight=valid.astype(np.float32),
+      ref_chosen=zeros if ref_chosen is None else np.asarray(ref_chosen[rows], np.float32),
+      ref_rejected=zeros if ref_rejected is None else np.asarray(ref_rejected[rows], np.float32))

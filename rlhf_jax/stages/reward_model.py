@@ -1,0 +1,123 @@
+"""Reward model: a scalar head on the Transformer, trunk initialised from an SFT run,
+trained with Bradley-Terry on annotator-labelled pairs of the SFT policy's samples;
+optionally an ensemble of `rm.ensemble` members (vmapped) for uncertainty.
+
+Evaluation on held-out prompts' pairs reports accuracy on the annotators' labels next to
+the noise ceiling, agreement with the gold preference, calibration, correlation with the
+gold reward, and the same split by annotator group (stages/reward_eval.py). At the end
+the rewards' mean and standard deviation on the reference samples (the held-out pairs'
+responses, which the SFT policy wrote) go to DIR/reward_norm.json: a consumer subtracts
+the mean so that rewards are 0 on average on the reference policy.
+"""
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import sharding
+from rlhf_jax.data.row_source import RowSource, split_by_prompt
+from rlhf_jax.models import reward_model
+from rlhf_jax.stages import preference_data, reward_eval
+from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
+from rlhf_jax.train import loop, reward_step
+from rlhf_jax.train.state import state_from_params
+
+
+class RewardEvaluator:
+  """Member rewards of the held-out pairs, and the metrics of reward_eval."""
+
+  def __init__(self, *, source: RowSource, pairs, world, rewards, put):
+    self.batches = source.eval_batches()
+    self.rows = source.held_out
+    self.held_out = pairs.take(self.rows)
+    self.group_utility = reward_eval.group_utilities(world, self.held_out)
+    self.rewards, self.put = rewards, put
+
+  def member_rewards(self, params):
+    """(chosen, rejected) [K, N] over the held-out pairs."""
+    chosen, rejected = [], []
+    for batch in self.batches:
+      c, r = jax.device_get(self.rewards(params, self.put(batch)))
+      valid = np.asarray(batch.weight) > 0
+      chosen.append(np.asarray(c)[:, valid])
+      rejected.append(np.asarray(r)[:, valid])
+    return np.concatenate(chosen, axis=1), np.concatenate(rejected, axis=1)
+
+  def __call__(self, state) -> dict:
+    chosen, rejected = self.member_rewards(state.params)
+    out = reward_eval.metrics(chosen, rejected, self.held_out, group_utility=self.group_utility)
+    out['rm/reference_mean'] = float(np.concatenate([chosen, rejected], axis=1).mean())
+    return out
+
+  def normalization(self, params) -> dict:
+    chosen, rejected = self.member_rewards(params)
+    both = np.concatenate([chosen, rejected], axis=1).astype(np.float64)
+    return {'mean': both.mean(axis=1).tolist(), 'std': both.std(axis=1).tolist(),
+            'reference_responses': both.shape[1]}
+
+
+def build(config, setup: FromRun, *, workdir: str):
+  """(model, state, shardings, source, pairs) of a reward model on the stage's pairs."""
+  pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir)
+  train_rows, held_rows = split_by_prompt(np.asarray(pairs.prompt_id),
+                                          eval_fraction=config.prefs.eval_fraction,
+                                          seed=config.seed)
+  source = RowSource(train=train_rows, held_out=held_rows, batch_size=config.train.batch_size,
+                     seed=config.seed, make_batch=functools.partial(preference_data.pair_rows,
+                                                                    pairs),
+                     what=f'preference pairs of {workdir}')
+  model = reward_model.ensemble(setup.init.model.cfg, config.rm.ensemble, config.rm.pooling)
+  shardings = setup.shardings(reward_model.init_params(model))
+
+  def start(rng, lm_params):
+    """Random heads (one init key per member); every member's trunk the SFT params (and
+    its type embedding at its zero init)."""
+    params = nn.meta.unbox(reward_model.init_params(model)(rng))
+    stacked = jax.tree.map(lambda t: jnp.broadcast_to(t, (config.rm.ensemble,) + t.shape),
+                           lm_params)
+    params['trunk'] = {**params['trunk'], **stacked}
+    return params
+
+  with sharding.activate(setup.mesh, config.mesh):
+    params = jax.jit(start, out_shardings=shardings.params)(
+        jax.random.wrap_key_data(setup.rng), setup.init.params)
+    state = state_from_params(params, tx=setup.tx, rng=setup.rng, shardings=shardings)
+  return model, state, shardings, source, pairs
+
+
+def run(config, *, workdir: str) -> None:
+  setup = FromRun(config, rows_per_step=config.train.batch_size)
+  config_lib.write_or_check(config, workdir)
+  model, state, shardings, source, pairs = build(config, setup, workdir=workdir)
+  put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
+  example = source.eval_batches(max_batches=1)[0]
+  batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
+  step = functools.partial(reward_step.train_step, model=model, tx=setup.tx,
+                           schedule=setup.schedule,
+                           bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
+  step = jax.jit(step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+  rewards = jax.jit(functools.partial(reward_step.pair_rewards, model=model),
+                    in_shardings=(shardings.params, batch_shardings))
+  evaluate = RewardEvaluator(source=source, pairs=pairs, world=setup.world, rewards=rewards,
+                             put=put)
+  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble}
+  spec = loop.LoopSpec.from_config(
+      config, workdir=workdir,
+      tokens_per_step=2 * config.train.batch_size * (pairs.prompts.shape[1] +
+                                                      pairs.chosen.shape[1]))
+  with sharding.activate(setup.mesh, config.mesh):
+    state = loop.run(spec=spec, state=state, state_shardings=shardings, step=step,
+                     source=source, put_batch=put, evaluate=evaluate, static_metrics=static)
+    norm = evaluate.normalization(state.params)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'reward_norm.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump({'step': config.train.steps, **norm}, f, indent=2)
+    os.replace(path + '.tmp', path)

@@ -1,0 +1,96 @@
+"""Supervised fine-tuning on expert demonstrations, from a pretraining run.
+
+The demonstrations are best-of-k samples of the pretrained policy under the gold reward
+(`rlhf_jax/data/demos.py`), made once into DIR/demos with their lineage. The loss is the
+next-token cross-entropy on response tokens only (the prompt is context). Evaluation
+reports the held-out demonstration loss and, by sampling, the policy's gold reward and
+KL to the pretrained policy (`policy/*`, see stages/policy_eval.py).
+"""
+import functools
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import sampling, sharding
+from rlhf_jax.data import array_store, demos
+from rlhf_jax.data.batch import prompt_response_batch
+from rlhf_jax.data.row_source import RowSource, split_by_prompt
+from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
+from rlhf_jax.stages.policy_eval import PolicyEvaluator
+from rlhf_jax.train import lm_step, loop
+
+
+def make_demos(setup: FromRun, config, *, workdir: str):
+  s = config.sft
+  sampler = sampling.Sampler(
+      model=setup.init.model,
+      config=sampling.SampleConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature),
+      mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
+
+  def make():
+    arrays = demos.best_of_k(sampler, setup.init.params, world=setup.world,
+                             key=jax.random.fold_in(jax.random.key(config.seed), 0xDE30),
+                             num_prompts=s.num_prompts, k=s.samples_per_prompt,
+                             prompt_len=s.prompt_len)
+    return arrays, {**setup.lineage(), 'scheme': 'best-of-k under the gold reward',
+                    'k': s.samples_per_prompt, 'temperature': s.temperature,
+                    'demos': s.num_prompts}
+  return array_store.read_or_make(os.path.join(workdir, 'demos'), demos.FIELDS, make)
+
+
+class HeldOutLoss:
+  """Mean response-token cross-entropy on the held-out demonstrations."""
+
+  def __init__(self, batches, eval_logprobs, put_batch):
+    self.batches, self.eval_logprobs, self.put_batch = batches, eval_logprobs, put_batch
+    self.weight = sum(float(b.weights.sum()) for b in batches)
+
+  def __call__(self, params) -> dict:
+    total = sum(float(np.asarray(jax.device_get(self.eval_logprobs(params, self.put_batch(b))),
+                                 np.float64).sum()) for b in self.batches)
+    return {'eval/loss': -total / self.weight}
+
+
+def run(config, *, workdir: str) -> None:
+  setup = FromRun(config, rows_per_step=config.train.batch_size // config.optim.grad_accum)
+  config_lib.write_or_check(config, workdir)
+  data, lineage = make_demos(setup, config, workdir=workdir)
+
+  def make_batch(rows, valid):
+    batch = prompt_response_batch(data['prompts'][rows], data['prompt_lengths'][rows],
+                                  data['response'][rows], data['mask'][rows])
+    return batch.replace(weights=batch.weights * valid[:, None])
+
+  train_rows, held_rows = split_by_prompt(np.asarray(data['prompt_id']),
+                                          eval_fraction=config.sft.eval_fraction,
+                                          seed=config.seed)
+  source = RowSource(train=train_rows, held_out=held_rows, batch_size=config.train.batch_size,
+                     seed=config.seed, make_batch=make_batch, what='SFT demonstrations')
+  model = setup.init.model
+  state, shardings = setup.lm_state(setup.init.params)
+  step = functools.partial(lm_step.train_step, model=model, tx=setup.tx,
+                           schedule=setup.schedule, grad_accum=config.optim.grad_accum)
+  step = jax.jit(step, in_shardings=(shardings, setup.batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+  eval_logprobs = jax.jit(functools.partial(lm_step.eval_logprobs, model=model),
+                          in_shardings=(shardings.params, setup.batch_sharding),
+                          out_shardings=setup.batch_sharding)
+  put = lambda b: jax.device_put(b, setup.batch_sharding)
+  held_out = HeldOutLoss(source.eval_batches(), eval_logprobs, put)
+  policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
+                           mesh_config=config.mesh, param_shardings=shardings.params,
+                           ref_params=setup.init.params, dp=setup.dp)
+  evaluate = lambda state: {**held_out(state.params), **policy(state.params)}
+  static = {'sft/demo_gold_reward': float(np.mean(data['gold'])),
+            'sft/sample_gold_reward': float(np.mean(data['sample_gold'])),
+            'sft/demos': len(train_rows), 'sft/held_out_demos': len(held_rows)}
+  spec = loop.LoopSpec.from_config(
+      config, workdir=workdir,
+      tokens_per_step=config.train.batch_size * (data['prompts'].shape[1] +
+                                                  data['response'].shape[1] - 1))
+  with sharding.activate(setup.mesh, config.mesh):
+    loop.run(spec=spec, state=state, state_shardings=shardings, step=step, source=source,
+             put_batch=put, evaluate=evaluate, static_metrics=static)

@@ -1,0 +1,67 @@
+"""The reward-model train step: Bradley-Terry on preference pairs, for every member of an
+ensemble at once (params stacked on a leading axis, one vmapped forward).
+
+Members see the same batch; with `bootstrap`, member k weighs pair b by an independent
+Poisson(1) draw (the online bootstrap), so the members fit different resamples of the data
+and their disagreement means something.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import losses
+from rlhf_jax.data.batch import PairBatch
+from rlhf_jax.sampling import sequence_layout
+from rlhf_jax.train.state import TrainState
+
+
+def pair_sequences(batch: PairBatch):
+  """Chosen rows then rejected rows, [2B, P+R]: (tokens, segment_ids, positions,
+  token_types, response_mask): token_types 1 on response columns, response_mask 1 on
+  response tokens."""
+  p = batch.prompts.shape[1]
+  prompts = jnp.concatenate([batch.prompts, batch.prompts])
+  lengths = jnp.concatenate([batch.prompt_lengths, batch.prompt_lengths])
+  responses = jnp.concatenate([batch.chosen, batch.rejected])
+  masks = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
+  tokens = jnp.concatenate([prompts, responses], axis=1)
+  segments, positions = sequence_layout(lengths, p, tokens.shape[1])
+  types = jnp.broadcast_to((jnp.arange(tokens.shape[1]) >= p).astype(jnp.int32), tokens.shape)
+  response_mask = jnp.concatenate([jnp.zeros((masks.shape[0], p), masks.dtype), masks], axis=1)
+  return tokens, segments, positions, types, response_mask
+
+
+def pair_rewards(params, batch: PairBatch, *, model):
+  """(chosen, rejected) rewards, each [K, B]."""
+  rewards = model.apply({'params': params}, *pair_sequences(batch))
+  b = batch.prompts.shape[0]
+  return rewards[:, :b], rewards[:, b:]
+
+
+def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, bootstrap: bool):
+  """One update of all members; each member's loss is its own weighted mean, so the summed
+  loss gives each member exactly its own gradient."""
+  def loss_fn(params):
+    chosen, rejected = pair_rewards(params, batch, model=model)
+    weight = jnp.broadcast_to(batch.weight, chosen.shape)
+    if bootstrap:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      weight = weight * jax.random.poisson(key, 1.0, chosen.shape).astype(jnp.float32)
+    per_member = ((losses.bradley_terry(chosen, rejected) * weight).sum(axis=1) /
+                  jnp.maximum(weight.sum(axis=1), 1.0))
+    return per_member.sum(), (chosen, rejected, per_member)
+
+  (_, (chosen, rejected, per_member)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  real = batch.weight / jnp.maximum(batch.weight.sum(), 1.0)
+  margin = chosen - rejected
+  metrics = {
+      'train/loss': per_member.mean(),
+      'train/accuracy': ((margin > 0) * real).sum(axis=1).mean(),
+      'train/margin': (margin * real).sum(axis=1).mean(),
+      'train/grad_norm': optax.tree.norm(grads),
+      'train/lr': schedule(state.step),
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

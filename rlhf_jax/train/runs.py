@@ -1,0 +1,95 @@
+"""Earlier runs as inputs: read a run directory's resolved config and load the parameters
+of one of its checkpoints onto the caller's mesh.
+
+Later stages name the run they start from (`init.run`); the model and world blocks are
+taken from that run's config.json so the loaded weights fit and the world is the one they
+learned.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax.errors import UserError
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.state import abstract_sharded, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  """A run's resolved config, its model, and one checkpoint's params laid out on the
+  caller's mesh as `param_shardings` say."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: Transformer
+  params: object
+  step: int
+  param_shardings: object
+
+
+def read_config(workdir: str, *, role: str = 'run') -> ml_collections.ConfigDict:
+  """DIR/config.json; `role` names the field that pointed here, for the error line."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise UserError(f'{role} {workdir} holds no run (no config.json)')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} is unreadable ({e})') from None
+
+
+def _lm_init(model: Transformer):
+  dummy = np.ones((1, 8), np.int32)
+  return lambda rng: model.init(rng, dummy, segment_ids=dummy, positions=dummy)['params']
+
+
+def load(workdir: str, *, mesh, mesh_config, step: int | None = None,
+         role: str = 'run') -> LoadedRun:
+  """The language model of the run in `workdir` at checkpoint `step` (None or -1: the
+  newest), restored directly onto `mesh` with the layouts `mesh_config.rules` give."""
+  workdir = os.path.abspath(workdir)
+  config = read_config(workdir, role=role)
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise UserError(f'{role} {workdir} has no checkpoints yet')
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_ckpts)
+  try:
+    steps = ckpt.all_steps()
+    if step is None or step < 0:
+      if not steps:
+        raise UserError(f'{role} {workdir} has no checkpoints yet')
+      step = steps[-1]
+    if step not in steps:
+      raise UserError(f'{role} {workdir} has no checkpoint at step {step} '
+                      f'(it has {steps or "none"})')
+    model = Transformer(ModelConfig.from_config(config.model))
+    # The run's own optimiser fixes the shape of the state that was saved.
+    abstract, shardings = abstract_sharded(
+        init_params=_lm_init(model), tx=make_optimizer(config.optim, config.train.steps),
+        rng=jax.random.key_data(jax.random.key(0)), mesh=mesh, mesh_config=mesh_config)
+    state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
+  finally:
+    ckpt.close()
+  return LoadedRun(workdir=workdir, config=config, model=model, params=state.params,
+                   step=step, param_shardings=shardings.params)
+
+
+def adopt(config: ml_collections.ConfigDict, *, role: str = 'init.run') -> None:
+  """Copies the model and world blocks of the run named by config.init.run into `config`
+  (whose model and world the run's weights fix). Checks the run exists first."""
+  if not config.init.run:
+    raise UserError(f'{role} is empty: name the run directory this stage starts from')
+  earlier = read_config(os.path.abspath(config.init.run), role=role)
+  for block in ('model', 'world'):
+    if block not in earlier:
+      raise UserError(f'{role} {config.init.run}: its config.json has no {block} block')
+  if earlier.get('data', {}).get('source', 'world') != 'world':
+    raise UserError(f'{role} {config.init.run} was trained on {earlier.data.source!r}; '
+                    'this stage needs a run on the world')
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(earlier.model.to_dict())
+    config.world = ml_collections.ConfigDict(earlier.world.to_dict())
