@@ -29,7 +29,7 @@ def get_config(arg: str = 'tiny'):
       bootstrap=True,          # members weigh pairs by Poisson(1) draws (K > 1 only)
       pooling='mean',          # 'mean' over response tokens' hidden states | 'last' token's
   ))
-  config.optim.update(lr=3e-4, warmup_steps=20, weight_decay=0.0)
+  config.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.0)
   config.train.update(steps=400, batch_size=64, log_every=25, eval_every=100, ckpt_every=100)
   if arg == 'tiny':
     pass

@@ -1,0 +1,141 @@
+"""The pieces under the SFT, reward-model and DPO stages against independent computations:
+the reward-model metrics on hand-made cases, the SFT batch's masked loss against the
+sampler's teacher-forced scores, the DPO step's loss against the NumPy formula, an
+ensemble whose members train independently, and the row source's epochs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import sampling
+from rlhf_jax.data.batch import PairBatch, prompt_response_batch
+from rlhf_jax.data.row_source import RowSource, split_by_prompt
+from rlhf_jax.models import reward_model
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.stages import reward_eval
+from rlhf_jax.train import dpo_step, lm_step, reward_step
+from rlhf_jax.train.state import TrainState
+
+CFG = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+
+
+def test_calibration_error_by_hand():
+  # Confidences 0.91, 0.92 (right, right), 0.62 (p = 0.38: wrong), 0.56 (right).
+  p = np.array([0.91, 0.92, 0.38, 0.56])
+  # Bins of width 0.05 over [0.5, 1]: 0.91, 0.92 -> bin 8, 0.62 -> bin 2, 0.56 -> bin 1.
+  expected = 0.5 * abs(1 - 0.915) + 0.25 * abs(0 - 0.62) + 0.25 * abs(1 - 0.56)
+  assert reward_eval.calibration_error(p) == pytest.approx(expected)
+
+
+def test_metrics_on_a_hand_made_case():
+  class Pairs:
+    gold_chosen = np.array([1.0, 0.0, 2.0, 0.5])
+    gold_rejected = np.array([0.0, 1.0, 2.0, 0.0])     # pair 2: a gold tie
+    annotator_prob = np.array([0.9, 0.3, 0.5, 0.8], np.float32)
+    group = np.array([0, 1, 0, 0])
+  chosen = np.array([[2.0, 0.0, 1.0, 0.0]])
+  rejected = np.array([[1.0, 1.0, 0.0, 0.0]])            # margins 1, -1, 1, 0 (a tie)
+  util = np.stack([np.stack([Pairs.gold_chosen, Pairs.gold_rejected], -1)] * 2)
+  m = reward_eval.metrics(chosen, rejected, Pairs, group_utility=list(util))
+  assert m['rm/label_accuracy'] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+  assert m['rm/noise_ceiling'] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+  assert m['rm/gold_accuracy'] == pytest.approx((1 + 1 + 0.5) / 3)  # tie left out
+  assert m['rm/label_gold_accuracy'] == pytest.approx(2 / 3)
+  assert m['rm/group1/label_accuracy'] == 0.0 and m['rm/group1/gold_accuracy'] == 1.0
+  assert m['rm/group0/label_accuracy'] == pytest.approx(2.5 / 3)
+  golds = np.concatenate([Pairs.gold_chosen, Pairs.gold_rejected])
+  assert m['rm/gold_correlation'] == pytest.approx(
+      np.corrcoef(np.concatenate([chosen[0], rejected[0]]), golds)[0, 1])
+
+
+def _lm_params(model):
+  ids = np.ones((1, 4), np.int32)
+  return nn.meta.unbox(model.init(jax.random.key(0), ids, segment_ids=ids,
+                                  positions=ids)['params'])
+
+
+def test_sft_batch_loss_is_the_response_score():
+  """The SFT batch's weighted log-probs equal the sampler's teacher-forced scores of the
+  responses: the loss covers exactly the response tokens, with the sampler's layout."""
+  model = Transformer(CFG)
+  prompts, lengths = sampling.left_pad([[1, 5, 6], [1, 7], [1, 8, 9, 10]])
+  responses = np.array([[11, 12, 2, 0], [13, 2, 0, 0], [14, 15, 16, 17]], np.int32)
+  mask = (np.arange(4)[None] < np.array([[3], [2], [4]])).astype(np.float32)
+  batch = prompt_response_batch(prompts, lengths, responses, mask)
+  params = _lm_params(model)
+  ours = np.asarray(lm_step.eval_logprobs(params, batch, model=model)).sum(1)
+  ref = (np.asarray(sampling.score(params, prompts, lengths, responses, model=model)) *
+         mask).sum(1)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  assert batch.weights.sum() == mask.sum()
+
+
+def _pair_batch(b=4, p=4, r=5, seed=0):
+  rng = np.random.default_rng(seed)
+  prompts, lengths = sampling.left_pad([[1] + list(rng.integers(3, 32, rng.integers(1, p)))
+                                        for _ in range(b)], length=p)
+  lens = rng.integers(1, r + 1, size=(2, b))
+  masks = (np.arange(r)[None, None] < lens[..., None]).astype(np.float32)
+  toks = rng.integers(3, 32, size=(2, b, r)).astype(np.int32) * masks.astype(np.int32)
+  return PairBatch(prompts=prompts, prompt_lengths=lengths, chosen=toks[0], rejected=toks[1],
+                   chosen_mask=masks[0], rejected_mask=masks[1],
+                   weight=np.ones(b, np.float32), ref_chosen=rng.normal(size=b).astype(np.float32),
+                   ref_rejected=rng.normal(size=b).astype(np.float32))
+
+
+def test_dpo_step_loss_matches_numpy():
+  model = Transformer(CFG)
+  batch = _pair_batch()
+  params = _lm_params(model)
+  tx = optax.sgd(0.0)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(0)))
+  score = lambda y, m: (np.asarray(sampling.score(params, batch.prompts, batch.prompt_lengths,
+                                                  y, model=model), np.float64) * m).sum(1)
+  h = ((score(batch.chosen, batch.chosen_mask) - batch.ref_chosen) -
+       (score(batch.rejected, batch.rejected_mask) - batch.ref_rejected))
+  for loss, expected in (('dpo', np.log1p(np.exp(-0.5 * h)).mean()),
+                         ('ipo', ((h - 1 / (2 * 0.25)) ** 2).mean())):
+    _, metrics = dpo_step.train_step(state, batch, model=model, tx=tx, schedule=lambda s: 0.0,
+                                     loss=loss, beta=0.5, tau=0.25)
+    assert float(metrics['train/loss']) == pytest.approx(expected, rel=1e-4)
+  assert float(metrics['dpo/margin']) == pytest.approx(0.5 * h.mean(), rel=1e-4, abs=1e-5)
+
+
+def test_ensemble_members_train_independently():
+  """Member k's update depends on member k alone: training a 2-member ensemble equals
+  training each member as a 1-member ensemble."""
+  batch = _pair_batch(seed=1)
+  two = reward_model.ensemble(CFG, 2)
+  params = nn.meta.unbox(reward_model.init_params(two)(jax.random.key(3)))
+  tx = optax.adam(1e-2)
+  step = lambda p, m: reward_step.train_step(
+      TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                 rng=jax.random.key_data(jax.random.key(0))),
+      batch, model=m, tx=tx, schedule=lambda s: 0.0, bootstrap=False)[0].params
+  both = step(params, two)
+  one = reward_model.ensemble(CFG, 1)
+  for k in range(2):
+    alone = step(jax.tree.map(lambda x: x[k:k + 1], params), one)
+    for x, y in zip(jax.tree.leaves(alone), jax.tree.leaves(both)):
+      np.testing.assert_allclose(x[0], y[k], rtol=2e-5, atol=2e-6)
+
+
+def test_row_source_epochs_and_held_out_split():
+  made = []
+  source = RowSource(train=np.arange(10, 17), held_out=np.array([3, 4, 5]), batch_size=3,
+                     seed=0, make_batch=lambda rows, valid: made.append((rows, valid)) or rows,
+                     what='test')
+  seen = np.concatenate([source.next_batch() for _ in range(7)])  # 21 rows = 3 epochs
+  for epoch in range(3):
+    assert sorted(seen[7 * epoch:7 * epoch + 7]) == list(range(10, 17))
+  source.set_state({'index': 2})
+  np.testing.assert_array_equal(source.next_batch(), seen[6:9])
+  batches = source.eval_batches()
+  assert len(batches) == 1 and made[-1][1].all()
+  train, held = split_by_prompt(np.repeat(np.arange(20), 3), eval_fraction=0.1, seed=0)
+  ids = np.repeat(np.arange(20), 3)
+  assert len(set(ids[held])) == 2 and not set(ids[held]) & set(ids[train])
+  assert len(train) + len(held) == 60
