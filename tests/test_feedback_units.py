@@ -139,3 +139,25 @@ def test_row_source_epochs_and_held_out_split():
   ids = np.repeat(np.arange(20), 3)
   assert len(set(ids[held])) == 2 and not set(ids[held]) & set(ids[train])
   assert len(train) + len(held) == 60
+
+
+def test_acquisition_ranks_by_member_disagreement():
+  from rlhf_jax.data import acquisition
+  from rlhf_jax.errors import UserError
+  first = np.array([[0.0, 2.0, 1.0], [0.0, -2.0, 1.0]])   # pair 1: members disagree most
+  second = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  expected = [0.0, abs(sig(2.0) - sig(-2.0)) / 2, abs(sig(1.0) - sig(0.0)) / 2]
+  scores = acquisition.disagreement(first, second)
+  np.testing.assert_allclose(scores, expected, atol=1e-12)
+  np.testing.assert_allclose(acquisition.disagreement(second, first), scores, atol=1e-12)
+  rng = np.random.default_rng(0)
+  picked = acquisition.select(strategy='disagreement', scores=scores,
+                              candidates=np.array([0, 1, 2]), n=2, rng=rng)
+  assert list(picked) == [1, 2]
+  randomly = acquisition.select(strategy='random', scores=None, candidates=np.arange(10),
+                                n=4, rng=rng)
+  assert len(set(randomly.tolist())) == 4
+  with pytest.raises(UserError, match='unknown acquisition strategy'):
+    acquisition.select(strategy='uncertainty', scores=scores, candidates=np.arange(3), n=1,
+                       rng=rng)
