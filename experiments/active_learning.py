@@ -6,15 +6,24 @@ ensemble-disagreement selection of the pairs to label, over seeds.
 Pool: the preference pairs of configs/reward_model.py:tiny_ensemble made from the SFT
 policy (--pool_prompts prompts x 6 pairs, in OUT/preferences, made once); their labels
 count as unknown until a pair is selected. Per seed, --initial random pairs are labelled;
-then each round a fresh --ensemble-member reward model is trained from the SFT init for
---steps steps, its gold agreement (rm/gold_accuracy) is measured on the held-out prompts'
-pairs, and --per_round more pairs are labelled, chosen at random or by the largest
-standard deviation over members of P(first wins) (rlhf_jax/data/acquisition.py). Both
-strategies share each seed's initial labels and first model.
+in each of --rounds rounds a fresh --ensemble-member reward model is trained from the
+SFT init for --steps steps on uniform minibatches of the labelled pairs, its gold
+agreement (rm/gold_accuracy) is measured on the held-out prompts' pairs, and --per_round
+more pairs are labelled, chosen at random or by the largest standard deviation over
+members of P(first wins) (rlhf_jax/data/acquisition.py). Both strategies share each
+seed's initial labels and first model; seeds differ in labels, minibatches and bootstrap
+draws (the heads' init is config.seed's).
 
 Writes OUT/active_learning.csv and .png (mean over seeds with a 95% band,
-1.96*std/sqrt(seeds)), prints a table and, last, a JSON line. With the defaults (3
-seeds, 256 + 4 x 256 labels, 4 members, 150 steps): runtime not yet measured.
+1.96*std/sqrt(seeds)), prints a table and, last, a JSON line. Runtime on a 2-core CPU:
+the defaults (3 seeds, 256..1024 labels, 2 members, 60 steps) 7 minutes; --ensemble=4
+--steps=150 about 30 minutes (a training is 150 steps of ~0.5 s).
+Measured with the defaults (mean +- 95%, 3 seeds): 256 labels both 0.644 +- 0.012;
+512: random 0.666 +- 0.010, disagreement 0.645 +- 0.027; 768: 0.674 vs 0.674;
+1024: random 0.683 +- 0.016, disagreement 0.706 +- 0.015. With --ensemble=4 --steps=150:
+1024: random 0.708 +- 0.016, disagreement 0.728 +- 0.010 (equal at 256..768). Active
+selection pulls ahead only at the largest budget; with 3 seeds that is suggestive, not
+established.
 """
 import csv
 import functools
@@ -43,8 +52,8 @@ _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds.')
 _INITIAL = flags.DEFINE_integer('initial', 256, 'Random labelled pairs to start from.')
 _PER_ROUND = flags.DEFINE_integer('per_round', 256, 'Pairs labelled per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 4, 'Rounds of selection.')
-_ENSEMBLE = flags.DEFINE_integer('ensemble', 4, 'Reward-model ensemble members.')
-_STEPS = flags.DEFINE_integer('steps', 150, 'Train steps per reward model.')
+_ENSEMBLE = flags.DEFINE_integer('ensemble', 2, 'Reward-model ensemble members.')
+_STEPS = flags.DEFINE_integer('steps', 60, 'Train steps per reward model.')
 _POOL = flags.DEFINE_integer('pool_prompts', 1024, 'Prompts of the candidate pool.')
 SCORE_BATCH = 256  # pairs per forward when scoring (one compiled shape)
 
