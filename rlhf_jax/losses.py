@@ -38,3 +38,23 @@ def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, tau: float)
   """Per-pair IPO loss (h - 1/(2 tau))^2 (Azar et al. 2023); inputs [B]."""
   return (_policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
           - 1.0 / (2.0 * tau)) ** 2
+
+
+def ppo_policy_loss(logp, old_logp, advantages, *, clip: float) -> jax.Array:
+  """Per-token clipped surrogate max(-A r, -A clip(r, 1-clip, 1+clip)), r = exp(logp -
+  old_logp) (Schulman et al. 2017); all inputs the same shape."""
+  ratio = jnp.exp(logp - old_logp)
+  return jnp.maximum(-advantages * ratio,
+                     -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip))
+
+
+def ppo_value_loss(values, old_values, returns, *, clip: float) -> jax.Array:
+  """Per-token clipped value loss 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-clip) - R)^2)."""
+  clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+  return 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+  """Entropy of softmax(logits) over the last axis; [..., V] -> [...]."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -(jnp.exp(logp) * logp).sum(axis=-1)
