@@ -231,7 +231,7 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
   if a.num <= 0 or not 0 <= a.minority_fraction < 1 or a.temperature < 0:
     raise UserError('annotators: num must be positive, minority_fraction in [0, 1), '
                     'temperature >= 0')
-  for block in ('prefs', 'policy_eval', 'sft'):
+  for block in ('prefs', 'policy_eval', 'sft', 'ppo'):
     if block not in config:
       continue
     b = config[block]
@@ -252,6 +252,8 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"dpo.loss={d.loss!r} is not one of ('dpo', 'ipo')")
     if not (d.beta > 0 and d.tau > 0):
       raise UserError(f'dpo.beta={d.beta} and dpo.tau={d.tau} must be positive')
+  if 'ppo' in config:
+    _validate_ppo(config)
   if 'prefs' in config:
     p = config.prefs
     if p.responses_per_prompt < 2:
@@ -261,6 +263,31 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'prefs.eval_fraction={p.eval_fraction} must be in (0, 1)')
     if not p.temperature > 0:
       raise UserError(f'prefs.temperature={p.temperature} must be > 0')
+
+
+def _validate_ppo(config: ml_collections.ConfigDict) -> None:
+  p = config.ppo
+  for name, choices in (('reward', ('rm', 'gold')), ('value', ('head', 'critic')),
+                        ('kl_control', ('fixed', 'adaptive'))):
+    if p[name] not in choices:
+      raise UserError(f'ppo.{name}={p[name]!r} is not one of {choices}')
+  if p.reward == 'rm' and not p.rm_run:
+    raise UserError("ppo.rm_run is empty: name the reward_model run (or set ppo.reward='gold')")
+  if p.epochs < 1 or p.minibatches < 1:
+    raise UserError(f'ppo.epochs={p.epochs} and ppo.minibatches={p.minibatches} must be >= 1')
+  if config.train.batch_size % p.minibatches:
+    raise UserError(f'train.batch_size={config.train.batch_size} rollouts are not divisible '
+                    f'into ppo.minibatches={p.minibatches}')
+  if not (p.clip > 0 and p.value_clip > 0):
+    raise UserError(f'ppo.clip={p.clip} and ppo.value_clip={p.value_clip} must be positive')
+  if not (0 < p.gamma <= 1 and 0 <= p.lam <= 1):
+    raise UserError(f'ppo.gamma={p.gamma} must be in (0, 1] and ppo.lam={p.lam} in [0, 1]')
+  if p.kl_coef < 0 or not (p.kl_target > 0 and p.kl_horizon > 0):
+    raise UserError(f'ppo.kl_coef={p.kl_coef} must be >= 0, ppo.kl_target and '
+                    'ppo.kl_horizon positive')
+  if p.num_prompts < config.train.batch_size:
+    raise UserError(f'ppo.num_prompts={p.num_prompts} is smaller than one batch of '
+                    f'{config.train.batch_size} rollouts')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -18,6 +18,7 @@ STAGES = {
     'sft': 'rlhf_jax.stages.sft',
     'reward_model': 'rlhf_jax.stages.reward_model',
     'dpo': 'rlhf_jax.stages.dpo',
+    'ppo': 'rlhf_jax.stages.ppo',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',

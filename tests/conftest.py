@@ -38,6 +38,35 @@ def run_cli():
   return run
 
 
+def _run_stage(config: str, workdir: str, *overrides: str) -> None:
+  import subprocess
+  args = [sys.executable, '-m', 'rlhf_jax.main', f'--config={config}', f'--workdir={workdir}',
+          '--config.train.progress=False', *overrides]
+  result = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope='session')
+def chain(tmp_path_factory):
+  """Pretrain and SFT runs (tiny, defaults) that the later stages start from, made once
+  per test session."""
+  root = tmp_path_factory.mktemp('chain')
+  dirs = {name: str(root / name) for name in ('pretrain', 'sft')}
+  _run_stage('configs/pretrain.py:tiny', dirs['pretrain'])
+  _run_stage('configs/sft.py:tiny', dirs['sft'], f'--config.init.run={dirs["pretrain"]}')
+  return dirs
+
+
+@pytest.fixture(scope='session')
+def reward_run(chain, tmp_path_factory):
+  """A tiny reward model (defaults, 150 steps) on the chain's SFT run."""
+  workdir = str(tmp_path_factory.mktemp('rm') / 'rm')
+  _run_stage('configs/reward_model.py:tiny', workdir, f'--config.init.run={chain["sft"]}',
+             '--config.train.steps=150')
+  return workdir
+
+
 # -- helpers shared by test modules (`from conftest import ...`) ----------------------------
 
 def load_config(name: str = 'pretrain', variant: str = 'tiny'):

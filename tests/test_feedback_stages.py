@@ -29,25 +29,6 @@ def evals(workdir, key: str) -> list[dict]:
   return [r for r in records(workdir) if key in r]
 
 
-@pytest.fixture(scope='module')
-def chain(tmp_path_factory):
-  """Pretrain and SFT runs (tiny, defaults) that the later stages start from."""
-  import subprocess
-  import sys
-  from conftest import REPO, cli_env
-  root = tmp_path_factory.mktemp('chain')
-  dirs = {name: str(root / name) for name in ('pretrain', 'sft')}
-  for name, init in (('pretrain', None), ('sft', dirs['pretrain'])):
-    args = [sys.executable, '-m', 'rlhf_jax.main', f'--config=configs/{name}.py:tiny',
-            f'--workdir={dirs[name]}', '--config.train.progress=False']
-    if init:
-      args.append(f'--config.init.run={init}')
-    result = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-  return dirs
-
-
 def test_sft_raises_gold_reward_towards_the_demonstrations(chain):
   first, last = evals(chain['sft'], 'policy/gold_reward')[::len(evals(chain['sft'],
                                                                      'policy/gold_reward')) - 1]

@@ -10,16 +10,18 @@ from rlhf_jax.errors import UserError
 
 class RowSource:
   """`make_batch(rows [B] int, valid [B] bool)` builds a batch from table rows; `train`
-  and `held_out` are the row numbers of each split."""
+  and `held_out` are the row numbers of each split (held_out None: the table has no
+  held-out split)."""
 
   def __init__(self, *, train: np.ndarray, held_out: np.ndarray, batch_size: int, seed: int,
                make_batch: Callable, what: str):
     if len(train) == 0:
       raise UserError(f'{what}: no training rows')
-    if len(held_out) == 0:
+    if held_out is not None and len(held_out) == 0:
       raise UserError(f'{what}: no held-out rows; raise the number of prompts or the '
                       'eval fraction')
-    self.train, self.held_out = np.asarray(train), np.asarray(held_out)
+    self.train = np.asarray(train)
+    self.held_out = np.asarray([] if held_out is None else held_out, np.int64)
     self.batch_size, self.seed = batch_size, seed
     self.make_batch = make_batch
     self._index = 0

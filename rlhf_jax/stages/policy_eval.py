@@ -8,6 +8,8 @@ their KL to a reference policy, on fixed world prompts, at temperature 1.
   policy/harm_rate         fraction of responses holding a forbidden token
   policy/response_length   mean response tokens (EOS included)
   policy/eos_rate          fraction of responses that ended with EOS within max_new_tokens
+  policy/proxy_reward      with a `proxy` scorer (PPO's reward model): its mean score of
+                           the same responses, to set beside the gold reward
 
 The prompts and the sampling key depend on the world seed only, so every stage on a world
 is scored on the same prompts and two evaluations of the same params agree exactly.
@@ -24,14 +26,15 @@ from rlhf_jax.world import reward as reward_lib
 class PolicyEvaluator:
 
   def __init__(self, *, config, world, model, mesh, mesh_config, param_shardings,
-               ref_params, dp: int):
+               ref_params, dp: int, proxy=None):
+    """proxy(prompts, prompt_lengths, responses, mask) -> [B] scores, or None."""
     pe = config.policy_eval
     base = jax.random.fold_in(jax.random.key(config.world.seed), 0x9E1)
     num = -(-pe.num_prompts // dp) * dp
     self.prompts, self.lengths = world_prompts(world.lang, key=jax.random.fold_in(base, 0),
                                                num=num, max_len=pe.prompt_len)
     self.key = jax.random.fold_in(base, 1)
-    self.world, self.ref_params = world, ref_params
+    self.world, self.ref_params, self.proxy = world, ref_params, proxy
     self.sampler = sampling.Sampler(
         model=model, config=sampling.SampleConfig(max_new_tokens=pe.max_new_tokens),
         mesh=mesh, mesh_config=mesh_config, param_shardings=param_shardings)
@@ -47,7 +50,11 @@ class PolicyEvaluator:
         responses=out.response, response_mask=out.mask), np.float64)
     harmful = (np.asarray(self.world.gold.harmful)[out.response] & (mask > 0)).any(axis=1)
     ended = ((out.response == language.EOS_ID) & (mask > 0)).any(axis=1)
-    return {'policy/gold_reward': gold.mean(),
+    extra = {}
+    if self.proxy is not None:
+      extra['policy/proxy_reward'] = float(np.mean(jax.device_get(
+          self.proxy(self.prompts, self.lengths, out.response, out.mask))))
+    return {**extra, 'policy/gold_reward': gold.mean(),
             'policy/gold_reward_se': gold.std(ddof=1) / np.sqrt(len(gold)),
             'policy/kl_ref': kl.mean(),
             'policy/harm_rate': harmful.mean(),

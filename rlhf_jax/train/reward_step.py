@@ -15,20 +15,24 @@ from rlhf_jax.sampling import sequence_layout
 from rlhf_jax.train.state import TrainState
 
 
-def pair_sequences(batch: PairBatch):
-  """Chosen rows then rejected rows, [2B, P+R]: (tokens, segment_ids, positions,
-  token_types, response_mask): token_types 1 on response columns, response_mask 1 on
-  response tokens."""
-  p = batch.prompts.shape[1]
-  prompts = jnp.concatenate([batch.prompts, batch.prompts])
-  lengths = jnp.concatenate([batch.prompt_lengths, batch.prompt_lengths])
-  responses = jnp.concatenate([batch.chosen, batch.rejected])
-  masks = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
+def response_sequences(prompts, prompt_lengths, responses, masks):
+  """A reward model's inputs for left-padded prompts [B, P] and responses [B, R] with
+  their masks: (tokens, segment_ids, positions, token_types, response_mask), each
+  [B, P+R]; token_types 1 on response columns, response_mask 1 on response tokens."""
+  p = prompts.shape[1]
   tokens = jnp.concatenate([prompts, responses], axis=1)
-  segments, positions = sequence_layout(lengths, p, tokens.shape[1])
+  segments, positions = sequence_layout(prompt_lengths, p, tokens.shape[1])
   types = jnp.broadcast_to((jnp.arange(tokens.shape[1]) >= p).astype(jnp.int32), tokens.shape)
   response_mask = jnp.concatenate([jnp.zeros((masks.shape[0], p), masks.dtype), masks], axis=1)
   return tokens, segments, positions, types, response_mask
+
+
+def pair_sequences(batch: PairBatch):
+  """Chosen rows then rejected rows, [2B, P+R], as `response_sequences` lays them out."""
+  return response_sequences(jnp.concatenate([batch.prompts, batch.prompts]),
+                            jnp.concatenate([batch.prompt_lengths, batch.prompt_lengths]),
+                            jnp.concatenate([batch.chosen, batch.rejected]),
+                            jnp.concatenate([batch.chosen_mask, batch.rejected_mask]))
 
 
 def pair_rewards(params, batch: PairBatch, *, model):

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import reward_model
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.state import abstract_sharded, make_optimizer
@@ -25,7 +26,7 @@ class LoadedRun:
   caller's mesh as `param_shardings` say."""
   workdir: str
   config: ml_collections.ConfigDict
-  model: Transformer
+  model: object           # a Transformer, or a reward-model ensemble
   params: object
   step: int
   param_shardings: object
@@ -54,6 +55,25 @@ def load(workdir: str, *, mesh, mesh_config, step: int | None = None,
   newest), restored directly onto `mesh` with the layouts `mesh_config.rules` give."""
   workdir = os.path.abspath(workdir)
   config = read_config(workdir, role=role)
+  model = Transformer(ModelConfig.from_config(config.model))
+  return _restore(workdir, config, model=model, init_params=_lm_init(model), mesh=mesh,
+                  mesh_config=mesh_config, step=step, role=role)
+
+
+def load_reward_model(workdir: str, *, mesh, mesh_config, step: int | None = None,
+                      role: str = 'run') -> LoadedRun:
+  """The reward model (ensemble) of a reward_model run, as `load` does for an LM."""
+  workdir = os.path.abspath(workdir)
+  config = read_config(workdir, role=role)
+  if config.get('stage') != 'reward_model':
+    raise UserError(f'{role} {workdir} is a {config.get("stage")!r} run, not a reward_model run')
+  model = reward_model.ensemble(ModelConfig.from_config(config.model), config.rm.ensemble,
+                                config.rm.pooling)
+  return _restore(workdir, config, model=model, init_params=reward_model.init_params(model),
+                  mesh=mesh, mesh_config=mesh_config, step=step, role=role)
+
+
+def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, role):
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{role} {workdir} has no checkpoints yet')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_ckpts)
@@ -66,10 +86,9 @@ def load(workdir: str, *, mesh, mesh_config, step: int | None = None,
     if step not in steps:
       raise UserError(f'{role} {workdir} has no checkpoint at step {step} '
                       f'(it has {steps or "none"})')
-    model = Transformer(ModelConfig.from_config(config.model))
     # The run's own optimiser fixes the shape of the state that was saved.
     abstract, shardings = abstract_sharded(
-        init_params=_lm_init(model), tx=make_optimizer(config.optim, config.train.steps),
+        init_params=init_params, tx=make_optimizer(config.optim, config.train.steps),
         rng=jax.random.key_data(jax.random.key(0)), mesh=mesh, mesh_config=mesh_config)
     state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
   finally:

@@ -1,0 +1,163 @@
+"""PPO against a learned reward (or, as an oracle, the gold reward): the policy and a frozen
+reference both start from the run named by init.run (SFT); the score is the reward model
+of ppo.rm_run, its members' rewards centred on the reference samples and averaged.
+
+Each train step is one iteration: `train.batch_size` world prompts from a fixed pool,
+one response each from the current policy, then ppo.epochs x ppo.minibatches updates
+(rlhf_jax/train/ppo_step.py, all one jitted function). Metrics per step: `rl/*` on the
+rollouts (proxy and gold reward, sequence KL to the reference, KL coefficient, length,
+EOS and harm rates) and `ppo/*` on the update (losses, entropy, clip fraction, approx KL,
+value explained variance); at eval steps `policy/*` on fixed prompts (stages/policy_eval.py)
+with the reward model's score of the same samples as policy/proxy_reward.
+"""
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import sharding
+from rlhf_jax.data.preferences import world_prompts
+from rlhf_jax.data.row_source import RowSource
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import policy_value
+from rlhf_jax.stages.from_run import FromRun
+from rlhf_jax.stages.policy_eval import PolicyEvaluator
+from rlhf_jax.train import loop, ppo_step, ppo_update, runs
+from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
+
+
+def resolve(config) -> None:
+  """Model and world from init.run; with a reward model, the gold reward and annotator
+  blocks from its run (the truth its labels came from), after checking it learned on the
+  same world."""
+  runs.adopt(config)
+  if config.ppo.reward != 'rm':
+    return
+  rm = runs.read_config(os.path.abspath(config.ppo.rm_run), role='ppo.rm_run')
+  if rm.get('stage') != 'reward_model':
+    raise UserError(f'ppo.rm_run {config.ppo.rm_run} is a {rm.get("stage")!r} run, not a '
+                    'reward_model run')
+  if rm.world.to_dict() != config.world.to_dict():
+    raise UserError(f'ppo.rm_run {config.ppo.rm_run} learned on another world than '
+                    f'init.run {config.init.run}')
+  reward_norm(config.ppo.rm_run)  # an unfinished reward-model run fails here, before DIR
+  with config.unlocked():
+    for block in ('reward', 'annotators'):
+      config[block] = ml_collections.ConfigDict(rm[block].to_dict())
+
+
+def reward_norm(rm_run: str) -> np.ndarray:
+  """[K] each member's mean reward on the reference samples (DIR/reward_norm.json)."""
+  path = os.path.join(os.path.abspath(rm_run), 'reward_norm.json')
+  try:
+    with open(path) as f:
+      return np.asarray(json.load(f)['mean'], np.float32)
+  except FileNotFoundError:
+    raise UserError(f'ppo.rm_run {rm_run} has no reward_norm.json: its run has not '
+                    'finished') from None
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f'{path} is unreadable ({e})') from None
+
+
+def prompt_pool(config, world, dp: int):
+  """(prompts [N, P], lengths [N]): the rollout prompts, fixed by config.seed."""
+  key = jax.random.fold_in(jax.random.key(config.seed), 0x990)
+  num = -(-config.ppo.num_prompts // dp) * dp
+  return world_prompts(world.lang, key=key, num=num, max_len=config.ppo.prompt_len)
+
+
+class Learner:
+  """The PolicyValue model, its optimiser, and its step-0 state with the policy (and
+  critic) from the init run's LM params and the value head at 0."""
+
+  def __init__(self, config, setup: FromRun):
+    p = config.ppo
+    updates = config.train.steps * p.epochs * p.minibatches
+    self.tx = make_optimizer(config.optim, updates)
+    self.schedule = make_schedule(config.optim, updates)
+    self.model = policy_value.PolicyValue(setup.init.model.cfg, p.value)
+    _, lm_shardings = abstract_sharded(init_params=policy_value.init_params(self.model),
+                                       tx=self.tx, rng=setup.rng, mesh=setup.mesh,
+                                       mesh_config=config.mesh)
+    self.shardings = ppo_step.PPOState(
+        step=lm_shardings.step, params=lm_shardings.params, opt_state=lm_shardings.opt_state,
+        rng=lm_shardings.rng, kl_coef=sharding.replicated(setup.mesh))
+
+    def start(rng, lm_params):
+      params = nn.meta.unbox(policy_value.init_params(self.model)(rng))
+      params['policy'] = jax.tree.map(jnp.copy, lm_params)
+      if 'critic' in params:
+        params['critic'] = jax.tree.map(jnp.copy, lm_params)
+      return ppo_step.PPOState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=self.tx.init(params), rng=rng,
+                               kl_coef=jnp.float32(p.kl_coef))
+
+    with sharding.activate(setup.mesh, config.mesh):
+      self.state = jax.jit(start, out_shardings=self.shardings)(setup.rng, setup.init.params)
+
+
+def run(config, *, workdir: str) -> None:
+  setup = FromRun(config, rows_per_step=config.train.batch_size)
+  config_lib.write_or_check(config, workdir)
+  p = config.ppo
+  mesh, replicated = setup.mesh, sharding.replicated(setup.mesh)
+  learner = Learner(config, setup)
+  rm_model, rm_params, rm_shardings, rm_mean = None, None, None, np.zeros(1, np.float32)
+  if p.reward == 'rm':
+    rm = runs.load_reward_model(p.rm_run, mesh=mesh, mesh_config=config.mesh, step=p.rm_step,
+                                role='ppo.rm_run')
+    rm_model, rm_params, rm_shardings = rm.model, rm.params, rm.param_shardings
+    rm_mean = reward_norm(p.rm_run)
+    if rm_mean.shape != (rm.config.rm.ensemble,):
+      raise UserError(f'ppo.rm_run {p.rm_run}: reward_norm.json does not match its ensemble')
+  frozen = ppo_step.Frozen(ref_params=setup.init.params, rm_params=rm_params,
+                           rm_mean=jnp.asarray(rm_mean), gold=setup.world.gold)
+  frozen_shardings = ppo_step.Frozen(
+      ref_params=setup.init.param_shardings, rm_params=rm_shardings, rm_mean=replicated,
+      gold=jax.tree.map(lambda _: replicated, setup.world.gold))
+  frozen = jax.device_put(frozen, frozen_shardings)
+
+  prompts, lengths = prompt_pool(config, setup.world, setup.dp)
+  make_batch = lambda rows, valid: ppo_step.PromptBatch(prompts=prompts[rows],
+                                                        prompt_lengths=lengths[rows])
+  source = RowSource(train=np.arange(len(prompts)), held_out=None,
+                     batch_size=config.train.batch_size, seed=config.seed,
+                     make_batch=make_batch, what='ppo prompts')
+  batch_shardings = ppo_step.PromptBatch(prompts=setup.batch_sharding,
+                                         prompt_lengths=sharding.batch_tree_sharding(
+                                             mesh, config.mesh, lengths))
+  step_config = ppo_step.StepConfig(
+      reward=p.reward, no_eos_penalty=p.no_eos_penalty, kl_control=p.kl_control,
+      kl_target=p.kl_target, kl_horizon=p.kl_horizon, max_new_tokens=p.max_new_tokens,
+      ppo=ppo_update.PPOConfig.from_config(p))
+  step = jax.jit(functools.partial(ppo_step.train_step, model=learner.model,
+                                   lm=setup.init.model, rm_model=rm_model, tx=learner.tx,
+                                   schedule=learner.schedule, config=step_config),
+                 in_shardings=(learner.shardings, frozen_shardings, batch_shardings),
+                 out_shardings=(learner.shardings, replicated), donate_argnums=(0,))
+  put = lambda b: jax.device_put(b, batch_shardings)
+
+  proxy = None
+  if p.reward == 'rm':
+    score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm_model))
+    proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_mean, *rollout)
+  policy = PolicyEvaluator(config=config, world=setup.world, model=setup.init.model,
+                           mesh=mesh, mesh_config=config.mesh,
+                           param_shardings=learner.shardings.params['policy'],
+                           ref_params=setup.init.params, dp=setup.dp, proxy=proxy)
+  static = {'rl/prompt_pool': len(prompts),
+            'ppo/updates_per_step': p.epochs * p.minibatches}
+  spec = loop.LoopSpec.from_config(
+      config, workdir=workdir,
+      tokens_per_step=config.train.batch_size * (p.prompt_len + p.max_new_tokens))
+  with sharding.activate(mesh, config.mesh):
+    loop.run(spec=spec, state=learner.state, state_shardings=learner.shardings,
+             step=lambda state, batch: step(state, frozen, batch), source=source,
+             put_batch=put, evaluate=lambda state: policy(state.params['policy']),
+             static_metrics=static)

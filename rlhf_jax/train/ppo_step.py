@@ -1,0 +1,129 @@
+"""One PPO iteration on a language model as a single pure function of (state, frozen,
+prompts): sample responses with the KV-cached sampler, score them (reward model or gold,
+plus a penalty for running out of tokens without EOS), take the reference's log-probs,
+then ppo_update.update. Jitted once, the rollout and the update run on the same mesh with
+no host round trip in between.
+"""
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses, sampling
+from rlhf_jax.train import kl_control, ppo_update
+from rlhf_jax.train.reward_step import response_sequences
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.world import language
+from rlhf_jax.world import reward as reward_lib
+
+
+@flax.struct.dataclass
+class PPOState(TrainState):
+  """TrainState plus kl_coef: [] float32, the KL penalty's current beta (it adapts, so it
+  is checkpointed with the rest)."""
+  kl_coef: jax.Array
+
+
+@flax.struct.dataclass
+class PromptBatch:
+  """prompts: [B, P] int32 left-padded; prompt_lengths: [B] int32."""
+  prompts: np.ndarray
+  prompt_lengths: np.ndarray
+
+
+@flax.struct.dataclass
+class Frozen:
+  """What the step reads and never trains: ref_params (an LM's), rm_params (a reward-model
+  ensemble's, or None when the score is gold), rm_mean [K] float32 (each member's mean on
+  the reference samples, subtracted), gold (the world's GoldReward)."""
+  ref_params: object
+  rm_params: object
+  rm_mean: jax.Array
+  gold: reward_lib.GoldReward
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  reward: str                  # 'rm' | 'gold'
+  no_eos_penalty: float
+  kl_control: str
+  kl_target: float
+  kl_horizon: float
+  max_new_tokens: int
+  ppo: ppo_update.PPOConfig
+
+
+def proxy_reward(rm_params, rm_mean, prompts, prompt_lengths, responses, mask, *, rm_model):
+  """[B] the reward ensemble's mean over members of (reward - member's reference mean)."""
+  members = rm_model.apply({'params': rm_params},
+                           *response_sequences(prompts, prompt_lengths, responses, mask))
+  return (members - rm_mean[:, None]).mean(axis=0)
+
+
+def sequence_inputs(prompts, prompt_lengths, responses):
+  """(tokens, segment_ids, positions) [B, P+N-1]: the forward that predicts every
+  response token (as sampling.score lays it out)."""
+  p, n = prompts.shape[1], responses.shape[1]
+  tokens = jnp.concatenate([prompts, responses], axis=1)
+  segments, positions = sampling.sequence_layout(prompt_lengths, p, p + n)
+  return tokens[:, :-1], segments[:, :-1], positions[:, :-1]
+
+
+def make_apply(model, *, prompt_len: int):
+  """apply_fn(params, (inputs, responses)) -> (logp, values, entropy), each [B, N]."""
+  def apply_fn(params, inputs):
+    (tokens, segments, positions), responses = inputs
+    logits, values = model.apply({'params': params}, tokens, segment_ids=segments,
+                                 positions=positions)
+    logits, values = logits[:, prompt_len - 1:], values[:, prompt_len - 1:]
+    return (losses.token_logprobs(logits, responses), values, losses.entropy(logits))
+  return apply_fn
+
+
+def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm, rm_model,
+               tx, schedule, config: StepConfig):
+  """model: the PolicyValue learner; lm: the bare Transformer (the policy and reference
+  sample and score with it); rm_model: the reward ensemble (None for gold)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  k_sample, k_update = jax.random.split(key)
+  prompts, lengths = batch.prompts, batch.prompt_lengths
+  out = sampling.sample(state.params['policy'], prompts, lengths, k_sample, model=lm,
+                        config=sampling.SampleConfig(max_new_tokens=config.max_new_tokens))
+  response, mask = out.response, out.mask
+  inputs = (sequence_inputs(prompts, lengths, response), response)
+  apply_fn = make_apply(model, prompt_len=prompts.shape[1])
+  logp, values, _ = apply_fn(state.params, inputs)
+  logp, values = logp * mask, values * mask
+  ref_logp = sampling.score(frozen.ref_params, prompts, lengths, response, model=lm) * mask
+  gold = reward_lib.gold_reward(frozen.gold, prompts=prompts, prompt_mask=prompts > 0,
+                                responses=response, response_mask=mask)
+  if config.reward == 'gold':
+    proxy = gold
+  else:
+    proxy = proxy_reward(frozen.rm_params, frozen.rm_mean, prompts, lengths, response, mask,
+                         rm_model=rm_model)
+  ended = ((response == language.EOS_ID) & (mask > 0)).any(axis=1)
+  score = proxy + config.no_eos_penalty * (~ended)
+  rollout = ppo_update.Rollout(inputs=inputs, mask=mask, logp=logp, ref_logp=ref_logp,
+                               values=values, score=score)
+  params, opt_state, metrics = ppo_update.update(
+      state.params, state.opt_state, rollout, k_update, apply_fn=apply_fn,
+      tx=tx, config=config.ppo, kl_coef=state.kl_coef)
+  kl_coef = kl_control.CONTROLLERS[config.kl_control](
+      state.kl_coef, metrics['rl/kl'], n=prompts.shape[0], target=config.kl_target,
+      horizon=config.kl_horizon)
+  harmful = (frozen.gold.harmful[response] & (mask > 0)).any(axis=1)
+  updates_done = state.step * config.ppo.epochs * config.ppo.minibatches
+  metrics.update({
+      'rl/proxy_reward': proxy.mean(),
+      'rl/gold_reward': gold.mean(),
+      'rl/response_length': mask.sum(axis=1).mean(),
+      'rl/eos_rate': ended.mean(),
+      'rl/harm_rate': harmful.mean(),
+      'train/lr': schedule(updates_done),
+  })
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       kl_coef=kl_coef), metrics
+
