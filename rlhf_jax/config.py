@@ -189,7 +189,15 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks that need no devices and no data; raises UserError naming the field."""
+  """Checks that need no devices and no data; raises UserError naming the field. A
+  multi-stage config (`stages`) is checked stage by stage."""
+  if 'stages' in config:
+    for name, stage in config.stages.items():
+      try:
+        validate(stage)
+      except UserError as e:
+        raise UserError(f'stages.{name}: {e}') from None
+    return
   m, t, o = config.model, config.train, config.optim
   if m.d_model % m.n_heads:
     raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')

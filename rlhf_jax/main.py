@@ -3,23 +3,13 @@
 Dispatches on config.stage. Rerunning the same command on the same DIR resumes from its
 newest checkpoint. Bad input ends with one `error: ...` line on stderr and exit status 2.
 """
-import importlib
-import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-from rlhf_jax import config as config_lib
 from rlhf_jax.errors import UserError
-
-STAGES = {
-    'pretrain': 'rlhf_jax.stages.pretrain',
-    'sft': 'rlhf_jax.stages.sft',
-    'reward_model': 'rlhf_jax.stages.reward_model',
-    'dpo': 'rlhf_jax.stages.dpo',
-    'ppo': 'rlhf_jax.stages.ppo',
-}
+from rlhf_jax.stages import dispatch
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
                                           lock_config=True)
@@ -78,34 +68,11 @@ def parse(argv: list[str]):
   return config, _WORKDIR.value
 
 
-def prepare_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir {workdir} exists and is not a directory')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe.{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'--workdir {workdir} is not writable ({e.strerror or e})') from None
-  return workdir
-
-
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
   try:
     config, workdir = parse(argv)
-    if config.stage not in STAGES:
-      raise UserError(f'config.stage={config.stage!r} is not one of {sorted(STAGES)}')
-    config_lib.validate(config)
-    stage = importlib.import_module(STAGES[config.stage])
-    if hasattr(stage, 'resolve'):  # fills fields from the earlier run it starts from
-      stage.resolve(config)
-    workdir = prepare_workdir(workdir)
-    config_lib.write_or_check(config, workdir, write=False)
-    stage.run(config, workdir=workdir)
+    dispatch.run(config, workdir)
   except UserError as e:
     fail(str(e))
   except KeyboardInterrupt:

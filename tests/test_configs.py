@@ -15,7 +15,7 @@ import pytest
 
 from rlhf_jax import config as config_lib
 from rlhf_jax.data.batch import from_rows
-from rlhf_jax.main import STAGES
+from rlhf_jax.stages.dispatch import STAGES
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.world import language
 
@@ -67,12 +67,19 @@ def test_variant_builds_validates_and_counts_its_params(path, variant):
   config = load_module(path).get_config(variant)
   assert config.stage in STAGES
   config_lib.validate(config)
+  # A pipeline is checked stage by stage.
+  for stage in (config.stages.values() if 'stages' in config else [config]):
+    assert stage.stage in STAGES
+    check_stage_config(stage, f'{path}:{variant}')
+
+
+def check_stage_config(config, where: str):
   # The fields every stage has (DESIGN.md, "Contracts").
   for field in ('seed', 'train.steps', 'train.batch_size', 'mesh.data', 'mesh.fsdp',
                 'mesh.tensor', 'data.source'):
     node = config
     for part in field.split('.'):
-      assert part in node, f'{path}:{variant} has no {field}'
+      assert part in node, f'{where} has no {field}'
       node = node[part]
   # The run fills in vocab_size from its data: the world's vocabulary, or the tokenizer's.
   world = config.data.source == 'world'

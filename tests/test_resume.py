@@ -55,7 +55,7 @@ def test_crash_in_process_then_resume_is_bitwise_identical(tmp_path, monkeypatch
   from rlhf_jax.stages import pretrain
   steps = 12
   straight, crashed = str(tmp_path / 'straight'), str(tmp_path / 'crashed')
-  for workdir in (straight, crashed):  # main.prepare_workdir makes it before a stage runs
+  for workdir in (straight, crashed):  # dispatch.prepare_workdir makes it before a stage runs
     os.makedirs(workdir)
   pretrain.run(small_config(steps), workdir=straight)
   assert checkpoint_steps(straight) == [4, 8, 12]

@@ -1,0 +1,46 @@
+r"""The main job: pretrain -> SFT -> reward model -> PPO on the world, in one command, each
+stage started from the one before; ends with a table of gold reward and KL at each stage.
+
+  python -m rlhf_jax.main --config=configs/pipeline.py:tiny --workdir=runs/pipeline_tiny
+
+Each stage runs in DIR/<stage> with its own config file's variant (configs/pretrain.py,
+sft.py, reward_model.py, ppo.py); `init.run` and `ppo.rm_run` name sibling stages and are
+made absolute at run time. Rerunning resumes the stage it was in; finished stages are
+not retrained. DIR/summary.json holds the table.
+
+Variants:
+  tiny       about 5 minutes on a 2-core CPU. Expected: gold reward about -0.47
+             (pretrained) -> 0.34 (SFT, KL 0.8 nats) -> about 0.54-0.65 (PPO; it peaks
+             near 0.65 and falls while the proxy keeps rising); RM gold agreement about
+             0.76 against a noise ceiling about 0.93.
+  small      the small variants of every stage (hours on a CPU; meant for an accelerator).
+
+Any leaf of any stage can be overridden: --config.stages.ppo.ppo.kl_coef=0.1
+--config.stages.pretrain.train.steps=500.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+ORDER = ('pretrain', 'sft', 'reward_model', 'ppo')
+
+
+def _stage_config(name: str, variant: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def get_config(arg: str = 'tiny'):
+  if arg not in ('tiny', 'small'):
+    raise ValueError(f'unknown variant {arg!r} of configs/pipeline.py; choose tiny or small')
+  stages = ml_collections.ConfigDict({name: _stage_config(name, arg) for name in ORDER})
+  # Relative to the pipeline's DIR.
+  stages.sft.init.run = 'pretrain'
+  stages.reward_model.init.run = 'sft'
+  stages.ppo.init.run = 'sft'
+  stages.ppo.ppo.rm_run = 'reward_model'
+  return ml_collections.ConfigDict(dict(stage='pipeline', stages=stages))
