@@ -9,10 +9,10 @@ made absolute at run time. Rerunning resumes the stage it was in; finished stage
 not retrained. DIR/summary.json holds the table.
 
 Variants:
-  tiny       about 5 minutes on a 2-core CPU. Expected: gold reward about -0.47
-             (pretrained) -> 0.34 (SFT, KL 0.8 nats) -> about 0.54-0.65 (PPO; it peaks
-             near 0.65 and falls while the proxy keeps rising); RM gold agreement about
-             0.76 against a noise ceiling about 0.93.
+  tiny       3 minutes on a 2-core CPU. Expected: gold reward -0.467 (pretrained) ->
+             0.338 (SFT, KL 0.80 nats) -> 0.539 (PPO, KL 14.2 nats; it peaks near 0.65
+             at KL 9 and falls back while the proxy keeps rising); RM gold agreement
+             0.758 against a noise ceiling of 0.934.
   small      the small variants of every stage (hours on a CPU; meant for an accelerator).
 
 Any leaf of any stage can be overridden: --config.stages.ppo.ppo.kl_coef=0.1
