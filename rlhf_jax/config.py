@@ -144,13 +144,13 @@ def prefs_block() -> ml_collections.ConfigDict:
   """Preference pairs: read from `dir`, or made from the init run's policy into
   DIR/preferences (the same seed and policy give the same set)."""
   return ml_collections.ConfigDict(dict(
-      dir='',                  # an existing preference set; '': make one
+      dir='',                  # an existing preference set (DIR[,DIR...]); '': make one
       num_prompts=1024,
       responses_per_prompt=4,  # k: every pair of the k responses to a prompt is labelled
       prompt_len=8,            # BOS and up to prompt_len - 1 tokens of a true sequence
       max_new_tokens=48,
       temperature=1.0,
-      round=0,                 # recorded in the lineage
+      round=0,                 # recorded in the lineage; rounds > 0 draw fresh prompts
       eval_fraction=0.1,       # prompts held out, with all their pairs
   ))
 

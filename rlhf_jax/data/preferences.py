@@ -154,8 +154,9 @@ def _concatenate(arrays, *, left: bool):
 
 
 def read(directory: str, *, rounds=None) -> tuple[PreferencePairs, list[dict]]:
-  """All shards (or those of `rounds`), concatenated; and each shard's lineage."""
-  paths = shard_paths(directory)
+  """All shards (or those of `rounds`) of `directory` (or of several directories joined
+  with commas), concatenated; and each shard's lineage."""
+  paths = [p for d in directory.split(',') for p in shard_paths(d)]
   if not paths:
     raise UserError(f'{directory} holds no preference pairs')
   parts, lineages = [], []

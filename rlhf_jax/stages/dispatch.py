@@ -13,6 +13,7 @@ STAGES = {
     'dpo': 'rlhf_jax.stages.dpo',
     'ppo': 'rlhf_jax.stages.ppo',
     'pipeline': 'rlhf_jax.loops.pipeline',
+    'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
 }
 
 

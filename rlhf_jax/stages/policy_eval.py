@@ -8,6 +8,8 @@ their KL to a reference policy, on fixed world prompts, at temperature 1.
   policy/harm_rate         fraction of responses holding a forbidden token
   policy/response_length   mean response tokens (EOS included)
   policy/eos_rate          fraction of responses that ended with EOS within max_new_tokens
+  policy/group{g}_reward   the same responses' reward to annotator group g (0 majority,
+                           1 minority): the gold reward with g's helpfulness weights
   policy/proxy_reward      with a `proxy` scorer (PPO's reward model): its mean score of
                            the same responses, to set beside the gold reward
 
@@ -51,6 +53,13 @@ class PolicyEvaluator:
     harmful = (np.asarray(self.world.gold.harmful)[out.response] & (mask > 0)).any(axis=1)
     ended = ((out.response == language.EOS_ID) & (mask > 0)).any(axis=1)
     extra = {}
+    for g, weights in enumerate(np.asarray(self.world.pool.group_helpfulness)):
+      terms = reward_lib.reward_terms(self.world.gold, prompts=self.prompts,
+                                      prompt_mask=self.prompts > 0, responses=out.response,
+                                      response_mask=out.mask,
+                                      token_weights=weights[np.asarray(out.response)])
+      extra[f'policy/group{g}_reward'] = float(np.mean(reward_lib.combine(self.world.gold,
+                                                                          terms)))
     if self.proxy is not None:
       extra['policy/proxy_reward'] = float(np.mean(jax.device_get(
           self.proxy(self.prompts, self.lengths, out.response, out.mask))))

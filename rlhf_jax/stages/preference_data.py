@@ -1,5 +1,5 @@
-"""The preference set a stage learns from: `prefs.dir` if the config names one, else the
-set in DIR/preferences, made on first use from the init run's policy (k samples per world
+"""The preference set a stage learns from: `prefs.dir` if the config names one (or several,
+joined with commas), else the set in DIR/preferences, made on first use from the init run's policy (k samples per world
 prompt, every pair labelled by a random annotator of the pool) with its lineage."""
 import os
 
@@ -16,27 +16,40 @@ def load_or_make(config, setup: FromRun, *, workdir: str):
   """(PreferencePairs, lineages, directory), checked: pairs exist, none with an empty
   response, none whose chosen equals rejected."""
   p = config.prefs
-  directory = os.path.abspath(p.dir) if p.dir else os.path.join(workdir, 'preferences')
-  if not p.dir and not preferences.shard_paths(directory):
-    sampler = sampling.Sampler(
-        model=setup.init.model,
-        config=sampling.SampleConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature),
-        mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
-    key = jax.random.fold_in(jax.random.key(config.seed), 0x9F3)
-    prompts, lengths = preferences.world_prompts(setup.world.lang, key=jax.random.fold_in(key, 0),
-                                                 num=p.num_prompts, max_len=p.prompt_len)
-    raw = preferences.sample_pairs(sampler, setup.init.params, prompts=prompts,
-                                   prompt_lengths=lengths, key=jax.random.fold_in(key, 1),
-                                   k=p.responses_per_prompt)
-    pairs = preferences.label_pairs(**raw, gold=setup.world.gold, pool=setup.world.pool,
-                                    key=jax.random.fold_in(key, 2), round_=p.round)
-    preferences.write_shard(directory, pairs, lineage={
-        **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
-        'temperature': p.temperature, 'annotators': config.annotators.to_dict(),
-        'reward': config.reward.to_dict()})
+  if p.dir:  # one set, or several joined with commas
+    directory = ','.join(os.path.abspath(d) for d in p.dir.split(','))
+  else:
+    directory = os.path.join(workdir, 'preferences')
+    if not preferences.shard_paths(directory):
+      make_shard(config, setup, directory=directory)
   pairs, lineages = preferences.read(directory)
   preferences.check(pairs, directory)
   return pairs, lineages, directory
+
+
+def make_shard(config, setup: FromRun, *, directory: str) -> str:
+  """Samples prefs.responses_per_prompt responses of the init run's policy to
+  prefs.num_prompts world prompts, has the annotators label every pair, and adds them to
+  `directory` as a shard with lineage (round prefs.round, producing run and checkpoint)."""
+  p = config.prefs
+  sampler = sampling.Sampler(
+      model=setup.init.model,
+      config=sampling.SampleConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature),
+      mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
+  key = jax.random.fold_in(jax.random.key(config.seed), 0x9F3)
+  if p.round > 0:  # fresh prompts and labels each round (round 0 keeps the original set)
+    key = jax.random.fold_in(key, p.round)
+  prompts, lengths = preferences.world_prompts(setup.world.lang, key=jax.random.fold_in(key, 0),
+                                               num=p.num_prompts, max_len=p.prompt_len)
+  raw = preferences.sample_pairs(sampler, setup.init.params, prompts=prompts,
+                                 prompt_lengths=lengths, key=jax.random.fold_in(key, 1),
+                                 k=p.responses_per_prompt)
+  pairs = preferences.label_pairs(**raw, gold=setup.world.gold, pool=setup.world.pool,
+                                  key=jax.random.fold_in(key, 2), round_=p.round)
+  return preferences.write_shard(directory, pairs, lineage={
+      **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
+      'temperature': p.temperature, 'annotators': config.annotators.to_dict(),
+      'reward': config.reward.to_dict()})
 
 
 def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=None,

@@ -10,11 +10,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.models import reward_model
+from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.models import policy_value, reward_model
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.state import abstract_sharded, make_optimizer
@@ -52,10 +54,19 @@ def _lm_init(model: Transformer):
 def load(workdir: str, *, mesh, mesh_config, step: int | None = None,
          role: str = 'run') -> LoadedRun:
   """The language model of the run in `workdir` at checkpoint `step` (None or -1: the
-  newest), restored directly onto `mesh` with the layouts `mesh_config.rules` give."""
+  newest), restored directly onto `mesh` with the layouts `mesh_config.rules` give. For a
+  PPO run: its policy."""
   workdir = os.path.abspath(workdir)
   config = read_config(workdir, role=role)
   model = Transformer(ModelConfig.from_config(config.model))
+  if config.get('stage') == 'ppo':
+    learner = policy_value.PolicyValue(model.cfg, config.ppo.value)
+    updates = config.train.steps * config.ppo.epochs * config.ppo.minibatches
+    run = _restore(workdir, config, model=model, init_params=policy_value.init_params(learner),
+                   mesh=mesh, mesh_config=mesh_config, step=step, role=role,
+                   updates=updates, extra={'kl_coef': jax.ShapeDtypeStruct((), jnp.float32)})
+    return dataclasses.replace(run, params=run.params['policy'],
+                               param_shardings=run.param_shardings['policy'])
   return _restore(workdir, config, model=model, init_params=_lm_init(model), mesh=mesh,
                   mesh_config=mesh_config, step=step, role=role)
 
@@ -73,7 +84,10 @@ def load_reward_model(workdir: str, *, mesh, mesh_config, step: int | None = Non
                   mesh=mesh, mesh_config=mesh_config, step=step, role=role)
 
 
-def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, role):
+def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, role,
+             updates: int | None = None, extra: dict | None = None):
+  """`extra`: fields a stage's state adds to TrainState (replicated), e.g. PPO's kl_coef;
+  `updates`: the optimiser's schedule length, if not train.steps."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{role} {workdir} has no checkpoints yet')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_ckpts)
@@ -88,13 +102,26 @@ def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, ro
                       f'(it has {steps or "none"})')
     # The run's own optimiser fixes the shape of the state that was saved.
     abstract, shardings = abstract_sharded(
-        init_params=init_params, tx=make_optimizer(config.optim, config.train.steps),
+        init_params=init_params, tx=make_optimizer(config.optim, updates or config.train.steps),
         rng=jax.random.key_data(jax.random.key(0)), mesh=mesh, mesh_config=mesh_config)
+    if extra:
+      state_type = _extended_state(tuple(extra))
+      fields = lambda s: {f: getattr(s, f) for f in ('step', 'params', 'opt_state', 'rng')}
+      abstract = state_type(**fields(abstract), **extra)
+      shardings = state_type(**fields(shardings),
+                             **{k: sharding_lib.replicated(mesh) for k in extra})
     state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
   finally:
     ckpt.close()
   return LoadedRun(workdir=workdir, config=config, model=model, params=state.params,
                    step=step, param_shardings=shardings.params)
+
+
+def _extended_state(names: tuple):
+  if names == ('kl_coef',):
+    from rlhf_jax.train.ppo_step import PPOState
+    return PPOState
+  raise ValueError(f'no train state with the extra fields {names}')
 
 
 def adopt(config: ml_collections.ConfigDict, *, role: str = 'init.run') -> None:

@@ -1,0 +1,57 @@
+r"""Iterated RLHF rounds from an SFT run: each round samples fresh comparisons from the
+current policy, has the annotators label them, refits the reward model, and trains the
+next policy by PPO (or DPO) from the current one (rlhf_jax/loops/rlhf_rounds.py).
+
+  python -m rlhf_jax.main --config=configs/rlhf_rounds.py:tiny --workdir=runs/rounds_tiny
+
+`rounds.init_run` names the SFT run (default runs/sft_tiny). Each stage's config is its
+own file's variant under `stages.*` (reward_model, ppo, dpo, sft); the loop fills in the runs
+they start from. A stopped loop resumes at the round and step it was in.
+
+Variants:
+  tiny       3 rounds, PPO (tiny, 50 iterations a round), the reward model refit on all
+             comparisons so far; about 6 minutes on a 2-core CPU.
+  tiny_dpo   the same with DPO (150 steps a round) on the comparisons so far.
+  tiny_rejection_sampling  expert iteration: SFT (150 steps a round) on the best of 8
+             samples of the current policy under the refit reward model.
+  small      the small variants of every stage, from runs/sft_small.
+
+Any leaf can be overridden: --config.rounds.rm_data=fresh --config.stages.ppo.ppo.kl_coef=0.1.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _stage_config(name: str, variant: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def get_config(arg: str = 'tiny'):
+  if arg not in ('tiny', 'tiny_dpo', 'tiny_rejection_sampling', 'small'):
+    raise ValueError(f'unknown variant {arg!r} of configs/rlhf_rounds.py; '
+                     'choose tiny, tiny_dpo, tiny_rejection_sampling or small')
+  variant = 'small' if arg == 'small' else 'tiny'
+  stages = ml_collections.ConfigDict(
+      {name: _stage_config(name, variant) for name in ('reward_model', 'ppo', 'dpo', 'sft')})
+  for stage in stages.values():
+    stage.init.run = 'set by the loop'
+    stage.train.progress = False
+  stages.ppo.ppo.rm_run = 'set by the loop'
+  rounds = ml_collections.ConfigDict(dict(
+      num=3,
+      init_run='runs/sft_small' if arg == 'small' else 'runs/sft_tiny',
+      policy_update={'tiny_dpo': 'dpo', 'tiny_rejection_sampling': 'rejection_sampling'}.get(
+          arg, 'ppo'),         # 'ppo' | 'dpo' | 'rejection_sampling'
+      rm_data='all',           # 'all': every round's comparisons so far | 'fresh': this round's
+  ))
+  if arg != 'small':
+    stages.ppo.train.update(steps=50, eval_every=25, ckpt_every=25)
+    stages.dpo.train.update(steps=150, eval_every=50, ckpt_every=50)
+    stages.sft.train.update(steps=150, eval_every=50, ckpt_every=50)
+  return ml_collections.ConfigDict(dict(stage='rlhf_rounds', rounds=rounds, stages=stages))

@@ -1,0 +1,276 @@
+"""Iterated RLHF: round r deploys policy r, samples fresh comparisons of its responses, has
+the annotators label them, refits the reward model on all comparisons so far (or only the
+fresh ones: rounds.rm_data), and trains policy r+1 from policy r by PPO against that
+reward model, by DPO on the same comparisons, or by rejection sampling: SFT on the best of
+k of policy r's samples under that reward model (expert iteration; rounds.policy_update).
+
+Layout of DIR (configs/rlhf_rounds.py):
+  prefs/round_<r>/   the comparisons of round r (a preference set; lineage: round, the
+                     policy run and checkpoint that produced them)
+  round_<r>/rm/      reward model r (trunk from the base SFT run)
+  round_<r>/policy/  policy r+1 (a ppo, dpo or sft run started from policy r, whose
+                     reference is policy r; for rejection sampling its demos/ are the
+                     reward model's best of k)
+  round_<r>/summary.json, metrics.jsonl (one line per round, step = r + 1; step 0 is the
+                     base policy)
+
+Per round, measured on the fixed eval prompts against the base SFT policy:
+rounds/gold_reward (and _se), rounds/proxy_reward (reward model r), rounds/kl_sft,
+rounds/group{g}_reward (the minority group's reward next to the majority's),
+rounds/rm_gold_accuracy (reward model r on its held-out pairs) and
+rounds/rm_drift_gold_accuracy (reward model r on the comparisons of policy r+1, which it
+never saw: how far the policy moved off its data). Every step of the loop resumes:
+finished sets, runs and summaries are kept, a stopped run goes on from its checkpoint.
+"""
+import copy
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax import sampling, sharding
+from rlhf_jax.data import array_store, demos, preferences
+from rlhf_jax.errors import UserError
+from rlhf_jax.stages import dispatch, preference_data, reward_eval
+from rlhf_jax.stages.from_run import FromRun
+from rlhf_jax.stages.policy_eval import PolicyEvaluator
+from rlhf_jax.stages.ppo import reward_norm
+from rlhf_jax.train import ppo_step, reward_step, runs
+
+POLICY_UPDATES = ('ppo', 'dpo', 'rejection_sampling')
+SCORE_CHUNK = 1024  # rows per reward-model forward (one compiled shape)
+RM_DATA = ('all', 'fresh')
+
+
+def resolve(config) -> None:
+  """Checks the loop's own fields before anything runs."""
+  r = config.rounds
+  if r.policy_update not in POLICY_UPDATES:
+    raise UserError(f'rounds.policy_update={r.policy_update!r} is not one of {POLICY_UPDATES}')
+  if r.rm_data not in RM_DATA:
+    raise UserError(f'rounds.rm_data={r.rm_data!r} is not one of {RM_DATA}')
+  if r.num < 1:
+    raise UserError(f'rounds.num={r.num} must be >= 1')
+  runs.read_config(os.path.abspath(r.init_run), role='rounds.init_run')
+
+
+class Paths:
+
+  def __init__(self, workdir: str, base: str):
+    self.workdir, self.base = workdir, os.path.abspath(base)
+
+  def prefs(self, r: int) -> str:
+    return os.path.join(self.workdir, 'prefs', f'round_{r}')
+
+  def rm(self, r: int) -> str:
+    return os.path.join(self.workdir, f'round_{r}', 'rm')
+
+  def policy(self, r: int) -> str:
+    """Policy r: the base SFT run for r = 0, else the policy run of round r - 1."""
+    return self.base if r == 0 else os.path.join(self.workdir, f'round_{r - 1}', 'policy')
+
+  def summary(self, r: int) -> str:
+    return os.path.join(self.workdir, f'round_{r}', 'summary.json')
+
+
+def _with(config, **fields):
+  """A copy of a stage config with dotted fields set."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for dotted, value in fields.items():
+      *parents, leaf = dotted.split('.')
+      node = out
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return out
+
+
+def make_comparisons(config, paths: Paths, r: int) -> str:
+  """The labelled comparisons of policy r's responses (made once)."""
+  directory = paths.prefs(r)
+  if not preferences.shard_paths(directory):
+    sub = _with(config.stages.reward_model, **{'init.run': paths.policy(r), 'prefs.round': r})
+    runs.adopt(sub)
+    preference_data.make_shard(sub, FromRun(sub, rows_per_step=sub.train.batch_size),
+                               directory=directory)
+  return directory
+
+
+def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
+  """Policy r's best of sft.samples_per_prompt samples under reward model r, written
+  (once) where the SFT stage of round r reads its demonstrations."""
+  path = os.path.join(paths.policy(r + 1), 'demos')
+  if os.path.isdir(path):
+    return
+  config = copy.deepcopy(sft_config)
+  runs.adopt(config)
+  setup = FromRun(config, rows_per_step=config.train.batch_size)
+  s = config.sft
+  rm = runs.load_reward_model(paths.rm(r), mesh=setup.mesh, mesh_config=config.mesh)
+  mean = jax.numpy.asarray(reward_norm(paths.rm(r)))
+  proxy = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm.model))
+
+  def score(prompts, lengths, responses, mask):
+    out = []
+    for lo in range(0, len(prompts), SCORE_CHUNK):
+      rows = np.arange(lo, lo + SCORE_CHUNK)
+      rows = np.where(rows < len(prompts), rows, lo)
+      out.append(np.asarray(proxy(rm.params, mean, prompts[rows], lengths[rows],
+                                  responses[rows], mask[rows]))[:len(prompts) - lo])
+    return np.concatenate(out)
+
+  sampler = sampling.Sampler(
+      model=setup.init.model,
+      config=sampling.SampleConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature),
+      mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xDE30), r + 1)
+  with sharding.activate(setup.mesh, config.mesh):
+    arrays = demos.best_of_k(sampler, setup.init.params, world=setup.world, key=key,
+                             num_prompts=s.num_prompts, k=s.samples_per_prompt,
+                             prompt_len=s.prompt_len, score=score)
+  os.makedirs(paths.policy(r + 1), exist_ok=True)
+  array_store.write(path, arrays, lineage={
+      **setup.lineage(), 'round': r, 'rm_run': paths.rm(r), 'k': s.samples_per_prompt,
+      'scheme': 'best-of-k under the reward model (rejection sampling)',
+      'temperature': s.temperature, 'demos': s.num_prompts})
+
+
+def _write_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def _last(workdir: str, key: str) -> dict:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if key in r][-1]
+
+
+class Measure:
+  """Scores a policy on the fixed eval prompts against the base SFT policy, and a reward
+  model on a preference set, on one mesh."""
+
+  def __init__(self, config, paths: Paths):
+    self.config = _with(config.stages.reward_model, **{'init.run': paths.base})
+    runs.adopt(self.config)
+    self.setup = FromRun(self.config, rows_per_step=self.config.train.batch_size)
+    s = self.setup
+    self.policy = PolicyEvaluator(config=self.config, world=s.world, model=s.init.model,
+                                  mesh=s.mesh, mesh_config=self.config.mesh,
+                                  param_shardings=s.init.param_shardings,
+                                  ref_params=s.init.params, dp=s.dp)
+
+  def load_rm(self, rm_dir: str):
+    rm = runs.load_reward_model(rm_dir, mesh=self.setup.mesh, mesh_config=self.config.mesh)
+    return rm, reward_norm(rm_dir)
+
+  def policy_metrics(self, policy_dir: str, rm=None) -> dict:
+    s = self.setup
+    params = s.init.params if policy_dir == s.init.workdir else runs.load(
+        policy_dir, mesh=s.mesh, mesh_config=self.config.mesh).params
+    self.policy.proxy = None
+    if rm is not None:
+      (loaded, mean) = rm
+      score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=loaded.model))
+      self.policy.proxy = lambda *rollout: score(loaded.params, mean, *rollout)
+    with sharding.activate(s.mesh, self.config.mesh):
+      return self.policy(params)
+
+  def rm_gold_accuracy(self, rm, directory: str) -> float:
+    """Agreement of the reward model with the gold preference on every pair of a set."""
+    loaded, _ = rm
+    pairs, _ = preferences.read(directory)
+    rewards = jax.jit(functools.partial(reward_step.pair_rewards, model=loaded.model))
+    b = self.config.train.batch_size
+    chosen, rejected = [], []
+    with sharding.activate(self.setup.mesh, self.config.mesh):
+      for lo in range(0, len(pairs), b):
+        rows = np.arange(lo, lo + b)
+        valid = rows < len(pairs)
+        batch = preference_data.pair_rows(pairs, np.where(valid, rows, lo), valid)
+        batch = jax.device_put(batch, sharding.batch_tree_sharding(self.setup.mesh,
+                                                                    self.config.mesh, batch))
+        c, r = jax.device_get(rewards(loaded.params, batch))
+        chosen.append(np.asarray(c)[:, valid])
+        rejected.append(np.asarray(r)[:, valid])
+    out = reward_eval.metrics(np.concatenate(chosen, 1), np.concatenate(rejected, 1), pairs,
+                              group_utility=reward_eval.group_utilities(self.setup.world, pairs))
+    return out['rm/gold_accuracy']
+
+
+def _row(step: int, metrics: dict) -> dict:
+  keep = ('gold_reward', 'gold_reward_se', 'proxy_reward', 'group0_reward', 'group1_reward',
+          'harm_rate', 'response_length')
+  row = {'step': step, 'rounds/kl_sft': metrics['policy/kl_ref']}
+  row.update({f'rounds/{k}': metrics[f'policy/{k}'] for k in keep if f'policy/{k}' in metrics})
+  return row
+
+
+def run(config, *, workdir: str) -> None:
+  from rlhf_jax import config as config_lib
+  config_lib.write_or_check(config, workdir)
+  rounds = config.rounds
+  paths = Paths(workdir, rounds.init_run)
+  measure = None
+  rows = []
+  base_summary = os.path.join(workdir, 'base_summary.json')
+  if not os.path.exists(base_summary):
+    measure = measure or Measure(config, paths)
+    _write_json(base_summary, _row(0, measure.policy_metrics(paths.base)))
+  rows.append(json.load(open(base_summary)))
+  for r in range(rounds.num):
+    print(f'rlhf_rounds: round {r}', flush=True)
+    make_comparisons(config, paths, r)
+    data = ','.join(paths.prefs(k) for k in range(r + 1)) if rounds.rm_data == 'all' \
+        else paths.prefs(r)
+    dispatch.run(_with(config.stages.reward_model, **{'init.run': paths.base,
+                                                       'prefs.dir': data}), paths.rm(r))
+    if rounds.policy_update == 'ppo':
+      sub = _with(config.stages.ppo, **{'init.run': paths.policy(r), 'ppo.rm_run': paths.rm(r)})
+    elif rounds.policy_update == 'dpo':
+      sub = _with(config.stages.dpo, **{'init.run': paths.policy(r), 'prefs.dir': data})
+    else:
+      sub = _with(config.stages.sft, **{'init.run': paths.policy(r)})
+      rejection_sampling_demos(sub, paths, r)
+    dispatch.run(sub, paths.policy(r + 1))
+    if not os.path.exists(paths.summary(r)):
+      measure = measure or Measure(config, paths)
+      rm = measure.load_rm(paths.rm(r))
+      row = _row(r + 1, measure.policy_metrics(paths.policy(r + 1), rm))
+      row['rounds/rm_gold_accuracy'] = _last(paths.rm(r), 'rm/gold_accuracy')['rm/gold_accuracy']
+      row['rounds/rm_drift_gold_accuracy'] = measure.rm_gold_accuracy(
+          rm, make_comparisons(config, paths, r + 1))
+      row['rounds/rm_train_pairs'] = _last(paths.rm(r), 'rm/train_pairs')['rm/train_pairs']
+      row['lineage'] = {'round': r, 'policy_from': paths.policy(r),
+                        'policy_run': paths.policy(r + 1), 'rm_run': paths.rm(r),
+                        'comparisons': data.split(',')}
+      _write_json(paths.summary(r), row)
+    rows.append(json.load(open(paths.summary(r))))
+    _write_metrics(workdir, rows)
+  _write_metrics(workdir, rows)
+  print(table(rows), flush=True)
+
+
+def _write_metrics(workdir: str, rows: list[dict]) -> None:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path + '.tmp', 'w') as f:
+    for row in rows:
+      f.write(json.dumps({k: v for k, v in row.items() if k != 'lineage'}) + '\n')
+  os.replace(path + '.tmp', path)
+
+
+def table(rows: list[dict]) -> str:
+  cols = (('gold', 'rounds/gold_reward', '{:.3f}'), ('proxy', 'rounds/proxy_reward', '{:.3f}'),
+          ('KL to SFT', 'rounds/kl_sft', '{:.2f}'), ('majority', 'rounds/group0_reward', '{:.3f}'),
+          ('minority', 'rounds/group1_reward', '{:.3f}'),
+          ('RM gold acc', 'rounds/rm_gold_accuracy', '{:.3f}'),
+          ('RM drift acc', 'rounds/rm_drift_gold_accuracy', '{:.3f}'))
+  lines = [f'{"policy":<7}' + ''.join(f'{name:>13}' for name, _, _ in cols)]
+  for row in rows:
+    cells = [fmt.format(row[key]) if key in row else '-' for _, key, fmt in cols]
+    lines.append(f'{row["step"]:<7}' + ''.join(f'{c:>13}' for c in cells))
+  return '\n'.join(lines)

@@ -1,0 +1,108 @@
+"""Iterated RLHF rounds (configs/rlhf_rounds.py) from the session's SFT run, shortened:
+every artefact carries its lineage (round, producing policy, the comparisons the reward
+model saw), the per-round table is what the policy evaluation measures (the majority
+group's reward is the gold reward itself), a loop stopped mid-round resumes to the same
+numbers, and bad loop fields end with one error line."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+SHORT = ['--config=configs/rlhf_rounds.py:tiny', '--config.rounds.num=2',
+         '--config.stages.reward_model.train.steps=20',
+         '--config.stages.reward_model.prefs.num_prompts=128',
+         '--config.stages.ppo.train.steps=5', '--config.stages.ppo.train.eval_every=5']
+
+
+def rows(workdir) -> list[dict]:
+  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def test_rounds_lineage_metrics_and_resume(chain, run_cli, tmp_path):
+  from rlhf_jax.data import preferences
+  workdir = tmp_path / 'rounds'
+  args = [*SHORT, f'--config.rounds.init_run={chain["sft"]}']
+  result = run_cli(*args, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Comparisons of round r come from policy r: the SFT run, then round 0's PPO run.
+  producers = [chain['sft'], str(workdir / 'round_0' / 'policy'), str(workdir / 'round_1' / 'policy')]
+  for r in range(3):  # round 2's set is policy 2's, made to measure reward-model drift
+    pairs, lineages = preferences.read(str(workdir / 'prefs' / f'round_{r}'))
+    assert [l['round'] for l in lineages] == [r] and np.all(pairs.round == r)
+    assert lineages[0]['init_run'] == producers[r]
+  # Reward model 1 learned from both rounds' comparisons ('all'), its trunk from SFT; policy
+  # 2 started from policy 1 against reward model 1.
+  rm1 = json.load(open(workdir / 'round_1' / 'rm' / 'config.json'))
+  assert rm1['prefs']['dir'].split(',') == [str(workdir / 'prefs' / f'round_{r}') for r in (0, 1)]
+  assert rm1['init']['run'] == chain['sft']
+  total = sum(len(preferences.read(str(workdir / 'prefs' / f'round_{r}'))[0]) for r in (0, 1))
+  first = json.loads(open(workdir / 'round_1' / 'rm' / 'metrics.jsonl').readline())
+  assert 0.8 * total < first['rm/train_pairs'] < total
+  ppo1 = json.load(open(workdir / 'round_1' / 'policy' / 'config.json'))
+  assert ppo1['init']['run'] == producers[1] and ppo1['ppo']['rm_run'] == str(workdir / 'round_1' / 'rm')
+
+  table = rows(workdir)
+  assert [r['step'] for r in table] == [0, 1, 2]
+  assert abs(table[0]['rounds/kl_sft']) < 1e-4  # the base policy against itself
+  for r in table:
+    assert r['rounds/group0_reward'] == pytest.approx(r['rounds/gold_reward'], abs=1e-5)
+  for r in table[1:]:
+    assert 0 <= r['rounds/rm_drift_gold_accuracy'] <= 1 and 'rounds/proxy_reward' in r
+    # Reward model r's own held-out figure is the last one its run logged.
+  rm0_last = [json.loads(l) for l in open(workdir / 'round_0' / 'rm' / 'metrics.jsonl')][-1]
+  assert table[1]['rounds/rm_gold_accuracy'] == rm0_last['rm/gold_accuracy']
+  summary = json.load(open(workdir / 'round_1' / 'summary.json'))
+  assert summary['lineage']['policy_from'] == producers[1]
+
+  # As if stopped in round 1 after its reward model (runs name each other by absolute
+  # path, so this happens in place): the policy run, the summary and the drift set are
+  # gone; rerunning the same command reproduces the same table.
+  shutil.rmtree(workdir / 'round_1' / 'policy')
+  shutil.rmtree(workdir / 'prefs' / 'round_2')
+  os.remove(workdir / 'round_1' / 'summary.json')
+  result = run_cli(*args, f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert rows(workdir) == table
+
+
+def test_preference_sets_join_with_commas(tmp_path):
+  from rlhf_jax.data import preferences
+  rng = np.random.default_rng(0)
+
+  def shard(directory, n, round_):
+    fields = {}
+    for f in preferences.FIELDS:
+      two_d = f in ('prompts', 'chosen', 'rejected', 'chosen_mask', 'rejected_mask')
+      fields[f] = np.zeros((n, 4) if two_d else (n,), np.float32 if 'mask' in f or
+                           f in ('gold_chosen', 'gold_rejected', 'annotator_prob') else np.int32)
+    pairs = preferences.PreferencePairs(**fields)
+    pairs.prompts[:, -1] = 1
+    pairs.prompt_lengths[:] = 1
+    pairs.chosen[:, 0] = rng.integers(3, 10, n)
+    pairs.rejected[:, 0] = pairs.chosen[:, 0] + 10
+    pairs.chosen_mask[:, 0] = pairs.rejected_mask[:, 0] = 1
+    pairs.prompt_id[:] = np.arange(n)
+    pairs.round[:] = round_
+    preferences.write_shard(str(directory), pairs, lineage={'round': round_})
+    return pairs
+
+  a, b = shard(tmp_path / 'a', 3, 0), shard(tmp_path / 'b', 5, 1)
+  joined, lineages = preferences.read(f'{tmp_path / "a"},{tmp_path / "b"}')
+  assert [l['round'] for l in lineages] == [0, 1]
+  np.testing.assert_array_equal(joined.chosen, np.concatenate([a.chosen, b.chosen]))
+  # Prompt ids stay distinct across the sets.
+  np.testing.assert_array_equal(joined.prompt_id, [0, 1, 2, 3, 4, 5, 6, 7])
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.rounds.policy_update=best_of_n', "rounds.policy_update='best_of_n' is not one of"),
+    ('--config.rounds.init_run=/nonexistent/run', 'rounds.init_run /nonexistent/run holds no run'),
+    ('--config.rounds.num=0', 'rounds.num=0 must be >= 1')])
+def test_bad_loop_fields(override, expected, run_cli, tmp_path):
+  result = run_cli('--config=configs/rlhf_rounds.py:tiny', f'--workdir={tmp_path / "r"}',
+                   override)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], lines
