@@ -106,3 +106,46 @@ def test_bad_loop_fields(override, expected, run_cli, tmp_path):
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], lines
+
+
+def test_best_of_k_ranks_by_the_given_score():
+  """Rejection sampling keeps, per prompt, the sample the score ranks first, and reports
+  that sample's gold reward; with no score, gold ranks."""
+  import jax
+  from conftest import load_config
+  from rlhf_jax.data import demos
+  from rlhf_jax.sampling import SampleOutput
+  from rlhf_jax.world import reward as reward_lib
+  from rlhf_jax.world import setup as world_setup
+  config = load_config('reward_model', 'tiny')
+  world = world_setup.from_config(config)
+  rng = np.random.default_rng(0)
+  num, k, n = 6, 5, 7
+
+  class FixedSampler:
+    """Stands in for the policy: random responses of random lengths, EOS-terminated."""
+    def sample_in_chunks(self, params, prompts, lengths, key):
+      rows = len(prompts)
+      length = rng.integers(1, n + 1, rows)
+      mask = (np.arange(n)[None] < length[:, None]).astype(np.float32)
+      response = np.where(mask > 0, rng.integers(3, world.lang.vocab_size, (rows, n)), 0)
+      response[np.arange(rows), length - 1] = 2
+      self.out = SampleOutput(tokens=None, response=response.astype(np.int32), mask=mask,
+                              logprobs=None, raw_logprobs=None, prompt_lengths=lengths,
+                              lengths=length)
+      return self.out
+
+  for score in (None, lambda p, l, y, m: -np.asarray(reward_lib.gold_reward(
+      world.gold, prompts=p, prompt_mask=p > 0, responses=y, response_mask=m))):
+    sampler = FixedSampler()
+    out = demos.best_of_k(sampler, None, world=world, key=jax.random.key(0), num_prompts=num,
+                          k=k, prompt_len=8, score=score)
+    prompts = np.repeat(out['prompts'], k, axis=0)
+    gold = np.asarray(reward_lib.gold_reward(
+        world.gold, prompts=prompts, prompt_mask=prompts > 0, responses=sampler.out.response,
+        response_mask=sampler.out.mask), np.float64).reshape(num, k)
+    pick = gold.argmax(1) if score is None else gold.argmin(1)
+    rows = np.arange(num) * k + pick
+    np.testing.assert_array_equal(out['response'], sampler.out.response[rows])
+    np.testing.assert_allclose(out['gold'], gold[np.arange(num), pick], atol=1e-6)
+    np.testing.assert_allclose(out['sample_gold'], gold.mean(1), atol=1e-6)
