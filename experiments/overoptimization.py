@@ -5,8 +5,9 @@ annotators who like length; gold and proxy reward against d = sqrt(KL to the SFT
   python experiments/overoptimization.py --sft_run=runs/sft_tiny --out=runs/overoptimization
 
 1. A reward model (configs/reward_model.py:tiny) from the SFT run on labels of annotators
-   with a per-token liking for length (--length_bias; the gold reward has no length
-   term), in OUT/rm.
+   with a per-token liking for length (--length_bias) in a world whose gold reward
+   mildly dislikes it (--gold_length per token), in OUT/rm. PPO and best-of-n take the
+   gold reward from this run, so every gold figure below includes that length term.
 2. PPO (configs/ppo.py:tiny, --ppo_steps iterations) against it at each --kl_coefs beta,
    in OUT/ppo_beta<beta>; every eval point (policy/kl_ref, policy/gold_reward,
    policy/proxy_reward on the fixed eval prompts) is a point of the RL curve.
@@ -17,7 +18,17 @@ annotators who like length; gold and proxy reward against d = sqrt(KL to the SFT
 
 Every stage resumes where it stopped (rerun the same command). Writes OUT/points.csv,
 OUT/fits.csv and OUT/overoptimization.png, prints the tables and, last, a JSON line.
-Runtime on a 2-core CPU with the defaults: not yet measured.
+Runtime on a 2-core CPU with the defaults: 4 minutes (reward model 400 steps, best-of-n,
+4 PPO runs of 100 iterations). Measured with the defaults (one seed; d = sqrt(KL nats)):
+  - PPO at beta 0.005: gold 0.184 (SFT) -> 0.571 at d 6.5, then down to 0.164 at d 12.1
+    while the proxy keeps rising (4.07 -> 6.07); the larger betas stop near their gold
+    peak (0.52 at d 1.8 for beta 0.2; 0.66-0.70 at d 4.3-7 for beta 0.05 and 0.02).
+  - Gao et al.'s RL form fits each beta's gold curve with R^2 0.96-0.98 (beta 0.005:
+    a 0.222, b 0.090, peak at d 4.4); all betas pooled, R^2 0.84.
+  - Best-of-n up to n = 64 (d 1.8): gold 0.230 -> 0.502, still rising; proxy 0.10 -> 2.65.
+With --length_bias=0.05 --gold_length=-0.02 the reward model's length preference is so
+strong that best-of-n loses gold from n = 2 on (0.081 -> -0.325 at n = 64) and PPO's gold
+peaks at d 3.5 (0.27) and ends below the SFT policy.
 """
 import csv
 import importlib.util
@@ -38,7 +49,9 @@ from rlhf_jax.train import runs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SFT = flags.DEFINE_string('sft_run', 'runs/sft_tiny', 'SFT run: policy and reference.')
 _OUT = flags.DEFINE_string('out', 'runs/overoptimization', 'Output directory.')
-_LENGTH = flags.DEFINE_float('length_bias', 0.05, "Annotators' per-token liking for length.")
+_LENGTH = flags.DEFINE_float('length_bias', 0.02, "Annotators' per-token liking for length.")
+_GOLD_LENGTH = flags.DEFINE_float('gold_length', -0.01, "The gold reward's per-token length "
+                                  'term (negative: the truth dislikes padding).')
 _BETAS = flags.DEFINE_list('kl_coefs', ['0.2', '0.05', '0.02', '0.005'], 'PPO KL penalties.')
 _STEPS = flags.DEFINE_integer('ppo_steps', 100, 'PPO iterations per beta.')
 _EVALS = flags.DEFINE_integer('evals', 5, 'Eval points per PPO run (besides step 0).')
@@ -67,6 +80,7 @@ def train_reward_model(out: str) -> str:
   config = stage_config('reward_model')
   config.init.run = os.path.abspath(_SFT.value)
   config.annotators.length_bias = _LENGTH.value
+  config.reward.length = _GOLD_LENGTH.value
   config.train.progress = False
   workdir = os.path.join(out, 'rm')
   dispatch.run(config, workdir)
@@ -113,9 +127,11 @@ FORMS = {
 }
 
 
-def fit(method: str, points: list[dict], key: str, base: float) -> dict:
-  """Least squares of (key - base) on the method's form over points with d > 0."""
-  pts = [p for p in points if p['method'] == method and p['kl'] > 1e-9]
+def fit(method: str, points: list[dict], key: str, base: float, setting: str = 'all') -> dict:
+  """Least squares of (key - base) on the method's form over points with d > 0 (of one
+  setting, e.g. one PPO beta, or all)."""
+  pts = [p for p in points if p['method'] == method and p['kl'] > 1e-9
+         and setting in ('all', p['setting'])]
   d = np.sqrt([p['kl'] for p in pts])
   y = np.array([p[key] for p in pts]) - base
   design, form = FORMS[method]
@@ -124,7 +140,7 @@ def fit(method: str, points: list[dict], key: str, base: float) -> dict:
   r2 = 1.0 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
   peak = {'best_of_n': a / (2 * b) if b > 0 else math.inf,
           'ppo': math.exp(a / b - 1) if b > 0 else math.inf}[method]
-  return {'method': method, 'reward': key, 'form': form, 'a': float(a), 'b': float(b),
+  return {'method': method, 'setting': setting, 'reward': key, 'form': form, 'a': float(a), 'b': float(b),
           'r2': float(r2), 'points': len(pts), 'd_at_peak': float(peak)}
 
 
@@ -138,7 +154,8 @@ def plot(points: list[dict], fits: list[dict], base: dict, path: str) -> None:
     d = np.sqrt([p['kl'] for p in pts])
     for key, color in (('gold', 'C0'), ('proxy', 'C1')):
       ax.scatter(d, [p[key] for p in pts], color=color, s=14, label=f'{key} reward')
-      f = next(f for f in fits if f['method'] == method and f['reward'] == key)
+      f = next(f for f in fits if f['method'] == method and f['reward'] == key
+               and f['setting'] == 'all')
       grid = np.linspace(1e-3, d.max() * 1.05, 200)
       design, _ = FORMS[method]
       ax.plot(grid, base[key] + design(grid) @ np.array([f['a'], f['b']]), color=color,
@@ -175,6 +192,10 @@ def main(argv):
   bon_base = next(p for p in points if p['method'] == 'best_of_n' and p['kl'] == 0.0)
   fits = [fit('best_of_n', points, key, bon_base[key]) for key in ('gold', 'proxy')]
   fits += [fit('ppo', points, key, base[key]) for key in ('gold', 'proxy')]
+  # Gao et al. fit RL curves along one run; the pooled fit mixes runs whose KL penalty
+  # makes them trace different curves.
+  fits += [fit('ppo', points, key, base[key], setting=f'beta={beta:g}')
+           for beta in values for key in ('gold', 'proxy')]
   with open(os.path.join(out, 'points.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(points[0]))
     writer.writeheader()
@@ -190,12 +211,13 @@ def main(argv):
     print(f'{p["method"]:<10} {p["setting"]:<11} {p["step"]:>4} {p["kl"]:>7.3f} '
           f'{math.sqrt(p["kl"]):>6.3f} {p["gold"]:>7.3f} ± {1.96 * p["gold_se"]:.3f} '
           f'{p["proxy"]:>7.3f}')
-  print(f'\n{"method":<10} {"reward":<6} {"form":<16} {"a":>8} {"b":>8} {"R^2":>6} '
-        f'{"d at peak":>9}')
+  print(f'\n{"method":<10} {"setting":<11} {"reward":<6} {"form":<16} {"a":>8} {"b":>8} '
+        f'{"R^2":>6} {"d at peak":>9}')
   for f in fits:
-    print(f'{f["method"]:<10} {f["reward"]:<6} {f["form"]:<16} {f["a"]:>8.4f} '
-          f'{f["b"]:>8.4f} {f["r2"]:>6.3f} {f["d_at_peak"]:>9.3f}')
-  print(json.dumps({'length_bias': _LENGTH.value, 'kl_coefs': values,
+    print(f'{f["method"]:<10} {f["setting"]:<11} {f["reward"]:<6} {f["form"]:<16} '
+          f'{f["a"]:>8.4f} {f["b"]:>8.4f} {f["r2"]:>6.3f} {f["d_at_peak"]:>9.3f}')
+  print(json.dumps({'length_bias': _LENGTH.value, 'gold_length': _GOLD_LENGTH.value,
+                    'kl_coefs': values,
                     'fits': [{k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in f.items()} for f in fits],
                     'seconds': round(time.time() - start)}))
