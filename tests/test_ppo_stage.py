@@ -84,6 +84,9 @@ def test_ppo_on_reward_model(chain, reward_run, run_cli, tmp_path):
   tolerance = 4 * norm['std'][0] * np.sqrt(1 / 256 + 1 / norm['reference_responses'])
   assert abs(first['policy/proxy_reward']) < tolerance
   assert last['policy/proxy_reward'] > first['policy/proxy_reward'] + 2 * norm['std'][0] / 4
+  # configs/ppo.py:tiny against a reward model raises the gold reward over SFT's.
+  se = np.hypot(first['policy/gold_reward_se'], last['policy/gold_reward_se'])
+  assert last['policy/gold_reward'] > first['policy/gold_reward'] + 3 * se
   config = json.load(open(workdir / 'config.json'))
   rm_config = json.load(open(os.path.join(reward_run, 'config.json')))
   assert config['reward'] == rm_config['reward']
