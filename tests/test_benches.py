@@ -1,6 +1,6 @@
-"""Both benchmarks run from the CLI on `tiny` sizes and their JSON figures agree with an
+"""The benchmarks run from the CLI on `tiny` sizes and their JSON figures agree with an
 independent count: train FLOPs per token from the layer shapes, decoded tokens from the
-loop's steps."""
+loop's steps, the collapse bench's ratio from its two timings."""
 import json
 import subprocess
 import sys
@@ -36,3 +36,15 @@ def test_sampling_bench():
   # The cache holds keys and values of 2 layers for 16 x (8 + 12) slots of 64 floats.
   cache_mib = 2 * 2 * 16 * 20 * 64 * 4 / 2**20
   assert f['kv_cache_peak_mib'] >= cache_mib
+
+
+def test_collapse_bench():
+  f = run('rlhf_jax.bench_collapse', '--seeds=2', '--generations=2', '--samples=64',
+          '--repeats=1')
+  assert f['seeds'] == 2 and f['generations'] == 2 and f['samples'] == 64
+  assert f['one_seed_s'] > 0 and f['vmapped_s'] > 0 and f['sharded_s'] > 0
+  assert abs(f['ratio'] - f['sharded_s'] / f['one_seed_s']) <= 1e-9 * f['ratio']
+  assert abs(f['ratio_one_device'] - f['vmapped_s'] / f['one_seed_s']) <= 1e-9 * f['ratio']
+  # One device per core of this host, as many as divide the seeds.
+  import os
+  assert f['devices'] == max(d for d in range(1, os.cpu_count() + 1) if 2 % d == 0)

@@ -57,6 +57,8 @@ class CorpusSource:
     tokenizer:  the `Tokenizer` the documents were encoded with.
     vocab_size: the tokenizer's actual number of pieces.
     world:      always None; only the synthetic-world source has one.
+    train_ids, eval_ids: the tokenized documents (lists of ids, no BOS/EOS) of each
+                split, for loops that need whole documents (the collapse loop).
     stats:      counts: documents, train_documents, eval_documents,
                 train_tokens, eval_tokens (tokenizer ids, without BOS/EOS),
                 train_rows, eval_rows, invalid_bytes_replaced, skipped_files.
@@ -112,6 +114,7 @@ class CorpusSource:
 
     train_ids = tokenizer.encode_batch(train_docs)
     eval_ids = tokenizer.encode_batch(eval_docs)
+    self.train_ids, self.eval_ids = train_ids, eval_ids
     pack_kwargs = dict(seq_len=seq_len, bos_id=tokenizer.bos_id,
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     self._train_rows = packing.pack_documents(documents=train_ids, **pack_kwargs)

@@ -14,6 +14,7 @@ STAGES = {
     'ppo': 'rlhf_jax.stages.ppo',
     'pipeline': 'rlhf_jax.loops.pipeline',
     'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
+    'collapse': 'rlhf_jax.loops.collapse',
 }
 
 

@@ -33,7 +33,8 @@ def dummy_batch(config):
 class Setup:
   """Everything a pretraining run (or the benchmark) needs, built once."""
 
-  def __init__(self, config, *, workdir: str, devices=None):
+  def __init__(self, config, *, workdir: str, devices=None, source=None):
+    """`source`: the data to train on; default the one `config.data.source` names."""
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices)
     dp = sharding.data_parallel_size(self.mesh, config.mesh)
@@ -42,7 +43,7 @@ class Setup:
       raise UserError(f'train.batch_size={config.train.batch_size} / optim.grad_accum='
                       f'{config.optim.grad_accum} = {micro} sequences per microbatch is not '
                       f'divisible by the data-parallel size {dp} of the mesh')
-    self.source = make_source(config, workdir=workdir)
+    self.source = source or make_source(config, workdir=workdir)
     self.model = build_model(config, self.source.vocab_size)
     self.tx = make_optimizer(config.optim, config.train.steps)
     self.schedule = make_schedule(config.optim, config.train.steps)
@@ -98,9 +99,14 @@ class Evaluator:
     return out
 
 
-def run(config, *, workdir: str) -> None:
-  setup = Setup(config, workdir=workdir)
+def run(config, *, workdir: str, source=None, init_params=None) -> None:
+  """Trains (or resumes) in `workdir`. A loop may hand in its own `source` and, for a run
+  with no checkpoint yet, the `init_params` to start from instead of a fresh init."""
+  setup = Setup(config, workdir=workdir, source=source)
   config_lib.write_or_check(config, workdir)
+  if init_params is not None:
+    setup.state = setup.state.replace(
+        params=jax.device_put(init_params, setup.state_shardings.params))
   evaluate = Evaluator(setup, num_batches=config.train.eval_batches)
   static = {}
   if setup.source.world is not None:

@@ -1,0 +1,313 @@
+"""Recursive training on synthetic data (model collapse), with the Transformer of the
+pretraining stage: generation 0 trains on real data, generation g + 1 on data its
+predecessors sampled, mixed with real data as the schedule says (`SCHEDULES`).
+
+Layout of DIR (configs/collapse.py):
+  real/               the real rows (`rows`, the pool generations train on) and the fixed
+                      held-out real rows (`heldout`); a text corpus's tokenizer beside them
+  gen_<g>/data.json   what generation g trains on: array-store folders and row counts
+  gen_<g>/fresh/      the fresh real rows of generation g (schedule `mix` only)
+  gen_<g>/model/      generation g's pretraining run (config.json, metrics.jsonl,
+                      checkpoints); it resumes mid-generation like any run
+  gen_<g>/samples/    `collapse.samples` rows sampled from it (lineage: generation,
+                      checkpoint, temperature, schedule)
+  gen_<g>/summary.json, metrics.jsonl (one line per generation, step = g)
+
+Per generation (definitions in rlhf_jax/analysis/collapse_metrics.py): the model's
+collapse/true_kl (world only), collapse/perplexity and collapse/tail_mass on the held-out
+real rows; collapse/sample_* statistics (distinct_1, distinct_2, unigram_entropy,
+mean_length) of its samples and collapse/data_* of the rows it trained on. Step 0 also
+logs the held-out real rows' own statistics (collapse/real_*) and, on the world, the true
+model's tail mass (collapse/true_tail_mass).
+"""
+import copy
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import sampling, sharding
+from rlhf_jax.analysis import collapse_metrics as cm
+from rlhf_jax.data import array_store, collapse_data
+from rlhf_jax.data.batch import from_rows
+from rlhf_jax.data.collapse_data import Part
+from rlhf_jax.errors import UserError
+from rlhf_jax.stages import pretrain
+from rlhf_jax.train import runs
+from rlhf_jax.world import language
+
+INITS = ('scratch', 'finetune')
+
+
+def _generation_parts(schedule: str, paths: 'Paths', g: int, m: int, fraction: float) -> list:
+  if g == 0:
+    return [Part(paths.real, m)]
+  if schedule == 'replace':
+    return [Part(paths.samples(g - 1), m)]
+  if schedule == 'accumulate':
+    return [Part(paths.real, m)] + [Part(paths.samples(k), m) for k in range(g)]
+  real = round(fraction * m)  # mix
+  return [p for p in (Part(paths.fresh(g), real), Part(paths.samples(g - 1), m - real)) if p.rows]
+
+
+# What generation g trains on: a function of (paths, g, rows per generation, mix fraction).
+SCHEDULES = {name: functools.partial(_generation_parts, name)
+             for name in ('replace', 'accumulate', 'mix')}
+
+
+def resolve(config) -> None:
+  c = config.collapse
+  if c.schedule not in SCHEDULES:
+    raise UserError(f'collapse.schedule={c.schedule!r} is not one of {tuple(SCHEDULES)}')
+  if c.init not in INITS:
+    raise UserError(f'collapse.init={c.init!r} is not one of {INITS}')
+  if c.generations < 1 or c.samples < 1 or c.heldout_rows < 1:
+    raise UserError('collapse.generations, collapse.samples and collapse.heldout_rows must '
+                    'be >= 1')
+  if not 0 <= c.mix_fraction <= 1:
+    raise UserError(f'collapse.mix_fraction={c.mix_fraction} must be in [0, 1]')
+  if c.heldout_rows < config.train.batch_size:
+    raise UserError(f'collapse.heldout_rows={c.heldout_rows} is less than one batch '
+                    f'(train.batch_size={config.train.batch_size})')
+  if not c.temperature > 0:
+    raise UserError(f'collapse.temperature={c.temperature} must be > 0')
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  workdir: str
+
+  @property
+  def real(self) -> str:
+    return os.path.join(self.workdir, 'real')
+
+  def gen(self, g: int, *names: str) -> str:
+    return os.path.join(self.workdir, f'gen_{g}', *names)
+
+  def fresh(self, g: int) -> str:
+    return self.gen(g, 'fresh')
+
+  def samples(self, g: int) -> str:
+    return self.gen(g, 'samples')
+
+
+def _write_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def real_data(config, paths: Paths) -> collapse_data.RealData:
+  """The real rows, made once into DIR/real (a text corpus's tokenizer trained there)."""
+  width = config.train.seq_len + 1
+  c = config.collapse
+  tokenizer = None
+  if config.data.source == 'world':
+    make = lambda: collapse_data.world_real_data(
+        config.world, seed=config.seed, train_rows=c.samples, heldout_rows=c.heldout_rows,
+        width=width)
+  else:
+    from rlhf_jax.data.sources import make_source
+    source = make_source(config, workdir=paths.real + '_tokenizer')
+    tokenizer = source.tokenizer
+    make = lambda: collapse_data.text_real_data(
+        source, width=width, min_heldout=config.train.batch_size)
+  lang = None
+  if config.data.source == 'world':
+    w = config.world
+    lang = language.make_language(seed=w.seed, vocab_size=w.vocab_size, branching=w.branching,
+                                  zipf_a=w.zipf_a, eos_prob=w.eos_prob)
+
+  def build():
+    data = make()
+    return ({'rows': data.train, 'heldout': data.heldout},
+            {'source': config.data.source, 'seed': config.seed, 'rows': len(data.train),
+             'heldout_rows': len(data.heldout), 'width': width})
+
+  arrays, _ = array_store.read_or_make(paths.real, ['rows', 'heldout'], build)
+  return collapse_data.RealData(train=np.asarray(arrays['rows']),
+                                heldout=np.asarray(arrays['heldout']), lang=lang,
+                                tokenizer=tokenizer)
+
+
+def fresh_real(config, real: collapse_data.RealData, paths: Paths, g: int) -> None:
+  """Generation g's fresh real rows for `mix`: new true samples on the world, rows drawn
+  with replacement from the corpus's pool on text (made once)."""
+  n = round(config.collapse.mix_fraction * config.collapse.samples)
+  if os.path.isdir(paths.fresh(g)) or n == 0:
+    return
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xF2E5), g)
+  if real.lang is not None:
+    rows = np.asarray(language.sample(real.lang, key=key, batch_size=n,
+                                      seq_len=real.train.shape[1]))
+  else:
+    rows = real.train[np.asarray(jax.random.randint(key, (n,), 0, len(real.train)))]
+  os.makedirs(paths.gen(g), exist_ok=True)
+  array_store.write(paths.fresh(g), {'rows': rows}, lineage={'generation': g, 'real': True,
+                                                             'source': config.data.source})
+
+
+def generation_config(config, g: int):
+  """Generation g's pretraining config: the loop's model, optimiser, training and mesh
+  blocks (what it trains on is recorded in gen_<g>/data.json)."""
+  sub = copy.deepcopy(config)
+  with sub.unlocked():
+    sub.stage = 'pretrain'
+    del sub['collapse']
+  return sub
+
+
+def train_generation(config, real, paths: Paths, g: int) -> None:
+  c = config.collapse
+  parts = SCHEDULES[c.schedule](paths, g, c.samples, c.mix_fraction)
+  _write_json(paths.gen(g, 'data.json'), {
+      'generation': g, 'schedule': c.schedule,
+      'parts': [{'path': os.path.relpath(p.path, paths.workdir), 'rows': p.rows}
+                for p in parts]})
+  source = collapse_data.RowSource(
+      rows=collapse_data.read_rows(parts), heldout=real.heldout, lang=real.lang,
+      tokenizer=real.tokenizer, vocab_size=real.vocab_size, seed=(config.seed, g),
+      batch_size=config.train.batch_size)
+  sub = generation_config(config, g)
+  init = None
+  model_dir = paths.gen(g, 'model')
+  os.makedirs(model_dir, exist_ok=True)
+  fresh_start = not os.path.isdir(os.path.join(model_dir, 'checkpoints'))
+  if c.init == 'finetune' and g > 0 and fresh_start:
+    mesh = sharding.make_mesh(sub.mesh)
+    init = runs.load(paths.gen(g - 1, 'model'), mesh=mesh, mesh_config=sub.mesh).params
+  pretrain.run(sub, workdir=model_dir, source=source, init_params=init)
+
+
+class Measure:
+  """Samples from a generation's model and measures it on the held-out real rows."""
+
+  def __init__(self, config, real: collapse_data.RealData):
+    self.config, self.real = config, real
+    v = real.vocab_size
+    if real.lang is not None:
+      self.true_logp = jnp.asarray(cm.true_logp_table(real.lang), jnp.float32)
+      self.tail = jnp.asarray(cm.world_tail(real.lang))
+    else:
+      self.true_logp = None
+      self.tail = jnp.asarray(cm.text_tail(np.asarray(cm.bigram_counts(
+          jnp.asarray(real.train), vocab_size=v))))
+    self.counts = jax.jit(functools.partial(cm.bigram_counts, vocab_size=v))
+
+  def row_stats(self, rows: np.ndarray, prefix: str) -> dict:
+    stats = cm.count_statistics(self.counts(jnp.asarray(rows)), rows=len(rows))
+    return {f'collapse/{prefix}_{f.name}': float(getattr(stats, f.name))
+            for f in dataclasses.fields(stats)}
+
+  def static(self) -> dict:
+    out = self.row_stats(self.real.heldout, 'real')
+    if self.real.lang is not None:
+      heldout = self.counts(jnp.asarray(self.real.heldout))
+      truth = cm.bigram_model_metrics(jnp.where(jnp.isfinite(self.true_logp), self.true_logp,
+                                                -1e30),
+                                      heldout_counts=heldout, true_logp=self.true_logp,
+                                      tail=self.tail)
+      out['collapse/true_tail_mass'] = float(truth.tail_mass)
+    return out
+
+  def model(self, loaded) -> dict:
+    model = loaded.model
+
+    @jax.jit
+    def sums(params, inputs, targets, segment_ids, positions):
+      logits = model.apply({'params': params}, inputs, segment_ids=segment_ids,
+                           positions=positions).logits
+      return cm.positionwise_model_metrics(
+          log_q=jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), prev=inputs,
+          next=targets, true_logp=self.true_logp, tail=self.tail)
+
+    total = None
+    b = self.config.train.batch_size
+    for lo in range(0, len(self.real.heldout) - b + 1, b):
+      batch = from_rows(self.real.heldout[lo:lo + b], pad_id=language.PAD_ID)
+      part = jax.device_get(sums(loaded.params, batch.inputs, batch.targets,
+                                 batch.segment_ids, batch.positions))
+      total = part if total is None else jax.tree.map(np.add, total, part)
+    metrics = cm.finish_positionwise(total)
+    out = {'collapse/perplexity': float(metrics.perplexity),
+           'collapse/tail_mass': float(metrics.tail_mass)}
+    if self.true_logp is not None:
+      out['collapse/true_kl'] = float(metrics.true_kl)
+    return out
+
+
+def sample_generation(config, paths: Paths, g: int, loaded) -> None:
+  if os.path.isdir(paths.samples(g)):
+    return
+  c = config.collapse
+  mesh = sharding.make_mesh(config.mesh)
+  sampler = sampling.Sampler(
+      model=loaded.model,
+      config=sampling.SampleConfig(max_new_tokens=config.train.seq_len,
+                                   temperature=c.temperature),
+      mesh=mesh, mesh_config=config.mesh, param_shardings=loaded.param_shardings)
+  prompts = np.full((c.samples, 1), language.BOS_ID, np.int32)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3F), g)
+  out = sampler.sample_in_chunks(loaded.params, prompts, np.ones(c.samples, np.int32), key)
+  rows = np.concatenate([prompts, out.response], axis=1).astype(np.int32)
+  array_store.write(paths.samples(g), {'rows': rows}, lineage={
+      'generation': g, 'model_run': paths.gen(g, 'model'), 'checkpoint': loaded.step,
+      'temperature': c.temperature, 'schedule': c.schedule, 'rows': c.samples})
+
+
+def run(config, *, workdir: str) -> None:
+  config_lib.write_or_check(config, workdir)
+  c = config.collapse
+  paths = Paths(workdir)
+  real = real_data(config, paths)
+  measure = Measure(config, real)
+  rows = []
+  for g in range(c.generations):
+    print(f'collapse: generation {g}', flush=True)
+    summary = paths.gen(g, 'summary.json')
+    if not os.path.exists(summary):
+      if c.schedule == 'mix' and g > 0:
+        fresh_real(config, real, paths, g)
+      train_generation(config, real, paths, g)
+      mesh = sharding.make_mesh(config.mesh)
+      loaded = runs.load(paths.gen(g, 'model'), mesh=mesh, mesh_config=config.mesh)
+      with sharding.activate(mesh, config.mesh):
+        sample_generation(config, paths, g, loaded)
+        row = {'step': g, **(measure.static() if g == 0 else {}), **measure.model(loaded)}
+      parts = [Part(os.path.join(workdir, p['path']), p['rows'])
+               for p in json.load(open(paths.gen(g, 'data.json')))['parts']]
+      row.update(measure.row_stats(collapse_data.read_rows(parts), 'data'))
+      samples, _ = array_store.read(paths.samples(g), ['rows'])
+      row.update(measure.row_stats(np.asarray(samples['rows']), 'sample'))
+      row['collapse/data_rows'] = sum(p.rows for p in parts)
+      _write_json(summary, row)
+    rows.append(json.load(open(summary)))
+    _write_metrics(workdir, rows)
+  print(table(rows), flush=True)
+
+
+def _write_metrics(workdir: str, rows: list[dict]) -> None:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path + '.tmp', 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  os.replace(path + '.tmp', path)
+
+
+def table(rows: list[dict]) -> str:
+  cols = (('true KL', 'collapse/true_kl', '{:.4f}'), ('ppl', 'collapse/perplexity', '{:.3f}'),
+          ('tail mass', 'collapse/tail_mass', '{:.4f}'),
+          ('distinct-2', 'collapse/sample_distinct_2', '{:.4f}'),
+          ('entropy', 'collapse/sample_unigram_entropy', '{:.3f}'),
+          ('data rows', 'collapse/data_rows', '{:d}'))
+  lines = [f'{"gen":<5}' + ''.join(f'{name:>12}' for name, _, _ in cols)]
+  for row in rows:
+    cells = [fmt.format(row[key]) if key in row else '-' for _, key, fmt in cols]
+    lines.append(f'{row["step"]:<5}' + ''.join(f'{c:>12}' for c in cells))
+  return '\n'.join(lines)
