@@ -50,7 +50,9 @@ def parse_args(argv=None):
   p.add_argument('--schedules', default='replace,accumulate,mix')
   p.add_argument('--seeds', type=int, default=8)
   p.add_argument('--generations', type=int, default=10)
-  p.add_argument('--samples', type=int, default=256, help='rows per generation')
+  p.add_argument('--samples', type=int, default=None,
+                 help='rows per generation (default: 256 for bigram, the config\'s 1024 for '
+                      'transformer)')
   p.add_argument('--seq_len', type=int, default=64, help='tokens per row after BOS')
   p.add_argument('--temperature', type=float, default=1.0)
   p.add_argument('--mix_fraction', type=float, default=0.5)
@@ -102,7 +104,7 @@ def real_tables(args):
 
 def bigram_rows(args, schedule: str, tables) -> list[dict]:
   real, vocab, heldout, true_logp, tail = tables
-  spec = cb.CollapseSpec(generations=args.generations, samples=args.samples,
+  spec = cb.CollapseSpec(generations=args.generations, samples=args.samples or 256,
                          seq_len=args.seq_len + 1, schedule=schedule,
                          mix_fraction=args.mix_fraction, temperature=args.temperature,
                          init=args.init, train_steps=args.train_steps, lr=args.lr)
@@ -121,8 +123,9 @@ def transformer_rows(args, schedule: str) -> list[dict]:
     config.seed = seed
     config.train.progress = False
     config.collapse.update(schedule=schedule, generations=args.generations,
-                           samples=args.samples, temperature=args.temperature,
-                           mix_fraction=args.mix_fraction, init=args.init)
+                           samples=args.samples or config.collapse.samples,
+                           temperature=args.temperature, mix_fraction=args.mix_fraction,
+                           init=args.init)
     if args.text:
       config.data.update(source=f'text:{os.path.abspath(args.text)}',
                          vocab_size=args.vocab_size)

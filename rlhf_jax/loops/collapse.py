@@ -37,6 +37,7 @@ from rlhf_jax.data import array_store, collapse_data
 from rlhf_jax.data.batch import from_rows
 from rlhf_jax.data.collapse_data import Part
 from rlhf_jax.errors import UserError
+from rlhf_jax.loops import records
 from rlhf_jax.stages import pretrain
 from rlhf_jax.train import runs
 from rlhf_jax.world import language
@@ -94,13 +95,6 @@ class Paths:
 
   def samples(self, g: int) -> str:
     return self.gen(g, 'samples')
-
-
-def _write_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)
 
 
 def real_data(config, paths: Paths) -> collapse_data.RealData:
@@ -166,7 +160,7 @@ def generation_config(config, g: int):
 def train_generation(config, real, paths: Paths, g: int) -> None:
   c = config.collapse
   parts = SCHEDULES[c.schedule](paths, g, c.samples, c.mix_fraction)
-  _write_json(paths.gen(g, 'data.json'), {
+  records.write_json(paths.gen(g, 'data.json'), {
       'generation': g, 'schedule': c.schedule,
       'parts': [{'path': os.path.relpath(p.path, paths.workdir), 'rows': p.rows}
                 for p in parts]})
@@ -286,18 +280,10 @@ def run(config, *, workdir: str) -> None:
       samples, _ = array_store.read(paths.samples(g), ['rows'])
       row.update(measure.row_stats(np.asarray(samples['rows']), 'sample'))
       row['collapse/data_rows'] = sum(p.rows for p in parts)
-      _write_json(summary, row)
+      records.write_json(summary, row)
     rows.append(json.load(open(summary)))
-    _write_metrics(workdir, rows)
+    records.write_metrics(workdir, rows)
   print(table(rows), flush=True)
-
-
-def _write_metrics(workdir: str, rows: list[dict]) -> None:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  with open(path + '.tmp', 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  os.replace(path + '.tmp', path)
 
 
 def table(rows: list[dict]) -> str:
@@ -306,8 +292,4 @@ def table(rows: list[dict]) -> str:
           ('distinct-2', 'collapse/sample_distinct_2', '{:.4f}'),
           ('entropy', 'collapse/sample_unigram_entropy', '{:.3f}'),
           ('data rows', 'collapse/data_rows', '{:d}'))
-  lines = [f'{"gen":<5}' + ''.join(f'{name:>12}' for name, _, _ in cols)]
-  for row in rows:
-    cells = [fmt.format(row[key]) if key in row else '-' for _, key, fmt in cols]
-    lines.append(f'{row["step"]:<5}' + ''.join(f'{c:>12}' for c in cells))
-  return '\n'.join(lines)
+  return records.table(rows, label='gen', cols=cols, width=12)

@@ -33,6 +33,7 @@ import numpy as np
 from rlhf_jax import sampling, sharding
 from rlhf_jax.data import array_store, demos, preferences
 from rlhf_jax.errors import UserError
+from rlhf_jax.loops import records
 from rlhf_jax.stages import dispatch, preference_data, reward_eval
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
@@ -138,13 +139,6 @@ def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
       'temperature': s.temperature, 'demos': s.num_prompts})
 
 
-def _write_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)
-
-
 def _last(workdir: str, key: str) -> dict:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [r for r in map(json.loads, f) if key in r][-1]
@@ -220,7 +214,7 @@ def run(config, *, workdir: str) -> None:
   base_summary = os.path.join(workdir, 'base_summary.json')
   if not os.path.exists(base_summary):
     measure = measure or Measure(config, paths)
-    _write_json(base_summary, _row(0, measure.policy_metrics(paths.base)))
+    records.write_json(base_summary, _row(0, measure.policy_metrics(paths.base)))
   rows.append(json.load(open(base_summary)))
   for r in range(rounds.num):
     print(f'rlhf_rounds: round {r}', flush=True)
@@ -248,19 +242,11 @@ def run(config, *, workdir: str) -> None:
       row['lineage'] = {'round': r, 'policy_from': paths.policy(r),
                         'policy_run': paths.policy(r + 1), 'rm_run': paths.rm(r),
                         'comparisons': data.split(',')}
-      _write_json(paths.summary(r), row)
+      records.write_json(paths.summary(r), row)
     rows.append(json.load(open(paths.summary(r))))
-    _write_metrics(workdir, rows)
-  _write_metrics(workdir, rows)
+    records.write_metrics(workdir, rows)
+  records.write_metrics(workdir, rows)
   print(table(rows), flush=True)
-
-
-def _write_metrics(workdir: str, rows: list[dict]) -> None:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  with open(path + '.tmp', 'w') as f:
-    for row in rows:
-      f.write(json.dumps({k: v for k, v in row.items() if k != 'lineage'}) + '\n')
-  os.replace(path + '.tmp', path)
 
 
 def table(rows: list[dict]) -> str:
@@ -269,8 +255,4 @@ def table(rows: list[dict]) -> str:
           ('minority', 'rounds/group1_reward', '{:.3f}'),
           ('RM gold acc', 'rounds/rm_gold_accuracy', '{:.3f}'),
           ('RM drift acc', 'rounds/rm_drift_gold_accuracy', '{:.3f}'))
-  lines = [f'{"policy":<7}' + ''.join(f'{name:>13}' for name, _, _ in cols)]
-  for row in rows:
-    cells = [fmt.format(row[key]) if key in row else '-' for _, key, fmt in cols]
-    lines.append(f'{row["step"]:<7}' + ''.join(f'{c:>13}' for c in cells))
-  return '\n'.join(lines)
+  return records.table(rows, label='policy', cols=cols, width=13)
