@@ -340,7 +340,8 @@ def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
     if diff:
       raise UserError(f'{workdir} holds a run with a different config (differs at: '
                       f'{", ".join(diff[:5])}); use a fresh --workdir or the same overrides')
-  if not write:
+  import jax
+  if not write or jax.process_index() != 0:  # one writer; every process has checked
     return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

@@ -1,7 +1,8 @@
 """Entry point: python -m rlhf_jax.main --config=configs/<name>.py[:variant] --workdir=DIR.
 
 Dispatches on config.stage. Rerunning the same command on the same DIR resumes from its
-newest checkpoint. Bad input ends with one `error: ...` line on stderr and exit status 2.
+newest checkpoint. Several processes (hosts) run the same command with --distributed=auto
+or --coordinator/--num_processes/--process_id (rlhf_jax/distributed.py). Bad input ends with one `error: ...` line on stderr and exit status 2.
 """
 import sys
 
@@ -14,6 +15,15 @@ from rlhf_jax.stages import dispatch
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; resumed if present).')
+_DISTRIBUTED = flags.DEFINE_string(
+    'distributed', '', "'auto': jax.distributed.initialize() from the cluster's environment "
+    '(TPU VM pods, SLURM); empty: the flags below or RLHF_JAX_* variables, if any.')
+_COORDINATOR = flags.DEFINE_string('coordinator', '', 'HOST:PORT of process 0, for several '
+                                   'processes (env RLHF_JAX_COORDINATOR).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the run '
+                                      '(env RLHF_JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, "This process's index "
+                                   '(env RLHF_JAX_PROCESS_ID).')
 
 
 def fail(message: str, status: int = 2):
@@ -72,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
   try:
     config, workdir = parse(argv)
+    from rlhf_jax import distributed
+    distributed.initialize(mode=_DISTRIBUTED.value, coordinator=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     dispatch.run(config, workdir)
   except UserError as e:
     fail(str(e))

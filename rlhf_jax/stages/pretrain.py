@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.data.sources import make_source
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -60,12 +60,14 @@ class Setup:
     self.step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                         out_shardings=(self.state_shardings, metric_sharding),
                         donate_argnums=(0,))
-    self.eval_logprobs = jax.jit(functools.partial(lm_step.eval_logprobs, model=self.model),
-                                 in_shardings=(self.state_shardings.params, self.batch_sharding),
-                                 out_shardings=self.batch_sharding)
+    # Summed on device: a replicated scalar, which every process of a multi-host run can read.
+    self.eval_logprob_sum = jax.jit(
+        lambda params, batch: lm_step.eval_logprobs(params, batch, model=self.model).sum(),
+        in_shardings=(self.state_shardings.params, self.batch_sharding),
+        out_shardings=metric_sharding)
 
   def put_batch(self, batch):
-    return jax.device_put(batch, self.batch_sharding)
+    return distributed.put_global(batch, self.batch_sharding)
 
 
 class Evaluator:
@@ -90,8 +92,7 @@ class Evaluator:
   def __call__(self, state) -> dict:
     model_sum = 0.0
     for b in self.batches:
-      lp = self.setup.eval_logprobs(state.params, self.setup.put_batch(b))
-      model_sum += float(np.asarray(jax.device_get(lp), np.float64).sum())
+      model_sum += float(self.setup.eval_logprob_sum(state.params, self.setup.put_batch(b)))
     out = {'eval/loss': -model_sum / self.weight,
            'eval/perplexity': float(np.exp(-model_sum / self.weight))}
     if self.true_logp_sum is not None:

@@ -57,7 +57,8 @@ def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
   writer = MetricsWriter(spec.workdir, resume_step=start if start else -1)
   if start == 0:
     writer.write(0, {**static_metrics, **evaluate(state)})
-  bar = tqdm.tqdm(total=spec.steps, initial=start, disable=not spec.progress,
+  bar = tqdm.tqdm(total=spec.steps, initial=start,
+                  disable=not spec.progress or jax.process_index() != 0,
                   dynamic_ncols=True, mininterval=1.0)
   last_good = start
   t0, steps_timed = time.perf_counter(), 0

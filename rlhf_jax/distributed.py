@@ -1,0 +1,86 @@
+"""Multi-controller runs: JAX's own `jax.distributed` (one process per host, GSPMD arrays
+spanning all of them), and putting host batches onto a mesh whose devices belong to
+several processes.
+
+How a run becomes multi-process (rlhf_jax/main.py flags, with environment fallbacks):
+  --distributed=auto           jax.distributed.initialize() with no arguments: JAX reads the
+                               cluster from the environment (TPU VM pods, SLURM, ...)
+  --coordinator=HOST:PORT --num_processes=N --process_id=I
+                               explicit (local tests, launch/local.sh, launch/slurm_gpu.sh);
+                               RLHF_JAX_COORDINATOR, RLHF_JAX_NUM_PROCESSES, RLHF_JAX_PROCESS_ID
+Neither: a single process (nothing to initialise). On CPU, cross-process collectives go
+through gloo (JAX's default CPU collectives).
+
+Every process runs the same program on the same config. The data sources produce the same
+global batch in every process (it is a function of the seed and the step); each process
+keeps only the rows that its own devices hold and `put_global` assembles the global array
+from those (`jax.make_array_from_process_local_data`). Process 0 alone writes metrics,
+config.json and progress; orbax checkpoints are written and restored by all processes.
+"""
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax.errors import UserError
+
+ENV = {'coordinator': 'RLHF_JAX_COORDINATOR', 'num_processes': 'RLHF_JAX_NUM_PROCESSES',
+       'process_id': 'RLHF_JAX_PROCESS_ID'}
+
+
+def initialize(*, mode: str = '', coordinator: str = '', num_processes: int = 0,
+               process_id: int = -1, environ=os.environ) -> None:
+  """Starts jax.distributed if the flags or the environment ask for several processes;
+  must run before anything touches a JAX device."""
+  if mode not in ('', 'auto'):
+    raise UserError(f"--distributed={mode!r} is not '' or 'auto'")
+  if mode == 'auto':
+    jax.distributed.initialize()
+    return
+  coordinator = coordinator or environ.get(ENV['coordinator'], '')
+  try:
+    num_processes = num_processes or int(environ.get(ENV['num_processes'], '0') or 0)
+    if process_id < 0:
+      process_id = int(environ.get(ENV['process_id'], '-1') or -1)
+  except ValueError as e:
+    raise UserError(f'bad {ENV["num_processes"]} or {ENV["process_id"]} ({e})') from None
+  if num_processes <= 1 and not coordinator:
+    return
+  if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:
+    raise UserError(
+        f'a multi-process run needs --coordinator=HOST:PORT, --num_processes=N >= 1 and '
+        f'--process_id in [0, N); got coordinator={coordinator!r}, '
+        f'num_processes={num_processes}, process_id={process_id}')
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def local_rows(sharding, num_rows: int) -> slice:
+  """The rows of a [num_rows, ...] array that this process's devices hold under `sharding`:
+  one contiguous block, as the mesh puts each process's devices next to each other."""
+  shape = (num_rows,) + (1,) * (len(sharding.spec) - 1)
+  blocks = sorted({(i[0].start or 0, num_rows if i[0].stop is None else i[0].stop)
+                   for i in sharding.addressable_devices_indices_map(shape).values()})
+  for (_, stop), (start, _) in zip(blocks, blocks[1:]):
+    if start != stop:
+      raise ValueError(f'this process holds non-contiguous batch rows {blocks}')
+  return slice(blocks[0][0], blocks[-1][1])
+
+
+def put_global(tree, sharding):
+  """A pytree of global host arrays ([B, ...], the same in every process) -> global jax
+  Arrays under `sharding` (one NamedSharding for every leaf, or a matching pytree), built
+  from this process's rows only."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  shardings = sharding if not hasattr(sharding, 'spec') else jax.tree.map(
+      lambda _: sharding, tree)
+
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(s, x[local_rows(s, x.shape[0])], x.shape)
+  return jax.tree.map(put, tree, shardings)

@@ -1,0 +1,76 @@
+"""Multi-controller runs on this machine: 2 processes x 4 CPU devices (JAX's gloo collectives
+between them) give the losses of 1 process x 8 devices, only process 0 writes, and the
+2-process run resumes from its checkpoint (every process restoring its data position) to
+the same metrics."""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+ARGS = ['--config=configs/pretrain.py:tiny', '--config.train.steps=6',
+        '--config.train.log_every=2', '--config.train.eval_every=6',
+        '--config.train.ckpt_every=3', '--config.train.progress=False']
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def run_processes(workdir, processes: int, devices: int) -> None:
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'rlhf_jax.main', *ARGS, f'--workdir={workdir}',
+       *([f'--coordinator=localhost:{port}', f'--num_processes={processes}',
+          f'--process_id={i}'] if processes > 1 else [])],
+      cwd=REPO, env=cli_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(processes)]
+  try:
+    for i, p in enumerate(procs):
+      _, err = p.communicate(timeout=300)
+      assert p.returncode == 0, f'process {i}: {err[-3000:]}'
+  finally:
+    for p in procs:
+      p.kill()
+
+
+def records(workdir) -> list[dict]:
+  return [{k: v for k, v in json.loads(l).items() if not k.startswith('perf/')}
+          for l in open(workdir / 'metrics.jsonl')]
+
+
+def test_two_processes_equal_one_and_resume(tmp_path):
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  run_processes(one, processes=1, devices=8)
+  run_processes(two, processes=2, devices=4)
+  a, b = records(one), records(two)
+  assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 2, 3, 4, 6]
+  for x, y in zip(a, b):
+    assert set(x) == set(y)
+    for key in x:
+      if key.startswith(('train/loss', 'eval/')):
+        # Same global batches and params; only the all-reduce order may differ.
+        assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x['step'], key)
+  # Only process 0 writes: one metrics file, one event file, one line per logged step.
+  assert len(list(two.glob('events.out.tfevents.*'))) == 1
+
+  # Stopped after step 3: both processes restore the state and the data position.
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(two, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '6')
+  run_processes(resumed, processes=2, devices=4)
+  assert records(resumed) == b
+
+
+def test_bad_process_flags(run_cli, tmp_path):
+  result = run_cli(*ARGS, f'--workdir={tmp_path / "bad"}', '--num_processes=2',
+                   '--process_id=0')
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and '--coordinator' in lines[0]
