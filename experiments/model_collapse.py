@@ -186,8 +186,11 @@ def by_generation(rows, metric) -> np.ndarray:
 
 
 def band(values: np.ndarray):
+  """Mean over seeds [G] and the half-width of its 95% interval (Student's t, n - 1 df)."""
+  import scipy.stats
   mean = values.mean(0)
-  half = (1.96 * values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1
+  n = len(values)
+  half = (scipy.stats.t.ppf(0.975, n - 1) * values.std(0, ddof=1) / np.sqrt(n) if n > 1
           else np.zeros_like(mean))
   return mean, half
 
