@@ -8,8 +8,9 @@ Variants:
              at step 300 (3 seeds; the world's entropy rate is 1.773 nats/token).
   small      the benchmark size: 8 layers, d_model 512, seq 256, world vocab 1024.
              `python -m rlhf_jax.bench --config=configs/pretrain.py:small`.
-  tpu_v4_32  a pod-slice example (32 chips): 24 layers, d_model 2048, fsdp x tensor,
-             bf16 compute, world vocab 32768.
+  tpu_v4_32  a pod-slice example (v4-32: 4 hosts, 16 chips = 16 JAX devices): 24 layers,
+             d_model 2048, fsdp 4 x tensor 4, bf16 compute, world vocab 32768.
+             launch/tpu_vm.sh runs it on every host (see the README).
 
 Any leaf can be overridden: --config.train.steps=1000 --config.data.source=text:PATH.
 """
@@ -30,7 +31,7 @@ def get_config(arg: str = 'tiny'):
     config.model.update(d_model=2048, n_layers=24, n_heads=16, d_ff=5632, dtype='bfloat16',
                         remat='dots')
     config.world.update(vocab_size=32768, branching=64, eos_prob=0.002)
-    config.mesh.update(data=-1, fsdp=8, tensor=4)
+    config.mesh.update(data=-1, fsdp=4, tensor=4)
     config.train.update(steps=20000, batch_size=256, seq_len=1024, log_every=50,
                         eval_every=1000, ckpt_every=1000)
     config.optim.update(lr=3e-4, warmup_steps=1000)

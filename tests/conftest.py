@@ -10,6 +10,14 @@ import sys
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session, inherited by every CLI subprocess: the
+# many tiny runs (and each generation or round of a loop, which builds its jitted steps
+# anew) compile the same programs over and over. The key covers the program, the backend,
+# the devices and the XLA flags, so a hit is the very executable a fresh compile would give.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rlhf_jax_xla_cache_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 import rlhf_jax  # noqa: E402,F401  (adds the project's XLA flag defaults, as every entry point does)
 

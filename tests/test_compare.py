@@ -1,0 +1,226 @@
+"""rlhf_jax.analysis.compare on synthetic run directories with known metrics: group means
+and t-interval half-widths against NumPy/SciPy computed here, best as min for a loss and
+max for a reward, unfinished runs listed and kept out of the aggregates, sweep manifests,
+grouping that ignores seeds and per-run paths, the figure, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import REPO, cli_env
+from rlhf_jax.analysis import compare
+
+STEPS = (0, 10, 20, 30)
+LRS = (1e-3, 3e-3)
+SEEDS = (0, 1, 2)
+METRICS = '--metrics=train/loss,policy/gold_reward'
+
+
+def curves_for(*, lr: float, seed: int) -> dict:
+  """Per-metric values at STEPS, not monotone, so best and final differ."""
+  rng = np.random.default_rng([int(lr * 1e4), seed])
+  return {'train/loss': rng.uniform(1.0, 3.0, len(STEPS)),
+          'policy/gold_reward': rng.uniform(-1.0, 1.0, len(STEPS)),
+          'eval/true_kl': rng.uniform(0.1, 0.5, len(STEPS))}
+
+
+def write_run(workdir, *, lr: float, seed: int, last_step: int = 30, nan_at=None,
+              stage: str = 'pretrain') -> dict:
+  """A run directory (config.json, metrics.jsonl up to last_step); returns its curves."""
+  os.makedirs(workdir, exist_ok=True)
+  config = {'stage': stage, 'seed': seed, 'optim': {'lr': lr}, 'train': {'steps': 30},
+            # A per-run path, as a stage started from another run would have.
+            'init': {'run': os.path.join(str(workdir), 'parent')}}
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  curves = curves_for(lr=lr, seed=seed)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for i, step in enumerate(STEPS):
+      if step > last_step:
+        break
+      row = {'step': step, 'perf/step_s': 0.01, **{k: float(v[i]) for k, v in curves.items()}}
+      if step == nan_at:
+        row['train/loss'] = math.nan
+      f.write(json.dumps(row) + '\n')
+  return curves
+
+
+def write_grid(root) -> dict:
+  """2 learning rates x 3 seeds, all finished; {lr: [curves per seed]}."""
+  return {lr: [write_run(root / f'lr{lr}_s{seed}', lr=lr, seed=seed) for seed in SEEDS]
+          for lr in LRS}
+
+
+def run_main(capsys, *argv) -> tuple[int, str, dict | None]:
+  code = compare.main(list(argv))
+  out = capsys.readouterr().out
+  last = out.strip().splitlines()[-1] if code == 0 else None
+  return code, out, json.loads(last) if last else None
+
+
+def expected_interval(values) -> tuple[float, float]:
+  values = np.asarray(values, dtype=np.float64)
+  half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+  return float(np.mean(values)), float(half)
+
+
+def check_grid_numbers(figures: dict, grid: dict) -> None:
+  assert [g['fields'] for g in figures['groups']] == [{'optim.lr': lr} for lr in LRS]
+  for group, lr in zip(figures['groups'], LRS):
+    assert group['n'] == 3
+    for metric, best in (('train/loss', np.min), ('policy/gold_reward', np.max)):
+      got = group['metrics'][metric]
+      final_mean, final_half = expected_interval([c[metric][-1] for c in grid[lr]])
+      best_mean, best_half = expected_interval([best(c[metric]) for c in grid[lr]])
+      np.testing.assert_allclose(
+          [got['final_mean'], got['final_ci95'], got['best_mean'], got['best_ci95']],
+          [final_mean, final_half, best_mean, best_half], rtol=1e-12)
+      assert got['best_mean'] != got['final_mean']  # the curves are not monotone
+
+
+def test_groups_aggregate_over_seeds_with_t_intervals(tmp_path, capsys):
+  grid = write_grid(tmp_path)
+  out_png = tmp_path / 'fig.png'
+  code, out, figures = run_main(capsys, *(str(p) for p in sorted(tmp_path.iterdir())),
+                                METRICS, f'--out={out_png}')
+  assert code == 0
+  check_grid_numbers(figures, grid)
+  assert figures['not_finished'] == []
+  assert 'optim.lr' in out and 'n=3' in out and '±' in out
+  with open(out_png, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_best_direction_follows_the_regex(tmp_path, capsys):
+  grid = write_grid(tmp_path)
+  code, _, figures = run_main(capsys, *(str(p) for p in sorted(tmp_path.iterdir())),
+                              '--metrics=policy/gold_reward', '--higher_is_better=^nothing$',
+                              f'--out={tmp_path / "f.png"}')
+  assert code == 0
+  got = figures['groups'][0]['metrics']['policy/gold_reward']['best_mean']
+  assert got == pytest.approx(np.mean([np.min(c['policy/gold_reward']) for c in grid[LRS[0]]]))
+
+
+def test_unfinished_runs_are_listed_not_aggregated(tmp_path, capsys):
+  grid = write_grid(tmp_path)
+  write_run(tmp_path / 'short', lr=LRS[0], seed=3, last_step=20)
+  write_run(tmp_path / 'nan', lr=LRS[1], seed=4, nan_at=20)
+  code, out, figures = run_main(capsys, *(str(p) for p in sorted(tmp_path.iterdir())),
+                                METRICS, f'--out={tmp_path / "f.png"}')
+  assert code == 0
+  check_grid_numbers(figures, grid)  # n stays 3, means unchanged
+  listed = {os.path.basename(r['workdir']): (r['status'], r['last_step'], r['fields'])
+            for r in figures['not_finished']}
+  assert listed == {'nan': ('failed', 30, {'optim.lr': LRS[1]}),
+                    'short': ('incomplete', 20, {'optim.lr': LRS[0]})}
+  table = out.split('\n{')[0]
+  assert 'incomplete' in table and 'failed' in table
+  assert str(tmp_path / 'short') in table and str(tmp_path / 'nan') in table
+  assert 'aggregates over 6 finished runs; 1 failed, 1 incomplete shown separately' in table
+
+
+def test_manifest_with_failed_and_unstarted_runs(tmp_path, capsys):
+  sweep = tmp_path / 'sweep'
+  grid = write_grid(sweep)
+  write_run(sweep / 'crashed', lr=LRS[0], seed=5)  # full metrics, but the sweep saw it fail
+  runs = [{'name': p.name, 'workdir': p.name, 'overrides': {}, 'status': 'finished',
+           'returncode': 0} for p in sorted(sweep.iterdir())]
+  for run in runs:
+    if run['name'] == 'crashed':
+      run.update(status='failed', returncode=1)
+  runs.append({'name': 'later', 'workdir': 'later', 'overrides': {'optim.lr': 0.01, 'seed': 0},
+               'status': 'pending', 'returncode': None})
+  manifest = sweep / 'manifest.json'
+  (tmp_path / 'copy').mkdir()
+  # In its root (whose recorded name no longer leads there: a moved sweep), given as a
+  # positional file; and a copy elsewhere that finds the runs through its root.
+  cases = (('moved/sweep', manifest, [str(manifest)]),
+           (str(sweep), tmp_path / 'copy' / 'manifest.json',
+            [f'--manifest={tmp_path / "copy" / "manifest.json"}']))
+  for root, path, argv in cases:
+    path.write_text(json.dumps({'config': 'configs/pretrain.py:tiny', 'root': root,
+                                'runs': runs}))
+    code, out, figures = run_main(capsys, *argv, METRICS, f'--out={tmp_path / "f.png"}')
+    assert code == 0
+    check_grid_numbers(figures, grid)
+    listed = {os.path.basename(r['workdir']): (r['status'], r['last_step'], r['manifest_status'],
+                                               r['fields'])
+              for r in figures['not_finished']}
+    assert listed == {'crashed': ('failed', 30, 'failed', {'optim.lr': LRS[0]}),
+                      'later': ('not started', None, 'pending', {'optim.lr': 0.01})}
+    assert 'not started (manifest: pending)' in out
+  # A not-started directory named on the command line is fine when a manifest lists it.
+  code, _, figures = run_main(capsys, f'--manifest={manifest}', str(sweep / 'later'), METRICS,
+                              f'--out={tmp_path / "f.png"}')
+  assert code == 0 and len(figures['not_finished']) == 2
+
+
+def test_grouping_ignores_seed_and_per_run_paths(tmp_path):
+  for seed in SEEDS:
+    write_run(tmp_path / f'a{seed}', lr=1e-3, seed=seed)
+  write_run(tmp_path / 'b', lr=3e-3, seed=0)
+  runs = [compare.load_run(path=str(p)) for p in sorted(tmp_path.iterdir())]
+  groups = compare.group_runs(runs=runs, ignore=list(compare.DEFAULT_IGNORE))
+  assert {key: len(members) for key, members in groups.items()} == {
+      (('optim.lr', 1e-3),): 3, (('optim.lr', 3e-3),): 1}
+  assert compare.ignored_fields(runs=runs, ignore=list(compare.DEFAULT_IGNORE)) == [
+      'init.run', 'seed']
+  # Without the default, every run's own init.run splits it off.
+  assert len(compare.group_runs(runs=runs, ignore=[])) == 4
+  assert list(compare.group_runs(runs=runs, ignore=['optim', 'init.run'])) == [()]
+
+
+def test_default_metrics_and_loop_lengths(tmp_path, capsys):
+  write_grid(tmp_path)
+  code, _, figures = run_main(capsys, *(str(p) for p in sorted(tmp_path.iterdir())),
+                              f'--out={tmp_path / "f.png"}')
+  assert code == 0 and list(figures['groups'][0]['metrics']) == ['eval/true_kl']
+  collapse = {'stage': 'collapse', 'collapse.generations': 5, 'train.steps': 150}
+  rounds = {'stage': 'rlhf_rounds', 'rounds.num': 3}
+  assert compare.expected_last_step(config=collapse) == 4  # steps are generations 0..4
+  assert compare.expected_last_step(config=rounds) == 3  # step 0 is the base, then 1..3
+  assert compare.expected_last_step(config={'stage': 'pipeline'}) is None
+  rows = ({'step': 0}, {'step': 2})
+  unknown = compare.Run(workdir='x', config={'stage': 'pipeline'}, rows=rows)
+  assert compare.step_status(run=unknown) == 'unknown'
+  told = compare.Run(workdir='x', config={'stage': 'pipeline'}, rows=rows,
+                     manifest_status='finished')
+  assert compare.step_status(run=told) == 'finished'
+
+
+def test_a_line_cut_short_at_the_end_is_dropped(tmp_path):
+  write_run(tmp_path / 'r', lr=1e-3, seed=0, last_step=20)
+  with open(tmp_path / 'r' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 30, "train/lo')
+  run = compare.load_run(path=str(tmp_path / 'r'))
+  assert run.last_step == 20 and compare.step_status(run=run) == 'incomplete'
+
+
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+  write_run(tmp_path / 'ok', lr=1e-3, seed=0)
+  (tmp_path / 'broken').mkdir()
+  (tmp_path / 'broken' / 'config.json').write_text('{"stage": ')
+  cases = {'no run logs any of the metrics': [str(tmp_path / 'ok'), '--metrics=nope/x'],
+           'cannot read': [str(tmp_path / 'broken')],
+           'not a regex': [str(tmp_path / 'ok'), '--higher_is_better=(']}
+  for message, argv in cases.items():
+    assert compare.main([*argv, f'--out={tmp_path / "f.png"}']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and message in err[0], err
+
+
+def test_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  env = {**cli_env(), 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-m', 'rlhf_jax.analysis.compare',
+                           str(tmp_path / 'empty')], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f'error: {tmp_path / "empty"} is not a run directory (no config.json)']
+  assert not os.path.exists(os.path.join(REPO, 'compare.png'))
