@@ -1,0 +1,1 @@
+"""AlphaZero-style self-play: games from pgx, search from mctx, a Flax policy-value net."""
