@@ -48,32 +48,9 @@ Anything after -- is appended to the rlhf_jax.main command (e.g. --config.train.
 EOF
 }
 
-die_usage() {
-  echo "error: $*" >&2
-  usage >&2
-  exit 2
-}
-
-# One argument quoted for a POSIX shell, only where it needs quoting; of a --flag=value
-# only the value is quoted.
-quote() {
-  local s=$1 sq="'"
-  if [[ $s =~ ^(--[[:alnum:]_.-]+=)(.*[^[:alnum:]_@%+=:,./-].*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    s=${BASH_REMATCH[2]}
-  fi
-  case $s in
-    '') printf "''" ;;
-    *[![:alnum:]_@%+=:,./-]*) s=${s//$sq/$sq\\$sq$sq}; printf "'%s'" "$s" ;;
-    *) printf '%s' "$s" ;;
-  esac
-}
-
-quote_cmd() {
-  local out='' a
-  for a in "$@"; do out+="${out:+ }$(quote "$a")"; done
-  printf '%s' "$out"
-}
+# die_usage, quote, quote_cmd
+# shellcheck disable=SC1091  # common.sh, beside this script
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Prints the command; runs it unless --dry-run.
 run() {
