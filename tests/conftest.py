@@ -15,9 +15,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # anew) compile the same programs over and over. The key covers the program, the backend,
 # the devices and the XLA flags, so a hit is the very executable a fresh compile would give.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
   import tempfile
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rlhf_jax_xla_cache_')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
 
 import rlhf_jax  # noqa: E402,F401  (adds the project's XLA flag defaults, as every entry point does)
 
