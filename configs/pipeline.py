@@ -18,26 +18,18 @@ Variants:
 Any leaf of any stage can be overridden: --config.stages.ppo.ppo.kl_coef=0.1
 --config.stages.pretrain.train.steps=500.
 """
-import importlib.util
-import os
 
 import ml_collections
 
+from rlhf_jax.config import load_named
+
 ORDER = ('pretrain', 'sft', 'reward_model', 'ppo')
-
-
-def _stage_config(name: str, variant: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def get_config(arg: str = 'tiny'):
   if arg not in ('tiny', 'small'):
     raise ValueError(f'unknown variant {arg!r} of configs/pipeline.py; choose tiny or small')
-  stages = ml_collections.ConfigDict({name: _stage_config(name, arg) for name in ORDER})
+  stages = ml_collections.ConfigDict({name: load_named(name, arg) for name in ORDER})
   # Relative to the pipeline's DIR.
   stages.sft.init.run = 'pretrain'
   stages.reward_model.init.run = 'sft'

@@ -18,18 +18,10 @@ Variants:
 
 Any leaf can be overridden: --config.rounds.rm_data=fresh --config.stages.ppo.ppo.kl_coef=0.1.
 """
-import importlib.util
-import os
 
 import ml_collections
 
-
-def _stage_config(name: str, variant: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+from rlhf_jax.config import load_named
 
 
 def get_config(arg: str = 'tiny'):
@@ -38,7 +30,7 @@ def get_config(arg: str = 'tiny'):
                      'choose tiny, tiny_dpo, tiny_rejection_sampling or small')
   variant = 'small' if arg == 'small' else 'tiny'
   stages = ml_collections.ConfigDict(
-      {name: _stage_config(name, variant) for name in ('reward_model', 'ppo', 'dpo', 'sft')})
+      {name: load_named(name, variant) for name in ('reward_model', 'ppo', 'dpo', 'sft')})
   for stage in stages.values():
     stage.init.run = 'set by the loop'
     stage.train.progress = False

@@ -27,7 +27,6 @@ established.
 """
 import csv
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -59,11 +58,7 @@ SCORE_BATCH = 256  # pairs per forward when scoring (one compiled shape)
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location(
-      'config_reward_model', os.path.join(REPO, 'configs', 'reward_model.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('tiny_ensemble')
+  config = config_lib.load_named('reward_model', 'tiny_ensemble')
   config.init.run = _SFT.value
   config.rm.ensemble = _ENSEMBLE.value
   config.train.update(steps=_STEPS.value, progress=False)

@@ -31,7 +31,6 @@ strong that best-of-n loses gold from n = 2 on (0.081 -> -0.325 at n = 64) and P
 peaks at d 3.5 (0.27) and ends below the SFT policy.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
+from rlhf_jax import config as config_lib
 from rlhf_jax.errors import UserError
 from rlhf_jax.stages import dispatch
 from rlhf_jax.train import runs
@@ -59,11 +59,7 @@ _NS = flags.DEFINE_list('ns', ['1', '2', '4', '8', '16', '32', '64'], 'Best-of-n
 
 
 def stage_config(name: str, variant: str = 'tiny'):
-  spec = importlib.util.spec_from_file_location(f'config_{name}',
-                                                os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return config_lib.load_named(name, variant)
 
 
 def betas() -> list[float]:

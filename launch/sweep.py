@@ -44,7 +44,6 @@ import dataclasses
 import difflib
 import fcntl
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -180,10 +179,8 @@ def load_config(*, spec: str) -> tuple[str, ml_collections.ConfigDict]:
   if not os.path.isfile(path):
     raise SweepError(f'config file {path} does not exist')
   try:
-    module_spec = importlib.util.spec_from_file_location('sweep_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(variant) if colon else module.get_config()
+    from rlhf_jax.config import load_file
+    config = load_file(path, variant if colon else None)
   except Exception as e:  # the config file's own error, e.g. an unknown variant
     raise SweepError(f'cannot load --config={spec}: {_one_line(e)}') from None
   if not isinstance(config, ml_collections.ConfigDict):

@@ -3,12 +3,31 @@
 A config file under `configs/` composes these blocks into one `ConfigDict` and picks
 sizes per variant (`tiny`, `small`, `tpu_*`). Every field is documented where it is made.
 """
+import importlib.util
 import json
 import os
 
 import ml_collections
 
 from rlhf_jax.errors import UserError
+
+# The repository's configs/ folder, for loops and scripts that compose stage configs.
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def load_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(variant) of the config file at `path` (get_config() when variant is None),
+  imported by path as --config=PATH[:VARIANT] does."""
+  name = 'config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if variant is None else module.get_config(variant)
+
+
+def load_named(name: str, variant: str) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(variant)."""
+  return load_file(os.path.join(CONFIGS, f'{name}.py'), variant)
 
 
 def model_block() -> ml_collections.ConfigDict:

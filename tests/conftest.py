@@ -82,12 +82,8 @@ def reward_run(chain, tmp_path_factory):
 
 def load_config(name: str = 'pretrain', variant: str = 'tiny'):
   """configs/<name>.py's get_config(variant), loaded by path as absl would."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f'config_{name}',
-                                                os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  from rlhf_jax.config import load_named
+  return load_named(name, variant)
 
 
 def checkpoint_steps(workdir) -> list[int]:
