@@ -20,7 +20,6 @@ on its own labels, simulation next to closed form), and prints a summary table.
 """
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, REPO)
 
 from rlhf_jax.analysis import collapse_metrics as cm  # noqa: E402
 from rlhf_jax.analysis import collapse_theory as ct  # noqa: E402
+from rlhf_jax.config import load_named  # noqa: E402
 from rlhf_jax.errors import UserError  # noqa: E402
 from rlhf_jax.loops import collapse_bigram as cb  # noqa: E402
 from rlhf_jax.world import language  # noqa: E402
@@ -66,21 +66,11 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def load_config(name: str, variant: str):
-  path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 def real_tables(args):
   """(RealData, vocab size, held-out counts, true log-probs or None, tail) for the engine."""
   width = args.seq_len + 1
   if not args.text:
-    w = load_config('collapse', 'tiny').world
-    lang = language.make_language(seed=w.seed, vocab_size=w.vocab_size, branching=w.branching,
-                                  zipf_a=w.zipf_a, eos_prob=w.eos_prob)
+    lang = language.from_block(load_named('collapse', 'tiny').world)
     heldout = language.sample(lang, key=jax.random.key(0xC012), batch_size=4096,
                               seq_len=width)
     return (cb.RealData.world(lang), lang.vocab_size,
@@ -88,7 +78,7 @@ def real_tables(args):
             cm.world_tail(lang))
   from rlhf_jax.data import collapse_data
   from rlhf_jax.data.sources import make_source
-  config = load_config('collapse', 'tiny')
+  config = load_named('collapse', 'tiny')
   config.data.update(source=f'text:{os.path.abspath(args.text)}', vocab_size=args.vocab_size)
   config.train.seq_len = args.seq_len
   source = make_source(config, workdir=os.path.join(args.out, 'tokenizer'))
@@ -119,7 +109,7 @@ def transformer_rows(args, schedule: str) -> list[dict]:
   from rlhf_jax.stages import dispatch
   rows = []
   for seed in range(args.seeds):
-    config = load_config('collapse', 'tiny')
+    config = load_named('collapse', 'tiny')
     config.seed = seed
     config.train.progress = False
     config.collapse.update(schedule=schedule, generations=args.generations,

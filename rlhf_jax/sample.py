@@ -101,8 +101,7 @@ def main(argv=None) -> None:
   if config.data.source == 'world':
     from rlhf_jax.world import language
     w = config.world
-    lang = language.make_language(seed=w.seed, vocab_size=w.vocab_size, branching=w.branching,
-                                  zipf_a=w.zipf_a, eos_prob=w.eos_prob)
+    lang = language.from_block(w)
     # The chain is order 1: the last prompt token and the response give every term.
     last_and_response = out.tokens[:, -1 - out.response.shape[1]:]
     true_logp = np.asarray(language.token_logprobs(lang, tokens=last_and_response))

@@ -47,16 +47,13 @@ def document_rows(documents, *, width: int) -> np.ndarray:
   return rows
 
 
-def world_real_data(world, *, seed: int, train_rows: int, heldout_rows: int,
-                    width: int) -> RealData:
+def world_real_data(lang: language.Language, *, world_seed: int, seed: int, train_rows: int,
+                    heldout_rows: int, width: int) -> RealData:
   """Fresh true samples: the training pool from the run's seed, the held-out rows from the
   world's own seed (so every run on a world is measured on the same rows)."""
-  lang = language.make_language(seed=world.seed, vocab_size=world.vocab_size,
-                                branching=world.branching, zipf_a=world.zipf_a,
-                                eos_prob=world.eos_prob)
   draw = lambda key, n: np.asarray(language.sample(lang, key=key, batch_size=n, seq_len=width))
   train = draw(jax.random.fold_in(jax.random.key(seed), 0xC011), train_rows)
-  heldout = draw(jax.random.fold_in(jax.random.key(world.seed), 0xC012), heldout_rows)
+  heldout = draw(jax.random.fold_in(jax.random.key(world_seed), 0xC012), heldout_rows)
   return RealData(train=train, heldout=heldout, lang=lang, tokenizer=None)
 
 

@@ -15,9 +15,7 @@ from rlhf_jax.world import language
 class WorldSource:
 
   def __init__(self, *, world, seed: int, batch_size: int, seq_len: int):
-    self.world = language.make_language(
-        seed=world.seed, vocab_size=world.vocab_size, branching=world.branching,
-        zipf_a=world.zipf_a, eos_prob=world.eos_prob)
+    self.world = language.from_block(world)
     self.vocab_size = world.vocab_size
     self.tokenizer = None
     self.batch_size, self.seq_len = batch_size, seq_len

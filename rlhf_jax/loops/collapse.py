@@ -102,21 +102,18 @@ def real_data(config, paths: Paths) -> collapse_data.RealData:
   width = config.train.seq_len + 1
   c = config.collapse
   tokenizer = None
+  lang = None
   if config.data.source == 'world':
+    lang = language.from_block(config.world)
     make = lambda: collapse_data.world_real_data(
-        config.world, seed=config.seed, train_rows=c.samples, heldout_rows=c.heldout_rows,
-        width=width)
+        lang, world_seed=config.world.seed, seed=config.seed, train_rows=c.samples,
+        heldout_rows=c.heldout_rows, width=width)
   else:
     from rlhf_jax.data.sources import make_source
     source = make_source(config, workdir=paths.real + '_tokenizer')
     tokenizer = source.tokenizer
     make = lambda: collapse_data.text_real_data(
         source, width=width, min_heldout=config.train.batch_size)
-  lang = None
-  if config.data.source == 'world':
-    w = config.world
-    lang = language.make_language(seed=w.seed, vocab_size=w.vocab_size, branching=w.branching,
-                                  zipf_a=w.zipf_a, eos_prob=w.eos_prob)
 
   def build():
     data = make()
@@ -193,6 +190,7 @@ class Measure:
       self.tail = jnp.asarray(cm.text_tail(np.asarray(cm.bigram_counts(
           jnp.asarray(real.train), vocab_size=v))))
     self.counts = jax.jit(functools.partial(cm.bigram_counts, vocab_size=v))
+    self._sums = None
 
   def row_stats(self, rows: np.ndarray, prefix: str) -> dict:
     stats = cm.count_statistics(self.counts(jnp.asarray(rows)), rows=len(rows))
@@ -211,16 +209,18 @@ class Measure:
     return out
 
   def model(self, loaded) -> dict:
-    model = loaded.model
+    if self._sums is None:  # every generation has the same model: compile once
+      model = loaded.model
 
-    @jax.jit
-    def sums(params, inputs, targets, segment_ids, positions):
-      logits = model.apply({'params': params}, inputs, segment_ids=segment_ids,
-                           positions=positions).logits
-      return cm.positionwise_model_metrics(
-          log_q=jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), prev=inputs,
-          next=targets, true_logp=self.true_logp, tail=self.tail)
-
+      @jax.jit
+      def sums(params, inputs, targets, segment_ids, positions):
+        logits = model.apply({'params': params}, inputs, segment_ids=segment_ids,
+                             positions=positions).logits
+        return cm.positionwise_model_metrics(
+            log_q=jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), prev=inputs,
+            next=targets, true_logp=self.true_logp, tail=self.tail)
+      self._sums = sums
+    sums = self._sums
     total = None
     b = self.config.train.batch_size
     for lo in range(0, len(self.real.heldout) - b + 1, b):

@@ -167,6 +167,12 @@ def make_language(*, seed: int, vocab_size: int, branching: int, zipf_a: float,
       vocab_size=v)
 
 
+def from_block(world) -> Language:
+  """The language of a config's `world` block (seed, vocab_size, branching, zipf_a, eos_prob)."""
+  return make_language(seed=world.seed, vocab_size=world.vocab_size, branching=world.branching,
+                       zipf_a=world.zipf_a, eos_prob=world.eos_prob)
+
+
 @functools.partial(jax.jit, static_argnames=('batch_size', 'seq_len'))
 def sample(lang: Language, *, key: jax.Array, batch_size: int, seq_len: int) -> jax.Array:
   """[batch_size, seq_len] int32 rows `BOS x1 ... EOS PAD ...`, truncated at seq_len."""

@@ -15,8 +15,7 @@ class World:
 
 def from_config(config) -> World:
   w, r, a = config.world, config.reward, config.annotators
-  lang = language.make_language(seed=w.seed, vocab_size=w.vocab_size, branching=w.branching,
-                                zipf_a=w.zipf_a, eos_prob=w.eos_prob)
+  lang = language.from_block(w)
   gold = reward_lib.make_gold_reward(lang, seed=r.seed, topic=r.topic, length=r.length,
                                      harm=r.harm, num_harmful=r.num_harmful,
                                      topic_dim=r.topic_dim)
