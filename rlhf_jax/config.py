@@ -217,6 +217,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       except UserError as e:
         raise UserError(f'stages.{name}: {e}') from None
     return
+  if 'model' not in config:
+    return  # no language model (self-play): the stage's resolve() checks its own blocks
   m, t, o = config.model, config.train, config.optim
   if m.d_model % m.n_heads:
     raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
@@ -322,8 +324,9 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 # Fields that may differ when a run is resumed: how often it reports or shows progress
-# does not change what it computes. (train.steps may not: it sets the LR schedule.)
-RESUMABLE_FIELDS = ('train.log_every', 'train.progress')
+# does not change what it computes. (train.steps may not: it sets the LR schedule.) Self-play
+# may be given more iterations: its learning rate is constant, so the ones done stand.
+RESUMABLE_FIELDS = ('train.log_every', 'train.progress', 'selfplay.iterations')
 # Fields left at -1 in the config file and filled in by the run.
 UNRESOLVED = ('model.vocab_size',)
 

@@ -48,6 +48,8 @@ def test_docstrings_name_the_expected_variants():
   for path, variant in VARIANTS:
     by_file[os.path.basename(path)].append(variant)
   assert by_file['pretrain.py'] == ['tiny', 'small', 'tpu_v4_32']
+  # Self-play's variants are its games; tic_tac_toe is its CPU-sized one.
+  assert by_file.pop('selfplay.py') == ['tic_tac_toe', 'connect_four', 'go_9x9']
   assert all('tiny' in variants for variants in by_file.values()), by_file
 
 
@@ -67,6 +69,15 @@ def test_variant_builds_validates_and_counts_its_params(path, variant):
   config = load_module(path).get_config(variant)
   assert config.stage in STAGES
   config_lib.validate(config)
+  if config.stage == 'selfplay':  # no language model: its own checks (and no data.source)
+    from rlhf_jax.loops import selfplay
+    selfplay.resolve(config)
+    for field in ('seed', 'train.steps', 'train.batch_size', 'mesh.data', 'mesh.fsdp',
+                  'mesh.tensor'):
+      node = config
+      for part in field.split('.'):
+        node = node[part]  # KeyError: the contract's field is missing
+    return
   # A pipeline is checked stage by stage.
   for stage in (config.stages.values() if 'stages' in config else [config]):
     assert stage.stage in STAGES

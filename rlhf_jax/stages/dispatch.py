@@ -15,6 +15,7 @@ STAGES = {
     'pipeline': 'rlhf_jax.loops.pipeline',
     'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
     'collapse': 'rlhf_jax.loops.collapse',
+    'selfplay': 'rlhf_jax.loops.selfplay',
 }
 
 
