@@ -148,13 +148,15 @@ def _small(config, *, mesh_data: int, mesh_tensor: int):
     config.selfplay.update(games=16, buffer_iterations=2)
     config.search.num_simulations = 4
     config.train.update(steps=3, batch_size=32)
+    config.arena.games = 16
     config.mesh.update(data=mesh_data, tensor=mesh_tensor)
   return config
 
 
 def test_sharded_selfplay_and_training_match_one_device():
   """Games along the data axis of 8 devices against the same batch unsharded (8 devices
-  on the tensor axis, where nothing here is split): equal games, equal updates."""
+  on the tensor axis, where nothing here is split): equal games, equal updates, equal
+  arena results."""
   assert jax.device_count() == 8
   out = []
   for data, tensor in ((8, 1), (1, 8)):
@@ -166,12 +168,17 @@ def test_sharded_selfplay_and_training_match_one_device():
       state = jax.device_put(engine.init_state(root), engine.state_shardings)
       state, figures, _ = selfplay_loop.iteration(engine, state, 1, root)
       trajectory, _ = engine.selfplay(state['train'].params, jax.random.PRNGKey(5))
+      params = state['train'].params
+      match = engine.match('net', 'random', opening_moves=0)(params, params,
+                                                            jax.random.PRNGKey(6))
     if data == 8:
       assert len(trajectory.observation.sharding.device_set) == 8
       assert not trajectory.observation.sharding.is_fully_replicated
-    out.append((jax.device_get(trajectory), figures,
-                jax.device_get(state['train'].params)))
-  (t8, f8, p8), (t1, f1, p1) = out
+    out.append((jax.device_get(trajectory), figures, jax.device_get(params),
+                jax.device_get(match)))
+  (t8, f8, p8, m8), (t1, f1, p1, m1) = out
+  np.testing.assert_array_equal(m8.score, m1.score)
+  np.testing.assert_array_equal(m8.length, m1.length)
   # The same games move by move; search weights equal to float rounding (the params after
   # training differ by the order of the cross-device gradient sum).
   for a, b in zip(jax.tree.leaves(t8), jax.tree.leaves(t1)):
@@ -193,7 +200,7 @@ def test_sharded_selfplay_and_training_match_one_device():
     (('--config.search.num_simulations=0',), 'search.num_simulations=0 must be a positive'),
     (('--config=configs/selfplay.py:connect_four', '--config.arena.opponents=("random", '
       '"perfect")'), "'perfect' player is only known for tic_tac_toe"),
-    (('--config.selfplay.games=100', '--config.mesh.data=8'), 'not divisible by the 8'),
+    (('--config.selfplay.games=100', '--config.mesh.data=8'), 'selfplay.games=100 is not divisible by the 8'),
 ], ids=['unknown-game', 'board-mismatch', 'zero-simulations', 'perfect-connect-four',
         'indivisible-games'])
 def test_bad_input_fails_with_one_line(run_cli, tmp_path, overrides, message):

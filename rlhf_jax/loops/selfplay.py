@@ -105,8 +105,7 @@ class Engine:
     self.mesh = sharding.make_mesh(c.mesh)
     dp = sharding.data_parallel_size(self.mesh, c.mesh)
     for name, value in (('selfplay.games', c.selfplay.games),
-                        ('train.batch_size', c.train.batch_size),
-                        ('arena.games', c.arena.games)):
+                        ('train.batch_size', c.train.batch_size)):
       if value % dp:
         raise UserError(f'{name}={value} is not divisible by the {dp} data-parallel devices')
     axis = sharding.batch_sharding(self.mesh, c.mesh).spec[0]
@@ -114,6 +113,11 @@ class Engine:
     self.along = lambda dim, x: NamedSharding(
         self.mesh, PartitionSpec(*([None] * dim), axis, *([None] * (x.ndim - dim - 1))))
     self.constrain = lambda x: jax.lax.with_sharding_constraint(x, self.along(0, x))
+    # Each player of a match moves in half of its games: they are laid along the data axis
+    # when the halves divide evenly, and otherwise (e.g. 200 games on 8 devices) left to
+    # XLA, which replicates them; a game's moves are the same either way.
+    self.arena_constrain = (self.constrain if c.arena.games % (2 * dp) == 0
+                            else (lambda x: x))
     self.network = networks.make_network(name=c.network.name, num_actions=self.env.num_actions,
                                          width=c.network.width, num_blocks=c.network.num_blocks)
     self.apply_fn = lambda params, obs: self.network.apply({'params': params}, obs)
@@ -207,7 +211,7 @@ class Engine:
       self._matches[key] = jax.jit(arena.make_match(
           env=self.env, act_a=actor(player), act_b=actor(opponent),
           num_games=self.config.arena.games, max_moves=self.game.max_moves,
-          opening_moves=opening_moves, constrain=self.constrain))
+          opening_moves=opening_moves, constrain=self.arena_constrain))
     return self._matches[key]
 
 

@@ -6,7 +6,7 @@ solver, rlhf_jax/selfplay/minimax.py; uniform among optimal moves), 'net' (the n
 most likely legal move, no search) and 'search' (the move a deterministic search picks:
 gumbel_muzero with no Gumbel noise, or muzero with no root noise, greedy in visits).
 In a match, player A moves first in the first half of the games and second in the other
-half; the first `opening_moves` plies of every game are uniformly random, which makes
+half (each player searches only the half where it is to move); the first `opening_moves` plies of every game are uniformly random, which makes
 games between two deterministic players differ.
 """
 from collections.abc import Callable
@@ -62,11 +62,14 @@ def make_actor(kind: str, *, game: str = '', apply_fn: Callable | None = None,
 def make_match(*, env, act_a: Callable, act_b: Callable, num_games: int, max_moves: int,
                opening_moves: int = 0, constrain: Callable = lambda x: x) -> Callable:
   """Returns `match(params_a, params_b, key) -> MatchResult` for `num_games` (even) games
-  played at once. Both players are evaluated on every ply and the mover's move is kept:
-  per game the turn differs, and a batch cannot branch."""
+  played at once: A moves first in the first half of them.
+
+  Turns alternate in every game here (games.GAMES), so on each ply one half of the batch
+  has A to move and the other B: each player runs on its half only, not on all games."""
   init = jax.vmap(env.init)
   step = jax.vmap(env.step)
-  a_first = jnp.arange(num_games) < num_games // 2
+  half = num_games // 2
+  a_first = jnp.arange(num_games) < half
 
   def match(params_a, params_b, key):
     k_init, k_moves = jax.random.split(key)
@@ -79,8 +82,13 @@ def make_match(*, env, act_a: Callable, act_b: Callable, num_games: int, max_mov
       state, score = carry
       t, key = xs
       k_a, k_b, k_open, k_step = jax.random.split(key, 4)
-      action = jnp.where(state.current_player == a_id, act_a(params_a, state, k_a),
-                         act_b(params_b, state, k_b))
+      a_on_first = t % 2 == 0  # A is to move in the first half on even plies
+      pick = lambda x, y: jax.tree.map(lambda u, v: jnp.where(a_on_first, u, v), x, y)
+      first = jax.tree.map(lambda x: x[:half], state)
+      second = jax.tree.map(lambda x: x[half:], state)
+      a_action = act_a(params_a, pick(first, second), k_a)
+      b_action = act_b(params_b, pick(second, first), k_b)
+      action = jnp.concatenate([pick(a_action, b_action), pick(b_action, a_action)])
       action = jnp.where(t < opening_moves, random_action(state, k_open), action)
       on = ~(state.terminated | state.truncated)
       state = jax.tree.map(constrain, step(state, action, jax.random.split(k_step, num_games)))

@@ -1,8 +1,9 @@
 """The board games self-play runs on: a registry of pgx environments by config name.
 
-Every game here is a two-player, alternating, zero-sum pgx env whose observation is a
-[H, W, C] board from the view of the player to move, with a bounded length (pgx ends a
-Go game at 2 * size^2 plies), so a batch of whole games is one fixed-length scan.
+Every game here is a two-player, strictly alternating (a pass is a move), zero-sum pgx env
+whose observation is a [H, W, C] board from the view of the player to move, with a bounded
+length (pgx ends a Go game at 2 * size^2 plies), so a batch of whole games is one
+fixed-length scan, and in a match each side is to move in alternate plies.
 """
 import dataclasses
 
