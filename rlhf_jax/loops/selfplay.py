@@ -15,7 +15,7 @@ Layout of DIR:
   params/iter_<i>.msgpack   each iteration's network, for later arenas
   iterations/iter_<i>_train.json   iteration i's self-play and training figures
   iterations/iter_<i>.json         ... with its arena results (the row of metrics.jsonl)
-  metrics.jsonl, elo.png
+  metrics.jsonl, elo.png, TensorBoard events (the same rows)
 A killed run resumes from its newest checkpoint and, every step being a function of
 (seed, iteration), ends with the numbers of an uninterrupted one.
 """
@@ -309,6 +309,8 @@ def run(config, *, workdir: str) -> None:
       run_state, _ = ckpt.restore(done, state_shardings=engine.state_shardings,
                                   like_state=engine.like_state)
     rows = []
+    from tensorboardX import SummaryWriter  # late: slow to import
+    tb = SummaryWriter(workdir) if jax.process_index() == 0 else None
     for i in range(config.selfplay.iterations + 1):
       timing = {}
       if i > done:
@@ -326,11 +328,18 @@ def run(config, *, workdir: str) -> None:
                **evaluate(engine, workdir, i, params, root)}
         timing['arena'] = time.perf_counter() - start
         records.write_json(summary, row)
+        if tb is not None:
+          for k, v in row.items():
+            if k != 'step':
+              tb.add_scalar(k, v, i)
+          tb.flush()
         print(_progress(i, row, timing), flush=True)
       if os.path.exists(summary):
         rows.append(_read_json(summary))
         records.write_metrics(workdir, rows)
     ckpt.close()
+    if tb is not None:
+      tb.close()
   plot_elo(rows, _path(workdir, 'elo.png'))
   print(table(config, rows), flush=True)
 
