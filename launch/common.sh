@@ -1,6 +1,5 @@
-# Shell helpers shared by launch/tpu_vm.sh and launch/local.sh (sourced, not run).
-# launch/slurm_gpu.sh keeps its own copy: sbatch runs a spooled copy of the script, away
-# from this folder.
+# Shell helpers shared by launch/tpu_vm.sh, launch/local.sh and launch/slurm_gpu.sh
+# (sourced, not run; slurm_gpu.sh finds this file through the submit directory).
 
 # Needs the sourcing script's usage().
 die_usage() {

@@ -12,6 +12,16 @@
 # directory); the header's values are defaults that sbatch flags override.
 set -euo pipefail
 
+# sbatch runs a spooled copy of this file, away from launch/: the repository is the
+# directory the job was submitted from.
+REPO=${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}
+if [[ ! -f $REPO/launch/common.sh ]]; then
+  echo "error: $REPO is not the rlhf_jax repository: submit from its root" >&2
+  exit 2
+fi
+# shellcheck disable=SC1091  # common.sh, in the submit directory
+source "$REPO/launch/common.sh"
+
 usage() {
   cat <<'EOF'
 usage: sbatch [--nodes=N --gpus-per-node=G --time=T ...] launch/slurm_gpu.sh --config=FILE[:VARIANT] --workdir=DIR [--config.a.b=v ...] [--dry-run]
@@ -23,33 +33,6 @@ node sees. Environment: PYTHON (default python; e.g. a venv's python on the shar
 filesystem), PORT (default 20000 + job id mod 10000), DRY_RUN=1 (same as --dry-run:
 print the srun command and each task's command instead of running them).
 EOF
-}
-
-die_usage() {
-  echo "error: $*" >&2
-  usage >&2
-  exit 2
-}
-
-# One argument quoted for a POSIX shell, only where it needs quoting; of a --flag=value
-# only the value is quoted.
-quote() {
-  local s=$1 sq="'"
-  if [[ $s =~ ^(--[[:alnum:]_.-]+=)(.*[^[:alnum:]_@%+=:,./-].*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    s=${BASH_REMATCH[2]}
-  fi
-  case $s in
-    '') printf "''" ;;
-    *[![:alnum:]_@%+=:,./-]*) s=${s//$sq/$sq\\$sq$sq}; printf "'%s'" "$s" ;;
-    *) printf '%s' "$s" ;;
-  esac
-}
-
-quote_cmd() {
-  local out='' a
-  for a in "$@"; do out+="${out:+ }$(quote "$a")"; done
-  printf '%s' "$out"
 }
 
 DRY_RUN=${DRY_RUN:-0}
@@ -83,7 +66,7 @@ NUM_PROCESSES=${SLURM_NTASKS:-${SLURM_NNODES:-1}}
 # A port per job, so that two jobs sharing a head node do not collide.
 PORT=${PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 10000 ))}
 PYTHON=${PYTHON:-python}
-cd "${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}"
+cd "$REPO"
 
 COMMON=("$PYTHON" -m rlhf_jax.main "${ARGS[@]}" --coordinator="$HEAD:$PORT"
         --num_processes="$NUM_PROCESSES")
