@@ -13,10 +13,6 @@ import pytest
 from rlhf_jax.selfplay import arena, elo, minimax, networks, play, replay, search
 
 
-def _winner(board) -> int:
-  return minimax.winner(board)
-
-
 @pytest.fixture(scope='module')
 def ttt():
   env = pgx.make('tic_tac_toe')
@@ -61,7 +57,7 @@ def test_selfplay_records_legal_games_and_their_true_outcomes(trajectory):
       assert board[a] == 0
       outcomes.append((ply, mover))
       board = minimax.play(board, a)
-    winner = _winner(board)
+    winner = minimax.winner(board)
     assert t.length[b] == len(outcomes) and t.finished[b]
     assert t.outcome[b] == {0: 0, 1: 1, 2: -1}[winner]
     for ply, mover in outcomes:

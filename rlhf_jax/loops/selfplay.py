@@ -179,14 +179,14 @@ class Engine:
                                             / valid.sum()}
       return t, stats
 
-    like_traj = jax.eval_shape(selfplay, self._abstract_params(), jax.random.PRNGKey(0))
+    like = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+    self.like_state = like
+    self.state_shardings = self.shardings(like)
+    like_traj = jax.eval_shape(selfplay, like['train'].params, jax.random.PRNGKey(0))
     self.selfplay = jax.jit(
         selfplay_with_stats, in_shardings=(self.replicated, self.replicated),
         out_shardings=(jax.tree.map(lambda x: self.along(1, x) if x.ndim > 1
                                     else self.along(0, x), like_traj), self.replicated))
-    like = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
-    self.like_state = like
-    self.state_shardings = self.shardings(like)
     train_sh, replay_sh = self.state_shardings['train'], self.state_shardings['replay']
     self.add = jax.jit(lambda buffer, trajectory, slot: replay_lib.add(buffer, trajectory,
                                                                        slot=slot),
@@ -195,11 +195,6 @@ class Engine:
                                 batch_size=c.train.batch_size,
                                 weight_decay=c.selfplay.weight_decay, constrain=self.constrain)
     self.step = jax.jit(step, donate_argnums=0, out_shardings=(train_sh, self.replicated))
-
-  def _abstract_params(self):
-    return jax.eval_shape(lambda k: networks.init_params(
-        network=self.network, observation_shape=self.env.observation_shape, key=k),
-        jax.random.PRNGKey(0))
 
   def match(self, player: str, opponent: str, *, opening_moves: int):
     """The jitted match of `player` against `opponent` (a fixed opponent, or the same
@@ -254,13 +249,15 @@ def lag_iteration(config, i: int, lag: int) -> int:
   """The iteration `lag` evaluations before i on the grid of multiples of arena.every
   (always evaluated), or -1 before iteration 0."""
   every = config.arena.every
-  return (-(-i // every) - lag) * every if -(-i // every) - lag >= 0 else -1
+  k = -(-i // every) - lag  # ceil(i / every) evaluations on the grid, less the lag
+  return k * every if k >= 0 else -1
 
 
 def evaluate(engine: Engine, workdir: str, i: int, params, root) -> dict:
   """Iteration i's arena results and Elo ratings, keyed arena/<player>_vs_<opponent>/*."""
   c = engine.config
   row, like = {}, jax.device_get(params)
+  earlier = {}  # iteration -> params: both players meet the same checkpoints
   for p, player in enumerate(c.arena.players):
     results, ratings = [], []
     # (label, opponent kind, its iteration or None, opening plies, a fixed slot for its key)
@@ -271,7 +268,9 @@ def evaluate(engine: Engine, workdir: str, i: int, params, root) -> dict:
         opponents.append((f'lag_{lag}', player, j, c.arena.opening_moves,
                           len(FIXED_OPPONENTS) + o))
     for label, kind, j, openings, slot in opponents:
-      other = params if j is None else load_params(workdir, j, like)
+      if j is not None and j not in earlier:
+        earlier[j] = load_params(workdir, j, like)
+      other = params if j is None else earlier[j]
       # Keyed by (iteration, player, opponent slot) only, so that a result does not depend
       # on which other matches were played (arena.every, the lags that exist yet).
       key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, _ARENA), i),
