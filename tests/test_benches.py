@@ -1,6 +1,7 @@
 """The benchmarks run from the CLI on `tiny` sizes and their JSON figures agree with an
 independent count: train FLOPs per token from the layer shapes, decoded tokens from the
-loop's steps, the collapse bench's ratio from its two timings."""
+loop's steps, the collapse and self-play benches' ratios from their two timings (and the
+self-play bench's two update schedules giving the same parameters)."""
 import json
 import subprocess
 import sys
@@ -48,3 +49,11 @@ def test_collapse_bench():
   # One device per core of this host, as many as divide the seeds.
   import os
   assert f['devices'] == max(d for d in range(1, os.cpu_count() + 1) if 2 % d == 0)
+
+
+def test_selfplay_update_bench():
+  f = run('rlhf_jax.bench_selfplay', '--variant=tic_tac_toe', '--updates=3', '--repeats=1')
+  assert f['variant'] == 'tic_tac_toe' and f['updates'] == 3 and f['batch_size'] == 256
+  assert abs(f['ratio'] - f['scan_s'] / f['loop_s']) <= 1e-9 * f['ratio']
+  # The two run the same updates on the same batches: equal parameters up to rounding.
+  assert f['max_param_diff'] < 1e-5
