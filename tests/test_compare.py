@@ -193,6 +193,26 @@ def test_default_metrics_and_loop_lengths(tmp_path, capsys):
   assert compare.step_status(run=told) == 'finished'
 
 
+def test_a_finished_selfplay_run_is_finished(tmp_path):
+  """Self-play logs its evaluated iterations 0, every, ..., iterations (the last always),
+  not train.steps (its updates per iteration): the rows a finished run writes are finished,
+  one evaluation short is incomplete."""
+  from conftest import load_config
+  from rlhf_jax.config import to_dict
+  from rlhf_jax.loops.selfplay import evaluated
+  config = load_config('selfplay', 'tic_tac_toe')
+  flat = compare.flatten(tree=to_dict(config))
+  n = config.selfplay.iterations
+  assert n != config.train.steps  # else the old table's default would pass by luck
+  logged = [{'step': i} for i in range(n + 1) if evaluated(config, i)]
+  assert logged[-1]['step'] == n
+  finished = compare.Run(workdir='x', config=flat, rows=tuple(logged))
+  assert compare.expected_last_step(config=flat) == n
+  assert compare.step_status(run=finished) == 'finished'
+  short = compare.Run(workdir='x', config=flat, rows=tuple(logged[:-1]))
+  assert compare.step_status(run=short) == 'incomplete'
+
+
 def test_a_line_cut_short_at_the_end_is_dropped(tmp_path):
   write_run(tmp_path / 'r', lr=1e-3, seed=0, last_step=20)
   with open(tmp_path / 'r' / 'metrics.jsonl', 'a') as f:

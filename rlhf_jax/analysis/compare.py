@@ -50,9 +50,6 @@ from rlhf_jax.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_IGNORE = ('workdir', 'init.run', 'rm_run', 'init_run')
 DEFAULT_HIGHER_IS_BETTER = r'reward|accuracy|acc$|win|elo'
-# Loops log one line per generation (step g, from 0) or per round (step r + 1 after the
-# base model's step 0); their train.steps, where present, is each inner stage's length.
-LOOP_LENGTH = {'collapse': ('collapse.generations', -1), 'rlhf_rounds': ('rounds.num', 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +154,10 @@ def read_manifest(*, path: str) -> list[Run]:
 
 
 def expected_last_step(*, config: dict) -> int | None:
-  """The step a finished run logs last, or None when the config does not say."""
-  key, offset = LOOP_LENGTH.get(config.get('stage'), ('train.steps', 0))
-  length = config.get(key)
-  return length + offset if isinstance(length, int) else None
+  """The step a finished run logs last, or None when the config does not say: what the
+  stage's module declares (a loop logs per round or generation, not per train step)."""
+  from rlhf_jax.stages import dispatch  # late: stage modules import jax
+  return dispatch.last_logged_step(config)
 
 
 def _is_number(value) -> bool:

@@ -61,6 +61,12 @@ SCHEDULES = {name: functools.partial(_generation_parts, name)
              for name in ('replace', 'accumulate', 'mix')}
 
 
+def last_logged_step(flat: dict) -> int | None:
+  """Generations 0..G-1 log one line each (step g); train.steps is each generation's."""
+  g = flat.get('collapse.generations')
+  return g - 1 if isinstance(g, int) else None
+
+
 def resolve(config) -> None:
   c = config.collapse
   if c.schedule not in SCHEDULES:

@@ -45,6 +45,12 @@ SCORE_CHUNK = 1024  # rows per reward-model forward (one compiled shape)
 RM_DATA = ('all', 'fresh')
 
 
+def last_logged_step(flat: dict) -> int | None:
+  """Step 0 is the base policy, then one line per round (step r + 1)."""
+  n = flat.get('rounds.num')
+  return n if isinstance(n, int) else None
+
+
 def resolve(config) -> None:
   """Checks the loop's own fields before anything runs."""
   r = config.rounds

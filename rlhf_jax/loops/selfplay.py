@@ -49,6 +49,13 @@ def _positive_int(name: str, value) -> None:
     raise UserError(f'{name}={value!r} must be a positive integer')
 
 
+def last_logged_step(flat: dict) -> int | None:
+  """One line per evaluated iteration, the last iteration always evaluated (step i);
+  train.steps is the updates of each iteration."""
+  n = flat.get('selfplay.iterations')
+  return n if isinstance(n, int) else None
+
+
 def resolve(config) -> None:
   """Every check that needs no devices: names, counts, and the network's board."""
   s, n, a = config.selfplay, config.network, config.arena

@@ -37,7 +37,23 @@ def prepare_workdir(workdir: str) -> str:
 def module(config):
   if config.stage not in STAGES:
     raise UserError(f'config.stage={config.stage!r} is not one of {sorted(STAGES)}')
-  return importlib.import_module(STAGES[config.stage])
+  return module_of(config.stage)
+
+
+def last_logged_step(flat: dict) -> int | None:
+  """The step a finished run of the flattened config `flat` logs last (None when the config
+  does not say). A stage or loop module that does not log one line per train step
+  declares `last_logged_step(flat)`; the others end at train.steps."""
+  stage = flat.get('stage')
+  declared = getattr(module_of(stage), 'last_logged_step', None) if stage in STAGES else None
+  if declared is not None:
+    return declared(flat)
+  steps = flat.get('train.steps')
+  return steps if isinstance(steps, int) else None
+
+
+def module_of(stage: str):
+  return importlib.import_module(STAGES[stage])
 
 
 def run(config, workdir: str) -> None:
