@@ -1,5 +1,6 @@
 """Tests for the true language against independent float64 NumPy computations."""
 import itertools
+import math
 
 import jax
 import numpy as np
@@ -41,7 +42,7 @@ def reference_token_logprobs(p, tokens):
   for b in range(tokens.shape[0]):
     for t in range(tokens.shape[1] - 1):
       prev, nxt = tokens[b, t], tokens[b, t + 1]
-      if nxt == PAD_ID or prev in (EOS_ID, PAD_ID):
+      if prev in (EOS_ID, PAD_ID):  # the row has ended: padding is not scored
         continue
       out[b, t] = np.log(p[prev, nxt]) if p[prev, nxt] > 0 else -np.inf
   return out
@@ -190,6 +191,53 @@ def test_token_logprobs_match_reference(cfg_name, request):
   probs = np.asarray(language.next_token_probs(lang, prev=prev))
   assert probs.shape == (2, 3, lang.vocab_size)
   np.testing.assert_allclose(probs, p[prev], atol=1e-6)
+
+
+def test_enumerated_rows_pad_is_free_only_after_eos():
+  """Every row of width 5 over a 7-token world, scored against a plain-Python walk of the
+  transition table: a PAD right after BOS or a content token is impossible (-inf), a PAD
+  after EOS or PAD is free, and the rows the true language can emit (PAD only after the
+  end) carry total probability exactly one."""
+  lang = language.make_language(seed=3, vocab_size=7, branching=3, zipf_a=1.1, eos_prob=0.3)
+  table = {}  # (prev, next) -> probability, entry by entry from the sparse lists
+  for s, (succ, logp) in enumerate(zip(np.asarray(lang.succ).tolist(),
+                                       np.asarray(lang.logp, np.float64).tolist())):
+    for t, lp in zip(succ, logp):
+      table[s, t] = table.get((s, t), 0.0) + math.exp(lp)
+  assert table.get((BOS_ID, PAD_ID), 0.0) == 0.0 and table[EOS_ID, PAD_ID] == 1.0
+
+  def python_logp(row):
+    total = 0.0
+    for prev, nxt in zip(row, row[1:]):
+      if prev in (EOS_ID, PAD_ID):
+        continue
+      p = table.get((prev, nxt), 0.0)
+      if p == 0.0:
+        return -math.inf
+      total += math.log(p)
+    return total
+
+  rows = np.array([(BOS_ID, *r) for r in itertools.product(range(7), repeat=4)], np.int32)
+  got = np.asarray(language.sequence_logprob(lang, tokens=rows), np.float64)
+  want = np.array([python_logp(r) for r in rows.tolist()])
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=1e-5)
+
+  by_row = {tuple(r): g for r, g in zip(rows.tolist(), got)}
+  x = int(np.asarray(lang.succ)[BOS_ID, 0])  # a content token BOS can emit
+  y = next(t for t in range(3, 7) if table.get((x, t), 0.0) > 0)
+  assert by_row[BOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID] == -np.inf
+  assert by_row[BOS_ID, x, PAD_ID, PAD_ID, PAD_ID] == -np.inf
+  assert by_row[BOS_ID, x, y, PAD_ID, PAD_ID] == -np.inf
+  assert by_row[BOS_ID, x, PAD_ID, y, EOS_ID] == -np.inf
+  ended = math.log(table[BOS_ID, x]) + math.log(table[x, EOS_ID])
+  assert by_row[BOS_ID, x, EOS_ID, PAD_ID, PAD_ID] == pytest.approx(ended, abs=1e-6)
+
+  # The true language pads only after EOS; rows cut off at the width carry the rest of
+  # the mass. Scoring a mid-row PAD as free would add p(BOS x1 .. xk) for each cut.
+  emittable = [all(t == PAD_ID for t in r[r.index(EOS_ID) + 1:]) if EOS_ID in r else True
+               for r in rows.tolist()]
+  assert np.exp(got[emittable]).sum() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_entropy_rate_matches_monte_carlo(tiny):

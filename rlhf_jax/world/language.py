@@ -194,15 +194,21 @@ def sample(lang: Language, *, key: jax.Array, batch_size: int, seq_len: int) -> 
 def token_logprobs(lang: Language, *, tokens: jax.Array) -> jax.Array:
   """[B, T-1] float32 log p_true(tokens[:, t+1] | tokens[:, t]).
 
-  0 where the target is PAD or the previous token is EOS/PAD (nothing is scored after
-  the end); -inf where the target is not a successor of the previous token.
+  0 where the previous token is EOS or PAD: a row ends at its EOS, and what follows is
+  padding, not scored (the table puts PAD there with probability one). Elsewhere the
+  table decides, PAD included: -inf where the target is not a successor of the previous
+  token, so a PAD right after BOS or a content token (a row cut short without its EOS,
+  or a model sample that emits PAD mid-sequence) has p_true = 0, as under the true
+  language, which never emits it there. A consumer summing these gets -inf for such a
+  row; the true-KL estimates (`eval/true_kl`, `collapse/true_kl`) score only fresh true
+  samples, which never hold one, so they stay finite.
   """
   tokens = jnp.asarray(tokens, dtype=jnp.int32)
   prev, nxt = tokens[:, :-1], tokens[:, 1:]
   match = lang.succ[prev] == nxt[..., None]  # [B, T-1, K]
   # Successors in a used row are distinct, so at most one column matches.
   lp = jnp.max(jnp.where(match, lang.logp[prev], -jnp.inf), axis=-1)
-  ignore = (nxt == PAD_ID) | (prev == EOS_ID) | (prev == PAD_ID)
+  ignore = (prev == EOS_ID) | (prev == PAD_ID)
   return jnp.where(ignore, 0.0, lp).astype(jnp.float32)
 
 
