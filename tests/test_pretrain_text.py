@@ -67,3 +67,29 @@ def test_text_pretraining_learns_the_corpus(run_cli, tmp_path):
   said = [w.strip('.') for text in texts for w in text.split()]
   # After 60 steps, at temperature 0.5, most sampled words are words of the corpus.
   assert said and sum(w in words for w in said) >= 0.8 * len(said), texts
+
+
+def test_invalid_bytes_are_reported_in_metrics_and_the_first_line(run_cli, tmp_path):
+  """Two text files with 4 and 3 bytes that are not UTF-8, and a binary file: step 0 of
+  metrics.jsonl and the run's first line say 7 bytes replaced and 1 file skipped."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for name, docs, bad in (('a.txt', 200, 4), ('b.txt', 100, 3)):
+    write_corpus(corpus / name, docs=docs, seed=len(name) + docs)
+    data = (corpus / name).read_bytes()
+    # After the first `bad` full stops: inside a sentence, never in a document break.
+    (corpus / name).write_bytes(data.replace(b'.', b'.\xff', bad))
+  (corpus / 'index.dat').write_bytes(bytes(range(256)) * 4)  # NUL bytes: skipped
+  workdir = tmp_path / 'run'
+  result = run_cli('--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
+                   f'--config.data.source=text:{corpus}', '--config.data.vocab_size=300',
+                   '--config.train.steps=2', '--config.train.eval_every=2',
+                   '--config.train.log_every=2', '--config.train.ckpt_every=2',
+                   '--config.train.eval_batches=1', '--config.train.progress=False')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.splitlines()[0] == (
+      f'data: 300 documents from text:{corpus} (7 invalid UTF-8 bytes replaced, '
+      '1 files skipped)')
+  first = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[0])
+  assert first['step'] == 0
+  assert first['data/invalid_bytes_replaced'] == 7 and first['data/skipped_files'] == 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax.data import packing
 from rlhf_jax.data import text_files
 from rlhf_jax.data import tfds_source
@@ -219,6 +220,14 @@ def _read_documents(
                      'skipped_files': 0}
 
 
+def read_report(*, source: str, stats: Mapping[str, int]) -> str:
+  """The one line a run prints when it has read its text (`documents`, both splits;
+  `invalid_bytes_replaced`; `skipped_files`), so damaged input is visible before training."""
+  return (f'data: {stats["documents"]} documents from {source} '
+          f'({stats["invalid_bytes_replaced"]} invalid UTF-8 bytes replaced, '
+          f'{stats["skipped_files"]} files skipped)')
+
+
 def _capped(texts: Sequence[str], max_chars: int) -> list[str]:
   out, total = [], 0
   for text in texts:
@@ -249,7 +258,7 @@ def make_corpus_source(
   of) the training documents only and saved in `workdir`; when it is already
   there it is reused, so a resumed run tokenizes identically. With `tfds:` and
   a non-empty `tfds_eval_split`, that split is the held-out set and
-  `eval_fraction` is not used.
+  `eval_fraction` is not used. Process 0 prints `read_report`'s line.
   """
   kind = source.partition(':')[0]
   if kind not in ('text', 'tfds') or ':' not in source:
@@ -269,6 +278,10 @@ def make_corpus_source(
     train_idx, _ = split_train_eval(
         num_documents=len(documents), eval_fraction=eval_fraction, seed=seed)
     train_documents = [documents[i] for i in train_idx]
+  if distributed.is_primary():
+    # Before the tokenizer trains: the first thing the run says is what it read.
+    print(read_report(source=source, stats={
+        'documents': len(documents) + len(eval_documents or ()), **read_stats}), flush=True)
 
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -113,6 +113,10 @@ def run(config, *, workdir: str, source=None, init_params=None) -> None:
   if setup.source.world is not None:
     static = {'world/entropy_rate': setup.source.stats['entropy_rate'],
               'world/expected_length': setup.source.stats['expected_length']}
+  # What reading a text corpus repaired or left out (a loop's row source has no such count).
+  static.update({f'data/{k}': setup.source.stats[k]
+                 for k in ('invalid_bytes_replaced', 'skipped_files')
+                 if k in setup.source.stats})
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir, tokens_per_step=config.train.batch_size * config.train.seq_len)
   with sharding.activate(setup.mesh, config.mesh):
