@@ -13,6 +13,8 @@ Variants:
 
 Real text: --config.data.source=text:PATH --config.data.vocab_size=1000 (true KL is then
 not defined; perplexity and tail mass are measured on the corpus's held-out documents).
+Generation 0 trains on `collapse.samples` training documents drawn at random with the run's
+seed (all of them if there are fewer; DIR/real/lineage.json says how many).
 Any leaf can be overridden: --config.collapse.init=finetune --config.collapse.temperature=0.9.
 """
 import ml_collections

@@ -163,6 +163,7 @@ def test_mix_trains_on_fresh_real_and_samples(run_cli, tmp_path):
   assert not np.array_equal(fresh, rows_of(workdir / 'real')[:24])
   check_stats(rows[2], 'data', np.concatenate([fresh, rows_of(workdir / 'gen_1' / 'samples')[:72]]))
   assert [r['collapse/data_rows'] for r in rows] == [96, 96, 96]
+  assert [r['collapse/data_real_rows'] for r in rows] == [96, 24, 24]
 
 
 def test_text_corpus_has_no_true_kl(run_cli, tmp_path):
@@ -171,19 +172,120 @@ def test_text_corpus_has_no_true_kl(run_cli, tmp_path):
   rng = np.random.default_rng(0)
   words = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ran', 'far', 'away', 'zebra']
   docs = [' '.join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(400)]
-  (corpus / 'a.txt').write_text('\n%\n'.join(docs) + '\n')
+  text = '\n%\n'.join(docs).encode() + b'\n'
+  # Five bytes that are not UTF-8: three lone 0xff and a 0xfe pair, inside documents.
+  for pos, bad in ((100, b'\xff'), (900, b'\xff'), (2000, b'\xfe\xfe'), (3000, b'\xff')):
+    text = text[:pos] + bad + text[pos:]
+  (corpus / 'a.txt').write_bytes(text)
   (corpus / 'a.dat').write_bytes(bytes(range(256)) * 4)  # a binary index file, skipped
   workdir = tmp_path / 'text'
   result = run_cli(*SMALL, f'--workdir={workdir}', f'--config.data.source=text:{corpus}',
                    '--config.data.vocab_size=320', '--config.data.eval_fraction=0.2')
   assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines()[0] == (
+      f'data: 400 documents from text:{corpus} (5 invalid UTF-8 bytes replaced, '
+      '1 files skipped)')
   rows = metrics(workdir)
   assert all('collapse/true_kl' not in r for r in rows)
+  assert rows[0]['data/invalid_bytes_replaced'] == 5 and rows[0]['data/skipped_files'] == 1
+  # Generation 0 trains on collapse.samples of the 320 training documents, recorded as such.
+  lineage = json.load(open(workdir / 'real' / 'lineage.json'))
+  assert lineage['rows'] == 320 and lineage['selected_rows'] == 96
+  assert parts(workdir, 0) == [('real', 96)]
+  assert [r['collapse/data_real_rows'] for r in rows] == [96, 0]
+  check_stats(rows[0], 'data', rows_of(workdir / 'real')[:96])
   heldout = np.load(workdir / 'real' / 'heldout.npy')
   check_stats(rows[0], 'real', heldout)
   evals = [json.loads(l) for l in open(workdir / 'gen_0' / 'model' / 'metrics.jsonl')]
   final = [e for e in evals if 'eval/perplexity' in e][-1]
   assert rows[0]['collapse/perplexity'] == pytest.approx(final['eval/perplexity'], rel=2e-5)
+
+
+def distinct_docs(n, seed=0) -> list[str]:
+  """n distinct short documents (well under a 65-token row, so no two rows coincide), with
+  words enough to fill a 300-piece vocabulary (so the tokenizer reloads as is)."""
+  rng = np.random.default_rng(seed)
+  words = ('the cat sat on a mat dog ran far away zebra quietly under bright yellow '
+           'window garden river stone market evening morning kettle lantern orchard '
+           'pebble harbour meadow thunder velvet whisper').split()
+  docs = {}
+  while len(docs) < n:
+    doc = ' '.join(rng.choice(words, size=rng.integers(3, 12)))
+    docs[doc] = None
+  return list(docs)
+
+
+def numpy_text_tail(rows, vocab, fraction=0.1) -> set:
+  """The rarest emitted tokens of `rows` (collapse_metrics' text tail), counted in NumPy."""
+  prev, nxt = rows[:, :-1].ravel(), rows[:, 1:].ravel()
+  counts = np.bincount(nxt[(nxt != 0) & (prev != 0) & (prev != 2)], minlength=vocab)
+  ranked = sorted(range(2, vocab), key=lambda t: (counts[t], -t))  # rarest, then high id
+  share = np.cumsum(counts[ranked]) / counts.sum()
+  return set(ranked[:int((share <= fraction).sum())])
+
+
+def test_text_real_rows_are_a_seeded_draw_and_set_the_tail(tmp_path):
+  from conftest import load_config
+  from rlhf_jax.data.corpus import split_train_eval
+  from rlhf_jax.data.tokenizer import load_tokenizer
+  from rlhf_jax.loops import collapse
+
+  corpus = tmp_path / 'corpus.txt'
+  docs = distinct_docs(400)
+  corpus.write_text('\n%\n'.join(docs) + '\n')
+
+  def real(name, *, seed=0, samples=96):
+    config = load_config('collapse', 'tiny')
+    config.seed = seed
+    config.data.update(source=f'text:{corpus}', vocab_size=300, eval_fraction=0.2)
+    config.collapse.samples = samples
+    data, lineage = collapse.real_data(config, collapse.Paths(str(tmp_path / name)))
+    return config, data, lineage
+
+  def file_order_rows(name, seed):
+    """The training documents' rows in file order, built here from the documents."""
+    tok = load_tokenizer(model_path=str(tmp_path / name / 'real_tokenizer' / 'tokenizer.model'))
+    train_idx, _ = split_train_eval(num_documents=len(docs), eval_fraction=0.2, seed=seed)
+    rows = np.zeros((len(train_idx), 65), np.int32)
+    for i, d in enumerate(train_idx):
+      ids = [1, *tok.encode(docs[d]), 2]
+      rows[i, :len(ids)] = ids
+    return rows
+
+  config, data, lineage = real('a')
+  pool = file_order_rows('a', 0)
+  index = {tuple(r): i for i, r in enumerate(pool.tolist())}
+  assert len(index) == len(pool) == 320
+  # The stored pool is every training document once, in a new order.
+  order = [index[tuple(r)] for r in data.train.tolist()]
+  assert sorted(order) == list(range(320))
+  picked = order[:96]
+  assert lineage['selected_rows'] == 96 and len(data.selected) == 96
+  np.testing.assert_array_equal(data.selected, pool[picked])
+  assert picked != list(range(96)) and max(picked) >= 96  # not the file prefix
+
+  # Same seed: the same draw, whether read back (resume) or made afresh; another seed
+  # draws other documents.
+  _, again, _ = real('a')
+  _, fresh, _ = real('b')
+  np.testing.assert_array_equal(again.train, data.train)
+  np.testing.assert_array_equal(fresh.selected, data.selected)
+  _, other, _ = real('c', seed=1)
+  assert ({tuple(r) for r in other.selected.tolist()} !=
+          {tuple(r) for r in data.selected.tolist()})
+
+  # The tail is the selected rows' rarest tokens, not the whole corpus's.
+  v = data.vocab_size
+  tail = np.asarray(collapse.Measure(config, data).tail)
+  want = numpy_text_tail(pool[picked], v)
+  assert want and set(np.flatnonzero(tail[0])) == want
+  assert (tail == tail[0]).all()
+  assert want != numpy_text_tail(pool, v)
+
+  # A corpus with fewer training documents than collapse.samples trains on all of them,
+  # and says so.
+  _, small, lineage = real('d', samples=1000)
+  assert lineage['selected_rows'] == len(small.selected) == 320
 
 
 @pytest.mark.parametrize('override, message', [

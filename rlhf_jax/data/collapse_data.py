@@ -18,6 +18,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.world import language
 
 PAD_ID, BOS_ID, EOS_ID = language.PAD_ID, language.BOS_ID, language.EOS_ID
+# The stream of the run's seed that orders a corpus's training documents (`seeded_order`).
+_SELECT_STREAM = 0xC013
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +29,19 @@ class RealData:
   heldout:      [H, W] int32 real rows every generation is measured on, never trained on.
   lang:         the true language (world data), or None (text).
   tokenizer:    the corpus's tokenizer (text), or None (world).
+  selected_rows: how many leading rows of `train` are the real rows generation 0 (and
+                accumulate's every generation) trains on; None: all of them.
   """
   train: np.ndarray
   heldout: np.ndarray
   lang: language.Language | None
   tokenizer: object | None
+  selected_rows: int | None = None
+
+  @property
+  def selected(self) -> np.ndarray:
+    """[selected_rows, W] the real rows trained on (the text tail is computed from them)."""
+    return self.train if self.selected_rows is None else self.train[:self.selected_rows]
 
   @property
   def vocab_size(self) -> int:
@@ -66,6 +76,12 @@ def text_real_data(source, *, width: int, min_heldout: int) -> RealData:
     raise UserError(f'the text corpus has {len(heldout)} held-out documents, fewer than one '
                     'batch; raise data.eval_fraction or use more text')
   return RealData(train=train, heldout=heldout, lang=None, tokenizer=source.tokenizer)
+
+
+def seeded_order(num_rows: int, *, seed: int) -> np.ndarray:
+  """[num_rows] a permutation that depends on `seed` only; its first n entries are a uniform
+  random draw of n rows without replacement (a corpus's real rows, not its file prefix)."""
+  return np.random.default_rng([seed % 2**64, _SELECT_STREAM]).permutation(num_rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,11 @@ predecessors sampled, mixed with real data as the schedule says (`SCHEDULES`).
 
 Layout of DIR (configs/collapse.py):
   real/               the real rows (`rows`, the pool generations train on) and the fixed
-                      held-out real rows (`heldout`); a text corpus's tokenizer beside them
+                      held-out real rows (`heldout`); a text corpus's tokenizer beside them.
+                      On text, `rows` holds the corpus's training documents in a seeded
+                      random order (`collapse_data.seeded_order`, the run's seed), and the
+                      first `selected_rows` of them (lineage: min(collapse.samples,
+                      documents)) are the real rows generations train on
   gen_<g>/data.json   what generation g trains on: array-store folders and row counts
   gen_<g>/fresh/      the fresh real rows of generation g (schedule `mix` only)
   gen_<g>/model/      generation g's pretraining run (config.json, metrics.jsonl,
@@ -16,9 +20,12 @@ Layout of DIR (configs/collapse.py):
 Per generation (definitions in rlhf_jax/analysis/collapse_metrics.py): the model's
 collapse/true_kl (world only), collapse/perplexity and collapse/tail_mass on the held-out
 real rows; collapse/sample_* statistics (distinct_1, distinct_2, unigram_entropy,
-mean_length) of its samples and collapse/data_* of the rows it trained on. Step 0 also
-logs the held-out real rows' own statistics (collapse/real_*) and, on the world, the true
-model's tail mass (collapse/true_tail_mass).
+mean_length) of its samples and collapse/data_* of the rows it trained on, with
+collapse/data_rows (all of them) and collapse/data_real_rows (the real ones). Step 0 also
+logs the held-out real rows' own statistics (collapse/real_*), on the world the true
+model's tail mass (collapse/true_tail_mass), and on text what reading the corpus found
+(data/invalid_bytes_replaced, data/skipped_files). The text tail is the rarest tokens of
+the real rows generation 0 trains on, not of the whole corpus.
 """
 import copy
 import dataclasses
@@ -45,18 +52,21 @@ from rlhf_jax.world import language
 INITS = ('scratch', 'finetune')
 
 
-def _generation_parts(schedule: str, paths: 'Paths', g: int, m: int, fraction: float) -> list:
+def _generation_parts(schedule: str, paths: 'Paths', g: int, m: int, fraction: float, *,
+                      real_rows: int) -> list:
+  """`real_rows`: the selected real rows (m, or fewer when a corpus has fewer documents)."""
   if g == 0:
-    return [Part(paths.real, m)]
+    return [Part(paths.real, real_rows)]
   if schedule == 'replace':
     return [Part(paths.samples(g - 1), m)]
   if schedule == 'accumulate':
-    return [Part(paths.real, m)] + [Part(paths.samples(k), m) for k in range(g)]
+    return [Part(paths.real, real_rows)] + [Part(paths.samples(k), m) for k in range(g)]
   real = round(fraction * m)  # mix
   return [p for p in (Part(paths.fresh(g), real), Part(paths.samples(g - 1), m - real)) if p.rows]
 
 
-# What generation g trains on: a function of (paths, g, rows per generation, mix fraction).
+# What generation g trains on: a function of (paths, g, rows per generation, mix fraction,
+# real_rows=).
 SCHEDULES = {name: functools.partial(_generation_parts, name)
              for name in ('replace', 'accumulate', 'mix')}
 
@@ -103,8 +113,9 @@ class Paths:
     return self.gen(g, 'samples')
 
 
-def real_data(config, paths: Paths) -> collapse_data.RealData:
-  """The real rows, made once into DIR/real (a text corpus's tokenizer trained there)."""
+def real_data(config, paths: Paths) -> tuple[collapse_data.RealData, dict]:
+  """The real rows, made once into DIR/real (a text corpus's tokenizer trained there), and
+  their lineage. A resumed run reads the same rows and selection back."""
   width = config.train.seq_len + 1
   c = config.collapse
   tokenizer = None
@@ -118,19 +129,32 @@ def real_data(config, paths: Paths) -> collapse_data.RealData:
     from rlhf_jax.data.sources import make_source
     source = make_source(config, workdir=paths.real + '_tokenizer')
     tokenizer = source.tokenizer
-    make = lambda: collapse_data.text_real_data(
-        source, width=width, min_heldout=config.train.batch_size)
+
+    def make():
+      data = collapse_data.text_real_data(source, width=width,
+                                          min_heldout=config.train.batch_size)
+      order = collapse_data.seeded_order(len(data.train), seed=config.seed)
+      return dataclasses.replace(data, train=data.train[order],
+                                 selected_rows=min(c.samples, len(data.train)))
 
   def build():
     data = make()
-    return ({'rows': data.train, 'heldout': data.heldout},
-            {'source': config.data.source, 'seed': config.seed, 'rows': len(data.train),
-             'heldout_rows': len(data.heldout), 'width': width})
+    lineage = {'source': config.data.source, 'seed': config.seed, 'rows': len(data.train),
+               'selected_rows': len(data.selected), 'heldout_rows': len(data.heldout),
+               'width': width}
+    if lang is None:
+      lineage['selection'] = 'seeded_order(training documents, seed)[:selected_rows]'
+      lineage.update({k: int(source.stats[k])
+                      for k in ('invalid_bytes_replaced', 'skipped_files')})
+    return {'rows': data.train, 'heldout': data.heldout}, lineage
 
-  arrays, _ = array_store.read_or_make(paths.real, ['rows', 'heldout'], build)
-  return collapse_data.RealData(train=np.asarray(arrays['rows']),
-                                heldout=np.asarray(arrays['heldout']), lang=lang,
-                                tokenizer=tokenizer)
+  arrays, lineage = array_store.read_or_make(paths.real, ['rows', 'heldout'], build)
+  train = np.asarray(arrays['rows'])
+  # A real/ made before the selection was recorded trained on its first samples rows.
+  selected = int(lineage.get('selected_rows', min(c.samples, len(train))))
+  return collapse_data.RealData(train=train, heldout=np.asarray(arrays['heldout']),
+                                lang=lang, tokenizer=tokenizer,
+                                selected_rows=selected), lineage
 
 
 def fresh_real(config, real: collapse_data.RealData, paths: Paths, g: int) -> None:
@@ -162,11 +186,13 @@ def generation_config(config, g: int):
 
 def train_generation(config, real, paths: Paths, g: int) -> None:
   c = config.collapse
-  parts = SCHEDULES[c.schedule](paths, g, c.samples, c.mix_fraction)
+  parts = SCHEDULES[c.schedule](paths, g, c.samples, c.mix_fraction,
+                                real_rows=len(real.selected))
   records.write_json(paths.gen(g, 'data.json'), {
       'generation': g, 'schedule': c.schedule,
       'parts': [{'path': os.path.relpath(p.path, paths.workdir), 'rows': p.rows}
-                for p in parts]})
+                for p in parts],
+      'real_rows': sum(p.rows for p in parts if p.path in (paths.real, paths.fresh(g)))})
   source = collapse_data.RowSource(
       rows=collapse_data.read_rows(parts), heldout=real.heldout, lang=real.lang,
       tokenizer=real.tokenizer, vocab_size=real.vocab_size, seed=(config.seed, g),
@@ -193,8 +219,10 @@ class Measure:
       self.tail = jnp.asarray(cm.world_tail(real.lang))
     else:
       self.true_logp = None
+      # The rows actually trained on: with a corpus larger than collapse.samples, the
+      # rest of the pool never shapes what generation 0 learns.
       self.tail = jnp.asarray(cm.text_tail(np.asarray(cm.bigram_counts(
-          jnp.asarray(real.train), vocab_size=v))))
+          jnp.asarray(real.selected), vocab_size=v))))
     self.counts = jax.jit(functools.partial(cm.bigram_counts, vocab_size=v))
     self._sums = None
 
@@ -265,8 +293,10 @@ def run(config, *, workdir: str) -> None:
   config_lib.write_or_check(config, workdir)
   c = config.collapse
   paths = Paths(workdir)
-  real = real_data(config, paths)
+  real, real_lineage = real_data(config, paths)
   measure = Measure(config, real)
+  read_stats = {f'data/{k}': real_lineage[k] for k in ('invalid_bytes_replaced',
+                                                       'skipped_files') if k in real_lineage}
   rows = []
   for g in range(c.generations):
     print(f'collapse: generation {g}', flush=True)
@@ -279,9 +309,11 @@ def run(config, *, workdir: str) -> None:
       loaded = runs.load(paths.gen(g, 'model'), mesh=mesh, mesh_config=config.mesh)
       with sharding.activate(mesh, config.mesh):
         sample_generation(config, paths, g, loaded)
-        row = {'step': g, **(measure.static() if g == 0 else {}), **measure.model(loaded)}
-      parts = [Part(os.path.join(workdir, p['path']), p['rows'])
-               for p in json.load(open(paths.gen(g, 'data.json')))['parts']]
+        row = {'step': g, **(measure.static() | read_stats if g == 0 else {}),
+               **measure.model(loaded)}
+      spec = json.load(open(paths.gen(g, 'data.json')))
+      parts = [Part(os.path.join(workdir, p['path']), p['rows']) for p in spec['parts']]
+      row['collapse/data_real_rows'] = spec['real_rows']
       row.update(measure.row_stats(collapse_data.read_rows(parts), 'data'))
       samples, _ = array_store.read(paths.samples(g), ['rows'])
       row.update(measure.row_stats(np.asarray(samples['rows']), 'sample'))
