@@ -1,7 +1,11 @@
 """The pieces under the SFT, reward-model and DPO stages against independent computations:
 the reward-model metrics on hand-made cases, the SFT batch's masked loss against the
 sampler's teacher-forced scores, the DPO step's loss against the NumPy formula, an
-ensemble whose members train independently, and the row source's epochs."""
+ensemble whose members train independently (and clip their own gradients), and the row
+source's epochs."""
+import copy
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +19,9 @@ from rlhf_jax.data.row_source import RowSource, split_by_prompt
 from rlhf_jax.models import reward_model
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.stages import reward_eval
-from rlhf_jax.train import dpo_step, lm_step, reward_step
-from rlhf_jax.train.state import TrainState
+from rlhf_jax.train import dpo_step, lm_step, reward_step, runs
+from rlhf_jax.train.state import TrainState, make_optimizer
+from conftest import load_config
 
 CFG = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
@@ -121,6 +126,59 @@ def test_ensemble_members_train_independently():
     alone = step(jax.tree.map(lambda x: x[k:k + 1], params), one)
     for x, y in zip(jax.tree.leaves(alone), jax.tree.leaves(both)):
       np.testing.assert_allclose(x[0], y[k], rtol=2e-5, atol=2e-6)
+
+
+def test_ensemble_members_clip_their_own_gradients():
+  """With the reward-model stage's own optimiser (runs.optimizer of configs/reward_model.py,
+  clip_norm small enough to clip every member at every step), 3 members trained together
+  for 6 steps equal 3 one-member ensembles trained alone from the same init on the same
+  batches. The members' gradient norms differ, so a clip shared over the ensemble (the
+  optimiser without members) scales them differently and does not match."""
+  k, steps = 3, 6
+  config = load_config('reward_model', 'tiny')
+  config.rm.ensemble, config.train.steps, config.optim.clip_norm = k, steps, 0.05
+  alone_config = copy.deepcopy(config)
+  alone_config.rm.ensemble = 1
+  batches = [_pair_batch(seed=s) for s in range(steps)]
+  models = {n: reward_model.ensemble(CFG, n) for n in (1, k)}
+  params = nn.meta.unbox(reward_model.init_params(models[k])(jax.random.key(3)))
+
+  @functools.cache
+  def jitted(n, tx):
+    return jax.jit(functools.partial(reward_step.train_step, model=models[n], tx=tx,
+                                     schedule=lambda s: 0.0, bootstrap=False))
+
+  def train(params, tx):
+    step = jitted(jax.tree.leaves(params)[0].shape[0], tx)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(0)))
+    norms = []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      norms.append(float(metrics['train/grad_norm']))
+    return state.params, np.array(norms)
+
+  together, together_norms = train(params, runs.optimizer(config))
+  tx_alone = runs.optimizer(alone_config)
+  alone = [train(jax.tree.map(lambda x: x[i:i + 1], params), tx_alone) for i in range(k)]
+  alone_norms = np.stack([n for _, n in alone])             # [K, steps], before clipping
+  assert alone_norms.min() > 4 * config.optim.clip_norm      # every update was clipped
+  assert (alone_norms.max(axis=0) > 1.05 * alone_norms.min(axis=0)).all()  # unequal norms
+  # train/grad_norm of the ensemble is its largest member's norm.
+  np.testing.assert_allclose(together_norms, alone_norms.max(axis=0), rtol=1e-4)
+  # The head's bias is left out: Bradley-Terry sees only reward differences, so its
+  # gradient is 0 up to rounding, which Adam's normalisation blows up to lr-sized noise.
+  trained = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
+                       if jax.tree_util.keystr(path) != "['head']['bias']"]
+  for i, (member, _) in enumerate(alone):
+    for x, y in zip(trained(member), trained(together)):
+      np.testing.assert_allclose(x[0], y[i], rtol=2e-5, atol=2e-6)
+  shared, _ = train(params, make_optimizer(config.optim, steps))
+  # The shared clip fails the same check (by about 7e-4 on the largest leaf, 10x its
+  # tolerance there).
+  assert not all(np.allclose(x[0], y[i], rtol=2e-5, atol=2e-6)
+                 for i, (member, _) in enumerate(alone)
+                 for x, y in zip(trained(member), trained(shared)))
 
 
 def test_row_source_epochs_and_held_out_split():

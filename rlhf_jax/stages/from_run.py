@@ -6,7 +6,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import runs
-from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
+from rlhf_jax.train.state import abstract_sharded, make_schedule
 from rlhf_jax.train.state import state_from_params
 from rlhf_jax.world import setup as world_setup
 
@@ -30,7 +30,7 @@ class FromRun:
     self.world = world_setup.from_config(config)
     self.init = runs.load(config.init.run, mesh=self.mesh, mesh_config=config.mesh,
                           step=config.init.step, role='init.run')
-    self.tx = make_optimizer(config.optim, config.train.steps)
+    self.tx = runs.optimizer(config)
     self.schedule = make_schedule(config.optim, config.train.steps)
     self.rng = jax.random.key_data(jax.random.key(config.seed))
     self.batch_sharding = sharding.batch_sharding(self.mesh, config.mesh)

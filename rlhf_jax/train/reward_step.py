@@ -3,7 +3,9 @@ ensemble at once (params stacked on a leading axis, one vmapped forward).
 
 Members see the same batch; with `bootstrap`, member k weighs pair b by an independent
 Poisson(1) draw (the online bootstrap), so the members fit different resamples of the data
-and their disagreement means something.
+and their disagreement means something. The members are independent models: the stage's
+optimiser clips each member's gradient by its own norm (train/state.py make_optimizer's
+`members`), and `train/grad_norm` is the largest member's norm before clipping.
 """
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax.data.batch import PairBatch
 from rlhf_jax.sampling import sequence_layout
-from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.state import TrainState, member_norms
 
 
 def response_sequences(prompts, prompt_lengths, responses, masks):
@@ -65,7 +67,8 @@ def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, boot
       'train/loss': per_member.mean(),
       'train/accuracy': ((margin > 0) * real).sum(axis=1).mean(),
       'train/margin': (margin * real).sum(axis=1).mean(),
-      'train/grad_norm': optax.tree.norm(grads),
+      # The largest member's: above optim.clip_norm, at least that member was clipped.
+      'train/grad_norm': member_norms(grads).max(),
       'train/lr': schedule(state.step),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -46,6 +46,14 @@ def read_config(workdir: str, *, role: str = 'run') -> ml_collections.ConfigDict
     raise UserError(f'{path} is unreadable ({e})') from None
 
 
+def optimizer(config, *, updates: int | None = None):
+  """The optimiser a run of `config` trains with, which also fixes the shape of the state
+  its checkpoints hold; `updates`: its schedule length, if not train.steps. A reward
+  model's ensemble members are clipped each by its own norm (make_optimizer's members)."""
+  members = config.rm.ensemble if config.get('stage') == 'reward_model' else 0
+  return make_optimizer(config.optim, updates or config.train.steps, members=members)
+
+
 def _lm_init(model: Transformer):
   dummy = np.ones((1, 8), np.int32)
   return lambda rng: model.init(rng, dummy, segment_ids=dummy, positions=dummy)['params']
@@ -102,7 +110,7 @@ def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, ro
                       f'(it has {steps or "none"})')
     # The run's own optimiser fixes the shape of the state that was saved.
     abstract, shardings = abstract_sharded(
-        init_params=init_params, tx=make_optimizer(config.optim, updates or config.train.steps),
+        init_params=init_params, tx=optimizer(config, updates=updates),
         rng=jax.random.key_data(jax.random.key(0)), mesh=mesh, mesh_config=mesh_config)
     if extra:
       state_type = _extended_state(tuple(extra))

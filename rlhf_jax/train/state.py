@@ -28,10 +28,40 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.end_lr_ratio)
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine; global-norm clipping; no decay on norms (vectors)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+def member_norms(tree) -> jax.Array:
+  """[K] the global norm of each ensemble member's part of `tree`, whose every leaf holds
+  member k at [k] (params stacked on a leading member axis)."""
+  squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+             for x in jax.tree.leaves(tree)]
+  return jnp.sqrt(sum(squares))
+
+
+def clip_by_member_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm for each member of an ensemble on its own (leaf[k] is member
+  k's), so one member's gradient never rescales another's update. Its state is empty, as
+  clip_by_global_norm's is, so the optimiser state has the same shape either way."""
+  def update(updates, state, params=None):
+    del params
+    norms = member_norms(updates)
+
+    def clip(t):
+      n = norms.reshape((-1,) + (1,) * (t.ndim - 1))
+      return jnp.where(n < max_norm, t, (t / n.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def make_optimizer(optim, total_steps: int, *, members: int = 0) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine; global-norm clipping; no decay on norms (vectors).
+
+  members > 0: the params are an ensemble stacked on a leading axis of that many members
+  (a reward model's), trained as independent models: each member's gradient is clipped by
+  its own global norm and the decay mask looks at a member's own leaf shape. (AdamW itself
+  is elementwise, so it keeps members apart unaided.)"""
+  member_axis = 1 if members > 0 else 0
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim - member_axis >= 2, params)
+  clip = clip_by_member_norm if members > 0 else optax.clip_by_global_norm
+  parts = [clip(optim.clip_norm)] if optim.clip_norm > 0 else []
   parts.append(optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
                            eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask))
   return optax.chain(*parts)
