@@ -29,6 +29,21 @@ next-token distribution (for a bigram model the context is s):
               true transitions, the repo's `eval/true_kl`. NaN without a true language.
   perplexity  exp(mean of -log q(t|context)) over the same transitions.
 
+Tail metrics of a bigram model (`bigram_tail_metrics`), not linear in q, so that losing
+tail transitions shows even where the refits are unbiased and the mean tail mass stays put
+(a run that loses some tail transitions and inflates others keeps its tail mass):
+  tail_survival  share of the tail transitions (s, t) with q(t|s) >= SURVIVAL_FRACTION
+                 p(t|s): those the model still gives at least half their true probability.
+                 NaN without a true language.
+  tail_support   share of the tail transitions with q(t|s) > 0: those the model can still
+                 emit at all. It is non-increasing over generations when zero probabilities
+                 are absorbing (the maximum-likelihood engine of `loops/collapse_bigram.py`).
+  tail_min_mass  tail_mass with q capped at p: mean over the held-out transitions s -> t of
+                 sum_{t': tail[s, t']} min(q(t'|s), p(t'|s)). The truth scores its tail
+                 mass; inflating one tail transition cannot make up for losing another.
+                 Concave in q, so under refits that are unbiased per transition it falls in
+                 expectation (Jensen). NaN without a true language.
+
 Sample statistics of a set of rows:
   distinct_1       distinct emitted tokens / emitted tokens
   distinct_2       distinct counted transitions / counted transitions
@@ -45,6 +60,7 @@ from rlhf_jax.world import language
 from rlhf_jax.world.language import BOS_ID, EOS_ID, PAD_ID
 
 TAIL_FRACTION = 0.1
+SURVIVAL_FRACTION = 0.5
 
 
 @flax.struct.dataclass
@@ -70,6 +86,18 @@ class ModelMetrics:
   true_kl: jax.Array
   perplexity: jax.Array
   tail_mass: jax.Array
+
+
+@flax.struct.dataclass
+class TailMetrics:
+  """Tail metrics of a bigram model (module doc); float32 scalars, or [...] under vmap.
+
+  survival, support: shares of the tail transitions, in [0, 1]; min_mass: in [0, tail
+  mass]. survival and min_mass are NaN without a true language.
+  """
+  survival: jax.Array
+  support: jax.Array
+  min_mass: jax.Array
 
 
 def counted(prev: jax.Array, nxt: jax.Array) -> jax.Array:
@@ -181,6 +209,28 @@ def bigram_model_metrics(log_q: jax.Array, *, heldout_counts: jax.Array, true_lo
   tail_q = jnp.where(jnp.asarray(tail, bool), jnp.exp(log_q), 0.0).sum(-1)   # [..., V]
   tail_mass = (tail_q * c.sum(-1)).sum(-1) / n
   return ModelMetrics(true_kl=true_kl, perplexity=jnp.exp(nll), tail_mass=tail_mass)
+
+
+def bigram_tail_metrics(log_q: jax.Array, *, heldout_counts: jax.Array, true_logp, tail,
+                        survival_fraction: float = SURVIVAL_FRACTION) -> TailMetrics:
+  """Tail metrics (module doc) of a bigram model log q(t|s) = log_q [..., V, V]; the
+  arguments are those of `bigram_model_metrics`. Leading axes of log_q carry through;
+  jit- and vmappable."""
+  q = jnp.exp(jnp.asarray(log_q, jnp.float32))
+  tail = jnp.asarray(tail, bool)
+  cells = jnp.maximum(tail.sum(), 1).astype(jnp.float32)
+  share = lambda x: jnp.where(tail, x, False).sum((-2, -1)).astype(jnp.float32) / cells
+  support = share(q > 0)
+  if true_logp is None:
+    nan = jnp.full(support.shape, jnp.nan, jnp.float32)
+    return TailMetrics(survival=nan, support=support, min_mass=nan)
+  p = jnp.exp(jnp.asarray(true_logp, jnp.float32))
+  c = jnp.asarray(heldout_counts, jnp.float32)
+  # Each state s weighs as often as it is the source of a held-out transition, as in
+  # tail_mass, so that the truth's min_mass is its tail_mass.
+  capped = jnp.where(tail, jnp.minimum(q, p), 0.0).sum(-1)                 # [..., V]
+  return TailMetrics(survival=share(q >= survival_fraction * p), support=support,
+                     min_mass=(capped * c.sum(-1)).sum(-1) / c.sum())
 
 
 def positionwise_model_metrics(*, log_q: jax.Array, prev: jax.Array, next: jax.Array,
