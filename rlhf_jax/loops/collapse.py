@@ -290,10 +290,12 @@ def sample_generation(config, paths: Paths, g: int, loaded) -> None:
 
 
 def run(config, *, workdir: str) -> None:
-  config_lib.write_or_check(config, workdir)
   c = config.collapse
   paths = Paths(workdir)
+  # The real data first: a missing or empty corpus stops the run before config.json is
+  # written (dispatch has already checked an existing config.json against this config).
   real, real_lineage = real_data(config, paths)
+  config_lib.write_or_check(config, workdir)
   measure = Measure(config, real)
   read_stats = {f'data/{k}': real_lineage[k] for k in ('invalid_bytes_replaced',
                                                        'skipped_files') if k in real_lineage}

@@ -63,6 +63,49 @@ def run(config, workdir: str) -> None:
   config_lib.validate(config)
   if hasattr(stage, 'resolve'):  # fills fields from the earlier run it starts from
     stage.resolve(config)
+  before = _fresh_paths(workdir)
   workdir = prepare_workdir(workdir)
   config_lib.write_or_check(config, workdir, write=False)
-  stage.run(config, workdir=workdir)
+  try:
+    stage.run(config, workdir=workdir)
+  except UserError:
+    _remove_if_nothing_computed(workdir, before)
+    raise
+
+
+def _fresh_paths(workdir: str) -> set | None:
+  """The paths under a DIR that holds no run yet (no config.json): what was there before
+  this call, which a failure must leave exactly as it was. None for a DIR with a run."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    return None
+  found = set()
+  for root, dirs, files in os.walk(workdir):
+    found.update(os.path.join(root, n) for n in dirs + files)
+  return found | ({workdir} if os.path.isdir(workdir) else set())
+
+
+def _remove_if_nothing_computed(workdir: str, before: set | None) -> None:
+  """A run that stopped on bad input before it computed anything leaves DIR as it found it,
+  so that the corrected command is not refused as "a different config": when this call
+  created config.json and nothing but empty folders besides, those go again. Anything
+  else it made (a tokenizer, a preference set, a checkpoint) stays, and so does the
+  config.json that describes it. Stages check their inputs before writing config.json;
+  this catches the checks a loop's inner stages make later."""
+  import jax
+  if before is None or jax.process_index() != 0:
+    return
+  made_files, made_dirs = [], []
+  for root, dirs, files in os.walk(workdir):
+    made_files += [os.path.join(root, n) for n in files if os.path.join(root, n) not in before]
+    made_dirs += [os.path.join(root, n) for n in dirs if os.path.join(root, n) not in before]
+  config_json = os.path.join(workdir, 'config.json')
+  if any(f != config_json for f in made_files):
+    return
+  if config_json in made_files:
+    os.remove(config_json)
+  for d in sorted(made_dirs + ([workdir] if workdir not in before else []), reverse=True):
+    try:
+      os.rmdir(d)  # only if empty: deepest first
+    except OSError:
+      pass

@@ -57,8 +57,9 @@ class ImplicitRewardEval:
 
 def run(config, *, workdir: str) -> None:
   setup = FromRun(config, rows_per_step=config.train.batch_size)
+  given = preference_data.read_given(config)  # before DIR is written: a wrong set leaves it
   config_lib.write_or_check(config, workdir)
-  pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir)
+  pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir, given=given)
   model = setup.init.model
   state, shardings = setup.lm_state(setup.init.params)
   put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))

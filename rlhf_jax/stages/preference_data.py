@@ -12,16 +12,28 @@ from rlhf_jax.data.batch import PairBatch
 from rlhf_jax.stages.from_run import FromRun
 
 
-def load_or_make(config, setup: FromRun, *, workdir: str):
+def read_given(config):
+  """(PreferencePairs, lineages, directory) of the set(s) prefs.dir names, checked as
+  `load_or_make` checks them; None when the stage makes its own. A stage calls it before it
+  writes anything to its DIR, so that a wrong prefs.dir leaves DIR untouched."""
+  if not config.prefs.dir:
+    return None
+  directory = ','.join(os.path.abspath(d) for d in config.prefs.dir.split(','))
+  return _read_checked(directory)
+
+
+def load_or_make(config, setup: FromRun, *, workdir: str, given=None):
   """(PreferencePairs, lineages, directory), checked: pairs exist, none with an empty
-  response, none whose chosen equals rejected."""
-  p = config.prefs
-  if p.dir:  # one set, or several joined with commas
-    directory = ','.join(os.path.abspath(d) for d in p.dir.split(','))
-  else:
-    directory = os.path.join(workdir, 'preferences')
-    if not preferences.shard_paths(directory):
-      make_shard(config, setup, directory=directory)
+  response, none whose chosen equals rejected. `given`: what read_given returned."""
+  if config.prefs.dir:  # one set, or several joined with commas
+    return given if given is not None else read_given(config)
+  directory = os.path.join(workdir, 'preferences')
+  if not preferences.shard_paths(directory):
+    make_shard(config, setup, directory=directory)
+  return _read_checked(directory)
+
+
+def _read_checked(directory: str):
   pairs, lineages = preferences.read(directory)
   preferences.check(pairs, directory)
   return pairs, lineages, directory
