@@ -1,15 +1,17 @@
 """Seeds for free? One bigram collapse run (`loops/collapse_bigram.py`) for 1 seed against
 the same run vmapped over many seeds.
 
-  python -m rlhf_jax.bench_collapse [--seeds=8] [--generations=10] [--samples=512]
+  python -m rlhf_jax.bench_collapse [--seeds=8] [--generations=10] [--samples=512] [--engine=adam]
 
 All are `jit` of the same `run` on the tiny world (V = 64, K = 8), schedule replace and
-the engine's default training (100 Adam steps a generation): one seed on one device; the
-seeds vmapped on one device; and the seeds vmapped and sharded over all devices (on a CPU
-host, one device per core: this module asks XLA for os.cpu_count() host devices unless
-XLA_FLAGS already sets a count). A single seed cannot use more than one device, so the
-sharded run is how a machine's whole width goes to many seeds. Each is compiled first
-(timed apart), then timed steady-state: the best of `--repeats` calls.
+by default the adam engine's training (100 Adam steps a generation; `--engine=mle`, the
+exact refit, is a handful of ops a generation, so sampling is nearly all its cost): one
+seed on one device; the seeds vmapped on one device; and the seeds vmapped and sharded
+over all devices (on a CPU host, one device per core: this module asks XLA for
+os.cpu_count() host devices unless XLA_FLAGS already sets a count). A single seed cannot
+use more than one device, so the sharded run is how a machine's whole width goes to many
+seeds. Each is compiled first (timed apart), then timed steady-state: the best of
+`--repeats` calls.
 ratio = sharded_s / one_seed_s (ratio_one_device = vmapped_s / one_seed_s); near 1 means
 extra seeds cost nothing, `seeds` means no saving. On a CPU core every op here is
 compute-bound, so expect a ratio near seeds / cores plus a little; on an accelerator a
@@ -37,6 +39,7 @@ _GENERATIONS = flags.DEFINE_integer('generations', 10, 'Generations per run.')
 _SAMPLES = flags.DEFINE_integer('samples', 512, 'Rows sampled per generation.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 64, 'Row length, BOS included.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Steady-state calls timed; the best is kept.')
+_ENGINE = flags.DEFINE_string('engine', 'adam', 'Collapse engine: adam or mle.')
 
 
 def measure(fn, arg, repeats: int) -> dict:
@@ -62,7 +65,7 @@ def main():
     if min(_SEEDS.value, _REPEATS.value) < 1:
       raise UserError('--seeds and --repeats must be >= 1')
     spec = cb.CollapseSpec(generations=_GENERATIONS.value, samples=_SAMPLES.value,
-                           seq_len=_SEQ_LEN.value)
+                           seq_len=_SEQ_LEN.value, engine=_ENGINE.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -88,7 +91,7 @@ def main():
     print(f'{name:<26}{seeds:>7}{m["compile_s"]:>11.2f}{m["run_s"]:>10.4f}'
           f'{m["run_s"] / seeds:>10.4f}')
   figures = {
-      'backend': jax.default_backend(), 'seeds': _SEEDS.value,
+      'backend': jax.default_backend(), 'engine': spec.engine, 'seeds': _SEEDS.value,
       'generations': spec.generations, 'samples': spec.samples, 'seq_len': spec.seq_len,
       'train_steps': spec.train_steps,
       'one_seed_compile_s': round(one['compile_s'], 3),

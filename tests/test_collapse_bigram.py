@@ -29,9 +29,11 @@ def heldout(rows=4096, seq_len=64, seed=123):
 HELDOUT_COUNTS = cm.bigram_counts(heldout(), vocab_size=V)
 
 
-def make_run(**kw):
-  return cb.make_collapse(cb.CollapseSpec(**kw), vocab_size=V, real=cb.RealData.world(LANG),
-                          heldout_counts=HELDOUT_COUNTS, true_logp=TRUE_LOGP, tail=TAIL)
+def make_run(keep_models=False, **kw):
+  """A run on LANG; the smoothed engine (adam) unless `engine` says otherwise."""
+  return cb.make_collapse(cb.CollapseSpec(**{'engine': 'adam', **kw}), vocab_size=V,
+                          real=cb.RealData.world(LANG), heldout_counts=HELDOUT_COUNTS,
+                          true_logp=TRUE_LOGP, tail=TAIL, keep_models=keep_models)
 
 
 def simulate(run, seeds, seed=0):
@@ -271,7 +273,7 @@ def test_mix_schedule_and_text_pool():
 
   pool = np.asarray(heldout(rows=300, seq_len=40, seed=9))
   pool_counts = cm.bigram_counts(pool, vocab_size=V)
-  run = cb.make_collapse(cb.CollapseSpec(generations=2, samples=64, seq_len=40),
+  run = cb.make_collapse(cb.CollapseSpec(generations=2, samples=64, seq_len=40, engine='adam'),
                          vocab_size=V, real=cb.RealData.text(pool),
                          heldout_counts=HELDOUT_COUNTS, true_logp=None,
                          tail=cm.text_tail(pool_counts))
@@ -298,9 +300,155 @@ def test_vmap_equals_a_loop_over_seeds_and_rows_for_csv():
   table = cb.trace_to_rows(batched)
   assert len(table) == 9 and table[4]['seed'] == 1 and table[4]['generation'] == 1
   assert table[4]['true_kl'] == float(batched.true_kl[1, 1])
-  assert set(table[4]) == {'seed', 'generation'} | {f for f in vars(batched)}
+  assert set(table[4]) == {'seed', 'generation'} | {f for f in vars(batched) if f != 'models'}
   assert all(type(v) is float for k, v in table[4].items() if k not in ('seed', 'generation'))
   assert len(cb.trace_to_rows(one)) == 3
+
+
+def numpy_counts(rows, vocab=V):
+  counts = np.zeros((vocab, vocab))
+  for prev, nxt in python_transitions(rows):
+    counts[prev, nxt] += 1
+  return counts
+
+
+def numpy_mle(counts, prev_log_q):
+  """float64 counts / row total; a row without counts keeps exp(prev_log_q)'s row."""
+  total = counts.sum(1, keepdims=True)
+  return np.where(total > 0, counts / np.maximum(total, 1), np.exp(np.float64(prev_log_q)))
+
+
+def numpy_conditional_entropy(counts):
+  total = counts.sum(1, keepdims=True)
+  seen = counts > 0
+  return -(counts[seen] * np.log((counts / np.maximum(total, 1))[seen])).sum() / counts.sum()
+
+
+def test_mle_fit_equals_counts_over_row_totals():
+  """Rows sampled from a model with many zero transitions, refitted: q = counts / row total
+  in float64 (counts from the plain-Python rule), zeros exactly where the counts are 0, and
+  rows that drew nothing keep the previous table's row."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(V, V))
+  logits[rng.random((V, V)) < 0.7] = -np.inf
+  logits[:, EOS] = 0.0                        # every row keeps a way out
+  logits[:, 7] = -np.inf                      # and state 7 is never entered: no counts
+  prev = cb.log_probs(jnp.asarray(logits, jnp.float32))
+  rows = np.asarray(jax.jit(lambda k: cb.sample_rows(prev, key=k, rows=64, seq_len=12))(
+      jax.random.key(0)))
+  counts = numpy_counts(rows)
+  assert (counts[np.isneginf(np.asarray(prev))] == 0).all()   # the sampler skips zeros
+  content_rows = counts[3:].sum(1)
+  assert content_rows[7 - 3] == 0 and (content_rows > 0).sum() > 20     # both kinds of row
+  log_q, xent = jax.jit(cb.mle_fit)(cm.bigram_counts(rows, vocab_size=V), prev_log_q=prev)
+  want = numpy_mle(counts, prev)
+  np.testing.assert_allclose(np.exp(np.asarray(log_q, np.float64)), want, rtol=1e-6, atol=0)
+  np.testing.assert_array_equal(np.isneginf(log_q), want == 0)
+  np.testing.assert_allclose(xent, numpy_conditional_entropy(counts), rtol=1e-5)
+
+
+def test_mle_run_refits_each_generation_on_its_own_samples():
+  """One seed replayed with the module's keys (module doc, RNG): model 0 is the float64
+  counts / row totals of the real rows (rows without data uniform over the emittable
+  tokens), model g + 1 those of model g's samples under replace; the trace's train loss and
+  tail metrics are those of the kept models; vmapped over seeds, the seed's run is the same."""
+  g_count, rows_m, seq_len = 4, 64, 24
+  run = make_run(engine='mle', keep_models=True, generations=g_count, samples=rows_m,
+                 seq_len=seq_len)
+  key = jax.random.key(3)
+  trace = jax.jit(run)(key)
+  batched = jax.jit(jax.vmap(run))(jnp.stack([jax.random.key(4), key]))
+  for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(trace)):
+    np.testing.assert_allclose(np.asarray(got)[1], want, rtol=1e-5, atol=1e-6)
+  models = np.asarray(trace.models)
+  key_real, key_gens = jax.random.split(key)
+  rows = np.asarray(language.sample(LANG, key=key_real, batch_size=rows_m, seq_len=seq_len))
+  prev = np.full((V, V), -np.log(V - 2))
+  prev[:, [PAD, BOS]] = -np.inf
+  sample = jax.jit(lambda lq, k: cb.sample_rows(lq, key=k, rows=rows_m, seq_len=seq_len))
+  for g in range(g_count):
+    counts = numpy_counts(rows)
+    want = numpy_mle(counts, prev)
+    np.testing.assert_allclose(np.exp(np.float64(models[g])), want, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(np.isneginf(models[g]), want == 0)
+    np.testing.assert_allclose(trace.train_loss[g], numpy_conditional_entropy(counts),
+                               rtol=1e-5)
+    key_sample, _ = jax.random.split(jax.random.fold_in(key_gens, g))
+    rows, prev = np.asarray(sample(models[g], key_sample)), models[g]
+  tails = cm.bigram_tail_metrics(models, heldout_counts=HELDOUT_COUNTS, true_logp=TRUE_LOGP,
+                                 tail=TAIL)
+  for name in ('survival', 'support', 'min_mass'):
+    np.testing.assert_allclose(getattr(trace, f'tail_{name}'), getattr(tails, name), rtol=1e-6)
+
+
+def test_mle_zeros_are_absorbing_and_the_tail_vanishes():
+  """8 seeds x 10 generations, M = 256 (the experiment's world and sizes).
+
+  Guaranteed per run, under replace and accumulate (a model's data are its own samples and
+  earlier data, never fresh real rows): q_g(t|s) = 0 implies q_{g+1}(t|s) = 0. A fitted row
+  is zero where its counts are; its counts are the samples (plus, under accumulate, the
+  earlier counts, zero there too), and the sampler never draws a zero-probability
+  transition; a row without counts keeps model g's row. So tail_support, the share of tail
+  transitions with q > 0, never grows. tail_survival (q >= p / 2) is at most tail_support
+  but is not monotone per run (a transition at 0.4 p can be resampled to 0.6 p).
+  Measured (these seeds, replace): tail_support 0.750 -> 0.285, tail_survival 0.678 ->
+  0.258, tail_min_mass 0.073 -> 0.032 (it is concave in q: down in expectation), while the
+  tail mass, linear in q, stays at 0.099 (-> 0.0989).
+  """
+  replace = simulate(make_run(engine='mle', generations=10, keep_models=True), 8)
+  accumulate = simulate(make_run(engine='mle', schedule='accumulate', generations=10,
+                                 keep_models=True), 8)
+  for trace in (replace, accumulate):
+    models = np.asarray(trace.models, np.float64)
+    zero = np.isneginf(models)                                             # [S, G, V, V]
+    assert (zero[:, :-1] <= zero[:, 1:]).all()
+    # Every row stays a distribution.
+    top = models.max(-1, keepdims=True)
+    np.testing.assert_allclose(np.log(np.exp(models - top).sum(-1)) + top[..., 0], 0.0,
+                               atol=2e-6)
+    support = np.asarray(trace.tail_support, np.float64)
+    np.testing.assert_allclose(support, (~zero & TAIL).sum((-2, -1)) / TAIL.sum(), rtol=1e-6)
+    assert (np.diff(support, axis=1) <= 0).all()
+    assert (np.asarray(trace.tail_survival) <= support + 1e-7).all()
+    assert np.isinf(trace.true_kl).all()     # held-out data make transitions a fit has lost
+  support = np.asarray(replace.tail_support)
+  assert (support[:, 0] < 0.85).all() and (support[:, -1] < 0.6 * support[:, 0]).all()
+  d_min, se_min = mean_se(np.asarray(replace.tail_min_mass)[:, -1] -
+                          np.asarray(replace.tail_min_mass)[:, 0])
+  d_mass, se_mass = mean_se(np.asarray(replace.tail_mass)[:, -1] -
+                            np.asarray(replace.tail_mass)[:, 0])
+  assert d_min < -10 * se_min and d_min < -0.3 * np.asarray(replace.tail_min_mass)[:, 0].mean()
+  assert abs(d_mass) < 4 * se_mass + 0.003, (d_mass, se_mass)
+
+
+def test_tail_metrics_match_numpy_on_a_hand_made_model():
+  """A 4-token model against a hand-made truth, by plain loops over the tail cells."""
+  p = np.array([[0, .5, .3, .2], [0, .1, .6, .3], [0, .7, .2, .1], [0, .25, .25, .5]])
+  q = np.array([[0, .8, .2, 0], [0, .04, .36, .6], [0, .5, .5, 0], [0, .3, .3, .4]])
+  tail = np.zeros((4, 4), bool)
+  tail[0, 3] = tail[1, 1] = tail[1, 3] = tail[2, 2] = tail[2, 3] = tail[3, 1] = True
+  heldout = np.array([[0, 5, 3, 2], [0, 1, 1, 2], [0, 0, 0, 0], [0, 4, 0, 2]], np.float64)
+  cells = list(zip(*np.nonzero(tail)))
+  survival = sum(q[s, t] >= 0.5 * p[s, t] for s, t in cells) / len(cells)   # 3 of 6
+  support = sum(q[s, t] > 0 for s, t in cells) / len(cells)                 # 4 of 6
+  w = heldout.sum(1) / heldout.sum()
+  min_mass = sum(w[s] * min(q[s, t], p[s, t]) for s, t in cells)
+  with np.errstate(divide='ignore'):
+    log_q, log_p = np.log(q), np.log(p)
+  got = jax.jit(cm.bigram_tail_metrics)(log_q, heldout_counts=heldout, true_logp=log_p,
+                                        tail=tail)
+  assert (survival, support) == (3 / 6, 4 / 6)   # counted by hand
+  np.testing.assert_allclose([got.survival, got.support, got.min_mass],
+                             [survival, support, min_mass], rtol=1e-6)
+  # The truth keeps everything, and its min_mass is its tail mass.
+  truth = cm.bigram_tail_metrics(np.stack([log_q, log_p]), heldout_counts=heldout,
+                                 true_logp=log_p, tail=tail)
+  mass = cm.bigram_model_metrics(log_p, heldout_counts=heldout, true_logp=log_p, tail=tail)
+  np.testing.assert_allclose(truth.survival, [survival, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(truth.min_mass, [min_mass, mass.tail_mass], rtol=1e-6)
+  no_truth = cm.bigram_tail_metrics(log_q, heldout_counts=heldout, true_logp=None, tail=tail)
+  assert np.isnan(no_truth.survival) and np.isnan(no_truth.min_mass)
+  np.testing.assert_allclose(no_truth.support, support, rtol=1e-6)
 
 
 @pytest.mark.parametrize('bad, match', [
@@ -309,6 +457,8 @@ def test_vmap_equals_a_loop_over_seeds_and_rows_for_csv():
     (dict(temperature=0.0), 'temperature'), (dict(mix_fraction=1.5), 'mix_fraction'),
     (dict(mix_fraction=-0.1), 'mix_fraction'), (dict(train_steps=0), 'train_steps'),
     (dict(seq_len=1), 'seq_len'), (dict(lr=0.0), 'lr'), (dict(weight_decay=-1.0), 'weight_decay'),
+    (dict(engine='exact'), 'engine'), (dict(init='finetune'), 'adam engine'),
+    (dict(weight_decay=1e-4), 'adam engine'),
 ])
 def test_bad_spec_is_a_user_error(bad, match):
   with pytest.raises(UserError, match=match):

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax.analysis import collapse_metrics as cm
 from rlhf_jax.analysis import collapse_theory as ct
 from rlhf_jax.errors import UserError
+from rlhf_jax.loops import collapse_bigram as cb
+from rlhf_jax.world import language
 
 SEEDS = 20000
 GENS = 10
@@ -128,6 +131,43 @@ def test_single_seed_gaussian_fits_equal_float64_refits():
       assert stacked.shape == (n * M,)
     np.testing.assert_allclose(fits.var[-1], var, rtol=2e-4)
     np.testing.assert_allclose(fits.mean[-1], mu, rtol=2e-5)
+
+
+@pytest.mark.parametrize('schedule', ct.SCHEDULES)
+def test_mle_bigram_bos_row_is_iterated_categorical_fitting(schedule):
+  """The bigram engine mle (loops/collapse_bigram.py) on a 10-token world, M rows of BOS and
+  one token. Every row starts with BOS once, so each generation refits the BOS row on exactly
+  M i.i.d. draws from the previous model (pooled with the earlier draws under accumulate):
+  iterated fitting of a categorical. Its Gini impurity 1 - sum_t q(t)^2 is the MLE
+  variance of the one-hot draws, and the Gaussian derivation (collapse_theory's module doc)
+  used nothing but i.i.d. draws with the model's mean and variance, so E[1 - sum q_n^2]
+  follows `gaussian_expected_var` with var0 = 1 - sum p^2: ((M - 1) / M)^n under replace.
+  And q_n(t) is a martingale, E[q_n(t|BOS)] = p(t|BOS), while each run's row drifts to one
+  token (the heterozygosity decay of neutral drift)."""
+  lang = language.make_language(seed=0, vocab_size=10, branching=4, zipf_a=1.1,
+                                eos_prob=0.05)
+  true_logp = cm.true_logp_table(lang)
+  heldout = language.sample(lang, key=jax.random.key(1), batch_size=64, seq_len=8)
+  spec = cb.CollapseSpec(engine='mle', generations=GENS, samples=M, seq_len=2,
+                         schedule=schedule)
+  run = cb.make_collapse(spec, vocab_size=10, real=cb.RealData.world(lang),
+                         heldout_counts=cm.bigram_counts(heldout, vocab_size=10),
+                         true_logp=true_logp, tail=cm.world_tail(lang), keep_models=True)
+  q = np.exp(np.asarray(simulate(run).models, np.float64)[:, :, 1])      # BOS rows [S, G, V]
+  p = np.exp(true_logp[1])
+  assert (p > 0).sum() == 4
+  gini, gini_se = mean_se(1 - (q ** 2).sum(-1))
+  want = ct.gaussian_expected_var(var0=1 - (p ** 2).sum(), samples=M, generations=GENS,
+                                  schedule=schedule)
+  assert np.all(np.abs(gini - want) <= 4 * gini_se), ((gini - want) / gini_se)
+  mean, se = mean_se(q)
+  assert np.all(np.abs(mean - p)[:, p > 0] <= 4 * se[:, p > 0]), ((mean - p) / se)
+  assert np.all(mean[:, p == 0] == 0)
+  # Power, as for the Gaussian: the other schedule's expectation is rejected from n = 2.
+  other, = set(ct.SCHEDULES) - {schedule}
+  wrong = ct.gaussian_expected_var(var0=1 - (p ** 2).sum(), samples=M, generations=GENS,
+                                   schedule=other)
+  assert np.all(np.abs(gini - wrong)[1:] > 4 * gini_se[1:])
 
 
 def test_regression_replace_grows_linearly():

@@ -1,16 +1,33 @@
 """Model collapse on a toy bigram language model: a whole run of G generations as one pure
 `run(rng)` over `lax.scan`, so `jax.jit(jax.vmap(run))(keys)` runs many seeds at once.
 
-Model: a logit table [V, V]; log q(t|s) = log_softmax(logits[s]) with the PAD and BOS
-columns at -inf, so a model never emits them. Each generation trains it for `train_steps`
-full-batch Adam steps on the mean cross-entropy of its training data,
--sum C log q / sum C, with C the data's transition counts (`collapse_metrics` defines a
-transition). C is a sufficient statistic, so a step costs O(V^2) however much data there
-is. `weight_decay` adds 0.5 * weight_decay * sum(logits^2) over the emittable columns;
-against the per-token mean cross-entropy, its strength relative to the data falls as
-1 / (number of training transitions). The optimiser state starts afresh each generation.
+Model: a table log q(t|s) [V, V] with the PAD and BOS columns at -inf, so a model never
+emits them. C, the training data's transition counts (`collapse_metrics` defines a
+transition), is a sufficient statistic, so a fit costs O(V^2) however much data there is.
+The engine (`ENGINES`, chosen by `CollapseSpec.engine`) fits it:
+  mle   the textbook refit (Shumailov et al. 2024): the exact maximum-likelihood
+        categorical of each row, q(t|s) = C[s, t] / sum_t' C[s, t']. A transition no
+        training row makes gets q = 0 exactly; a model never samples it, so under replace
+        it stays at 0 in every later generation (zero is absorbing) and the tail can only
+        shrink. A row whose state s has no training transition has no likelihood to
+        maximise; it keeps the previous generation's row (generation 0: uniform over the
+        emittable tokens), so every row stays a distribution and zeros stay absorbing in
+        every row. Such a row is mostly unreachable: a model moves into s only if its data
+        did, so s was in the data only as the last token of a truncated row (or, at
+        generation 0, not at all). The held-out real data make transitions any finite
+        sample misses, so the true KL and perplexity of an mle model are +inf; the tail
+        metrics (`collapse_metrics.bigram_tail_metrics`) are its measures.
+  adam  a smoothed fit: logits [V, V], log q = log_softmax(logits) (masked as above),
+        trained for `train_steps` full-batch Adam steps at `lr` on the mean cross-entropy
+        -sum C log q / sum C. `weight_decay` adds 0.5 * weight_decay * sum(logits^2) over
+        the emittable columns; against the per-token mean cross-entropy, its strength
+        relative to the data falls as 1 / (number of training transitions). The optimiser
+        state starts afresh each generation. Starting from zeros, a finite fit leaves every
+        transition some probability, so no transition is ever lost for good.
+`train_steps`, `lr`, `init` and `weight_decay` are the adam engine's; mle has no optimiser
+(mle refuses init='finetune' and weight_decay > 0, and ignores train_steps and lr).
 
-Generation g = 0..G-1 trains model g (from zeros, or from model g - 1's logits under
+Generation g = 0..G-1 fits model g (adam: from zeros, or from model g - 1's logits under
 init='finetune'), scores it on held-out real transitions, and samples M rows from it:
 BOS, then tokens at `temperature` until EOS (then PAD) or `seq_len` tokens in all.
 Training data (`SCHEDULES`, chosen by `CollapseSpec.schedule`): generation 0 trains on M
@@ -21,13 +38,16 @@ fresh real rows; generation g + 1 on
               first M - round(mix_fraction M) of generation g's samples.
 Real rows come from `RealData`: the true language (world) or a fixed pool of rows (text).
 
-What collapses (tiny world, M = 256, defaults, 64 seeds): under replace the true KL
+What collapses (tiny world, M = 256, engine adam, 64 seeds): under replace the true KL
 rises from 0.107 to 0.459 nats/token by generation 4; under accumulate to 0.137, by ever
 smaller steps. The mean tail mass falls only a little (0.0994 -> 0.0961 under replace): it
-is linear in q, and a maximum-likelihood refit is unbiased, so for an exact MLE its mean
-over seeds would stay put while each run loses some tail transitions and inflates others.
-What moves the mean is the learner's bias: a fit leaks about 1.4% of the mass onto
-transitions the truth never makes, and replace compounds the leak.
+is linear in q, and a refit that is unbiased per transition leaves its mean over seeds in
+place while each run loses some tail transitions and inflates others. What moves the mean
+is the learner's bias: an adam fit leaks about 1.4% of the mass onto transitions the truth
+never makes, and replace compounds the leak. Under mle (exact for the BOS row, which every
+row visits once: E[q_g(t|BOS)] = p(t|BOS); for other rows the visit count and the draws
+depend on each other, an O(1/visits) bias) the mean tail mass stays put too, while the
+tail metrics that are not linear in q fall; `experiments/model_collapse.py` measures both.
 
 RNG: the run's key splits into the real rows of generation 0 and a generation key;
 generation g folds in g and splits that into its sampling key and the key of its
@@ -55,14 +75,16 @@ INITS = ('scratch', 'finetune')
 class CollapseSpec:
   """Static settings of one collapse run (hashable; see the module doc).
 
-  Defaults: on the tiny world (V = 64, K = 8, 5% EOS; entropy rate 1.77 nats/token),
-  100 Adam steps at lr 0.1 fit a generation-0 model on 256 real rows to a true KL of
+  engine: 'mle' (the textbook refit, the default) or 'adam' (`ENGINES`). The adam
+  settings: on the tiny world (V = 64, K = 8, 5% EOS; entropy rate 1.77 nats/token), 100
+  Adam steps at lr 0.1 fit a generation-0 model on 256 real rows to a true KL of
   0.107 nats/token (mean of 64 seeds), the best of the schedules measured (lr 0.03 to
   0.3, 50 to 1000 steps; lr 0.03 for 500 steps ties at 5x the cost). Fewer steps
   underfit (0.115 at 50); more start to fit the sample's noise, pushing unseen
   transitions towards zero (0.133 at 1000 steps, 0.154 at lr 0.3 for 1000; 8 seeds).
   """
   generations: int = 5
+  engine: str = 'mle'
   samples: int = 256
   seq_len: int = 64
   schedule: str = 'replace'
@@ -77,6 +99,8 @@ class CollapseSpec:
     if self.schedule not in SCHEDULES:
       raise UserError(f'collapse schedule must be one of {tuple(SCHEDULES)}, '
                       f'got {self.schedule!r}')
+    if self.engine not in ENGINES:
+      raise UserError(f'collapse engine must be one of {tuple(ENGINES)}, got {self.engine!r}')
     if self.init not in INITS:
       raise UserError(f'collapse init must be one of {INITS}, got {self.init!r}')
     for name in ('generations', 'samples', 'seq_len', 'train_steps'):
@@ -96,6 +120,10 @@ class CollapseSpec:
       raise UserError(f'collapse lr must be > 0, got {self.lr!r}')
     if not self.weight_decay >= 0:
       raise UserError(f'collapse weight_decay must be >= 0, got {self.weight_decay!r}')
+    if self.engine == 'mle' and (self.init != 'scratch' or self.weight_decay != 0):
+      raise UserError('collapse init=finetune and weight_decay are the adam engine\'s; '
+                      f'engine mle has no optimiser (got init={self.init!r}, '
+                      f'weight_decay={self.weight_decay!r})')
 
   @property
   def mix_real_rows(self) -> int:
@@ -196,15 +224,21 @@ class CollapseTrace:
   """Per generation g = 0..G-1: a leading [G] axis, [S, G] under vmap over seeds; float32.
 
   true_kl, perplexity, tail_mass: model g on the held-out real transitions (`collapse_metrics`).
+  tail_survival, tail_support, tail_min_mass: model g's `collapse_metrics.TailMetrics`.
   train_loss: model g's cross-entropy (nats/token) on its training data.
   sample_distinct_1, sample_distinct_2, sample_unigram_entropy, sample_mean_length: the M
     rows model g sampled.
   data_distinct_1, data_distinct_2, data_unigram_entropy, data_mean_length: the data model g
     trained on; data_rows: how many rows it holds.
+  models: [G, V, V] (or [S, G, V, V]) log q of every generation's model, only from
+    `make_collapse(..., keep_models=True)`; None otherwise.
   """
   true_kl: jax.Array
   perplexity: jax.Array
   tail_mass: jax.Array
+  tail_survival: jax.Array
+  tail_support: jax.Array
+  tail_min_mass: jax.Array
   train_loss: jax.Array
   sample_distinct_1: jax.Array
   sample_distinct_2: jax.Array
@@ -215,13 +249,16 @@ class CollapseTrace:
   data_unigram_entropy: jax.Array
   data_mean_length: jax.Array
   data_rows: jax.Array
+  models: jax.Array | None = None
+
+
+def _emittable(vocab: int) -> jax.Array:
+  return (jnp.arange(vocab) != PAD_ID) & (jnp.arange(vocab) != BOS_ID)
 
 
 def log_probs(logits: jax.Array) -> jax.Array:
   """[..., V, V] float32 log q(t|s) of a logit table: PAD and BOS columns at -inf."""
-  vocab = logits.shape[-1]
-  emittable = (jnp.arange(vocab) != PAD_ID) & (jnp.arange(vocab) != BOS_ID)
-  return jax.nn.log_softmax(jnp.where(emittable, logits, -jnp.inf), axis=-1)
+  return jax.nn.log_softmax(jnp.where(_emittable(logits.shape[-1]), logits, -jnp.inf), axis=-1)
 
 
 def train(counts: jax.Array, *, init: jax.Array, steps: int, lr: float,
@@ -250,6 +287,64 @@ def train(counts: jax.Array, *, init: jax.Array, steps: int, lr: float,
   return logits, xent
 
 
+def mle_fit(counts: jax.Array, *, prev_log_q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The maximum-likelihood bigram of transition counts [V, V] (module doc, engine mle):
+  log(C[s, t] / sum_t' C[s, t']), -inf where C is 0, and the row of prev_log_q [V, V] (a
+  normalised log table) where row s has no counts. Returns (log q, its cross-entropy on
+  the counts, nats/token: the counts' empirical conditional entropy)."""
+  counts = jnp.where(_emittable(counts.shape[-1]), counts, 0.0)
+  row = counts.sum(-1, keepdims=True)
+  seen = counts > 0
+  fitted = jnp.where(seen, jnp.log(jnp.where(seen, counts, 1.0) / jnp.maximum(row, 1.0)),
+                     -jnp.inf)
+  xent = -jnp.where(seen, counts * fitted, 0.0).sum() / jnp.maximum(row.sum(), 1.0)
+  return jnp.where(row > 0, fitted, prev_log_q), xent
+
+
+@flax.struct.dataclass
+class Fit:
+  """One generation's fitted model.
+
+  params: [V, V] float32 what the next generation's fit starts from (adam: logits; mle:
+    log q).
+  log_q:  [V, V] float32 normalised log q(t|s), PAD and BOS columns at -inf.
+  loss:   float32 scalar, its cross-entropy on its training data, nats/token.
+  """
+  params: jax.Array
+  log_q: jax.Array
+  loss: jax.Array
+
+
+def _fit_mle(counts, *, prev, spec) -> Fit:
+  del spec
+  log_q, loss = mle_fit(counts, prev_log_q=prev)
+  return Fit(params=log_q, log_q=log_q, loss=loss)
+
+
+def _fit_adam(counts, *, prev, spec) -> Fit:
+  init = prev if spec.init == 'finetune' else jnp.zeros_like(prev)
+  logits, loss = train(counts, init=init, steps=spec.train_steps, lr=spec.lr,
+                       weight_decay=spec.weight_decay)
+  return Fit(params=logits, log_q=log_probs(logits), loss=loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """How a generation fits its model (module doc).
+
+  init: vocab -> [V, V] params before generation 0 (mle: the uniform rows that rows
+    without data fall back to; adam: zero logits).
+  fit:  (counts [V, V], *, prev params [V, V], spec) -> Fit.
+  """
+  init: Callable[[int], jax.Array]
+  fit: Callable[..., Fit]
+
+
+ENGINES: dict[str, Engine] = {
+    'mle': Engine(init=lambda v: log_probs(jnp.zeros((v, v), jnp.float32)), fit=_fit_mle),
+    'adam': Engine(init=lambda v: jnp.zeros((v, v), jnp.float32), fit=_fit_adam)}
+
+
 def sample_rows(log_q: jax.Array, *, key: jax.Array, rows: int, seq_len: int,
                 temperature: float = 1.0) -> jax.Array:
   """[rows, seq_len] int32 ancestral samples `BOS x1 ... EOS PAD ...` from a bigram model
@@ -260,8 +355,12 @@ def sample_rows(log_q: jax.Array, *, key: jax.Array, rows: int, seq_len: int,
   # what keeps many vmapped seeds (and large V) cheap. The search returns the first column
   # whose cdf reaches x = u * total. That is never a zero-probability column (it would need
   # cdf[j-1] < x <= cdf[j] = cdf[j-1]), and u > 0 keeps it off the leading PAD and BOS
-  # columns, whose cdf is 0.
-  cdf = jnp.cumsum(probs, axis=-1)
+  # columns, whose cdf is 0. cumsum may add in a tree whose rounding differs from prefix
+  # to prefix, so a zero-probability column's cdf could exceed its predecessor's by an
+  # ulp; a running max over the positive columns' cdf makes the equality exact, which is
+  # what keeps mle's zeros absorbing.
+  cdf = jax.lax.cummax(jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), 0.0),
+                       axis=probs.ndim - 1)
   vocab = cdf.shape[-1]
   bos = jnp.full((rows,), BOS_ID, jnp.int32)
 
@@ -302,9 +401,11 @@ def _check_tables(*, vocab_size, real, heldout_counts, true_logp, tail):
 
 
 def make_collapse(spec: CollapseSpec, *, vocab_size: int, real: RealData, heldout_counts,
-                  true_logp, tail) -> Callable[[jax.Array], CollapseTrace]:
+                  true_logp, tail, keep_models: bool = False
+                  ) -> Callable[[jax.Array], CollapseTrace]:
   """Returns run(rng) -> CollapseTrace for one seed (module doc). heldout_counts [V, V]:
-  held-out real transitions; true_logp [V, V] or None (text); tail [V, V] bool."""
+  held-out real transitions; true_logp [V, V] or None (text); tail [V, V] bool;
+  keep_models: also return every generation's log q (CollapseTrace.models)."""
   _check_tables(vocab_size=vocab_size, real=real, heldout_counts=heldout_counts,
                 true_logp=true_logp, tail=tail)
   heldout_counts = jnp.asarray(heldout_counts, jnp.float32)
@@ -313,17 +414,17 @@ def make_collapse(spec: CollapseSpec, *, vocab_size: int, real: RealData, heldou
   fresh_real = lambda key, rows: _data(real.draw(key=key, rows=rows, seq_len=spec.seq_len),
                                        vocab_size)
   schedule = functools.partial(SCHEDULES[spec.schedule], spec=spec, fresh_real=fresh_real)
-  zeros = jnp.zeros((vocab_size, vocab_size), jnp.float32)
+  engine = ENGINES[spec.engine]
 
   def generation(key_gens, carry, g):
-    data, prev_logits = carry
+    data, prev = carry
     key_sample, key_schedule = jax.random.split(jax.random.fold_in(key_gens, g))
-    init = prev_logits if spec.init == 'finetune' else zeros
-    logits, loss = train(data.counts, init=init, steps=spec.train_steps, lr=spec.lr,
-                         weight_decay=spec.weight_decay)
-    log_q = log_probs(logits)
+    fit = engine.fit(data.counts, prev=prev, spec=spec)
+    log_q = fit.log_q
     metrics = cm.bigram_model_metrics(log_q, heldout_counts=heldout_counts,
                                       true_logp=true_logp, tail=tail)
+    tail_metrics = cm.bigram_tail_metrics(log_q, heldout_counts=heldout_counts,
+                                          true_logp=true_logp, tail=tail)
     samples = sample_rows(log_q, key=key_sample, rows=spec.samples, seq_len=spec.seq_len,
                           temperature=spec.temperature)
     sampled = _data(samples, vocab_size)
@@ -331,31 +432,33 @@ def make_collapse(spec: CollapseSpec, *, vocab_size: int, real: RealData, heldou
     data_stats = cm.count_statistics(data.counts, rows=data.rows)
     trace = CollapseTrace(
         true_kl=metrics.true_kl, perplexity=metrics.perplexity, tail_mass=metrics.tail_mass,
-        train_loss=loss,
+        tail_survival=tail_metrics.survival, tail_support=tail_metrics.support,
+        tail_min_mass=tail_metrics.min_mass, train_loss=fit.loss,
         sample_distinct_1=sample_stats.distinct_1, sample_distinct_2=sample_stats.distinct_2,
         sample_unigram_entropy=sample_stats.unigram_entropy,
         sample_mean_length=sample_stats.mean_length,
         data_distinct_1=data_stats.distinct_1, data_distinct_2=data_stats.distinct_2,
         data_unigram_entropy=data_stats.unigram_entropy,
-        data_mean_length=data_stats.mean_length, data_rows=data.rows)
+        data_mean_length=data_stats.mean_length, data_rows=data.rows,
+        models=log_q if keep_models else None)
     state = ScheduleInput(trained=data, samples=samples, sampled=sampled)
-    return (schedule(state, key=key_schedule), logits), trace
+    return (schedule(state, key=key_schedule), fit.params), trace
 
   def run(rng: jax.Array) -> CollapseTrace:
     key_real, key_gens = jax.random.split(rng)
     data = fresh_real(key_real, spec.samples)
-    _, trace = jax.lax.scan(functools.partial(generation, key_gens), (data, zeros),
-                            jnp.arange(spec.generations))
+    _, trace = jax.lax.scan(functools.partial(generation, key_gens),
+                            (data, engine.init(vocab_size)), jnp.arange(spec.generations))
     return trace
 
   return run
 
 
 def trace_to_rows(trace: CollapseTrace) -> list[dict]:
-  """One dict per (seed, generation) with plain floats, for CSV tables; seed 0 only when
-  the trace is a single run's [G]."""
+  """One dict per (seed, generation) with plain floats, for CSV tables (every field but
+  `models`); seed 0 only when the trace is a single run's [G]."""
   fields = {f.name: np.asarray(getattr(trace, f.name), np.float64)
-            for f in dataclasses.fields(trace)}
+            for f in dataclasses.fields(trace) if f.name != 'models'}
   fields = {k: v[None] if v.ndim == 1 else v for k, v in fields.items()}
   seeds, generations = next(iter(fields.values())).shape
   return [{'seed': s, 'generation': g, **{k: float(v[s, g]) for k, v in fields.items()}}
