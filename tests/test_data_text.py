@@ -147,6 +147,22 @@ def test_tokenizer_reload_and_determinism(corpus_dir, tokenizer, tmp_path):
   assert os.listdir(tmp_path) == ['tokenizer.model']  # No temp file left.
 
 
+def test_a_small_corpus_tokenizer_reloads_with_the_size_asked(tmp_path):
+  """A corpus too small for vocab_size gives fewer pieces; the same vocab_size loads it
+  again (a resumed text run), another is still refused."""
+  words = ('alpha', 'beta', 'gamma', 'delta', 'eps')
+  texts = [' '.join(words[(i * 7 + j) % 5] for j in range(20)) for i in range(50)]
+  path = str(tmp_path / 'tokenizer.model')
+  first = tokenizer_lib.train_or_load_tokenizer(texts=texts, model_path=path, vocab_size=400)
+  assert first.vocab_size < 400  # the corpus's own size, not the one asked for
+  again = tokenizer_lib.train_or_load_tokenizer(texts=[], model_path=path, vocab_size=400)
+  assert again.vocab_size == first.vocab_size
+  assert again.encode(texts[3]) == first.encode(texts[3])
+  with pytest.raises(UserError, match='vocab_size=400'):
+    tokenizer_lib.train_or_load_tokenizer(texts=[], model_path=path,
+                                          vocab_size=first.vocab_size)
+
+
 def test_tokenizer_errors(tokenizer, tmp_path):
   with pytest.raises(UserError, match='vocab_size=500'):
     tokenizer_lib.train_or_load_tokenizer(

@@ -85,6 +85,17 @@ def _check_trained_with(tokenizer: Tokenizer, vocab_size: int, model_type: str):
         'use a fresh workdir')
 
 
+def _asked_vocab_size(model_bytes: bytes, vocab_size: int) -> bytes:
+  """The model with its trainer spec recording the vocab_size asked for. With
+  hard_vocab_limit off, a small corpus gives fewer pieces and sentencepiece records that
+  smaller number, so a resumed run asking the same size again was refused; the pieces
+  themselves (get_piece_size) are untouched."""
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_bytes)
+  proto.trainer_spec.vocab_size = vocab_size
+  return proto.SerializeToString()
+
+
 def _training_lines(texts: Iterable[str]) -> list[str]:
   # Sentencepiece reads sentences, not documents: newlines are learnt as the
   # user-defined '\n' piece, so lines carry all the statistics it needs.
@@ -149,7 +160,7 @@ def train_or_load_tokenizer(
         f'cannot train a {model_type} tokenizer with vocab_size={vocab_size} '
         f'on {len(lines)} lines of text: {_spm_reason(e)}') from e
 
-  model_bytes = model.getvalue()
+  model_bytes = _asked_vocab_size(model.getvalue(), vocab_size)
   directory = os.path.dirname(os.path.abspath(model_path))
   tmp_path = f'{model_path}.tmp-{os.getpid()}'
   try:
