@@ -1,20 +1,26 @@
 r"""Model-collapse curves: schedules x seeds, every metric against generation.
 
-  python experiments/model_collapse.py                        # about 1 minute; OUT=runs/model_collapse
+  python experiments/model_collapse.py                        # 2 minutes; OUT=runs/model_collapse
   python experiments/model_collapse.py --text=/usr/share/games/fortunes --vocab_size=1000
   python experiments/model_collapse.py --model=transformer --seeds=2   # the CLI loop, slow
 
-By default each (schedule, seed) is a bigram model of the `tiny` world retrained on its own
-samples for `--generations` generations (rlhf_jax/loops/collapse_bigram.py), all seeds of a
-schedule in one `jit(vmap(...))`. `--text PATH` does the same on a local text corpus
-(a file or folder; binary files such as the `.dat` indexes beside Debian's fortunes are
-skipped, `%` lines split fortunes into documents): a sentencepiece tokenizer is trained on
-it in OUT, its documents are the real rows, and there is no true KL. `--model=transformer`
+By default each (engine, schedule, seed) is a bigram model of the `tiny` world retrained on
+its own samples for `--generations` generations (rlhf_jax/loops/collapse_bigram.py), all
+seeds of an (engine, schedule) in one `jit(vmap(...))`. `--engines` (default mle,adam): mle
+is the textbook exact maximum-likelihood refit, counts / row total, under which a
+transition no generation samples is gone for good (its true KL and perplexity are +inf:
+the held-out data make transitions it has lost); adam is the smoothed fit of a logit table
+by `--train_steps` Adam steps at `--lr`, under which every transition keeps some mass.
+`--text PATH` does the same on a local text corpus (a file or folder; binary files such as
+the `.dat` indexes beside Debian's fortunes are skipped, `%` lines split fortunes into
+documents): a sentencepiece tokenizer is trained on it in OUT, its documents are the real
+rows, and there is no true KL. `--model=transformer`
 runs the Transformer loop (configs/collapse.py:tiny, `python -m rlhf_jax.main` in-process)
 per schedule and seed instead, in OUT/transformer/<schedule>_seed<s> (resumable).
 
-Writes OUT/collapse.csv (schedule, seed, generation, metrics), OUT/collapse.png (each metric
-against generation, mean and 95% band over seeds, one line per schedule), OUT/theory.png and
+Writes OUT/collapse.csv (engine, schedule, seed, generation, metrics), OUT/collapse.png
+(each metric against generation, mean and 95% band over seeds, one colour per schedule, one
+line style per engine), OUT/theory.png and
 OUT/theory.csv (the exact-theory companions: iterated Gaussian fitting and linear regression
 on its own labels, simulation next to closed form), and prints a summary table.
 """
@@ -39,15 +45,19 @@ from rlhf_jax.errors import UserError  # noqa: E402
 from rlhf_jax.loops import collapse_bigram as cb  # noqa: E402
 from rlhf_jax.world import language  # noqa: E402
 
-METRICS = ('true_kl', 'perplexity', 'tail_mass', 'sample_distinct_1', 'sample_distinct_2',
-           'sample_unigram_entropy', 'data_distinct_2', 'data_unigram_entropy')
-SUMMARY = ('true_kl', 'perplexity', 'tail_mass', 'sample_distinct_2', 'sample_unigram_entropy')
+METRICS = ('true_kl', 'perplexity', 'tail_mass', 'tail_min_mass', 'tail_survival',
+           'tail_support', 'sample_distinct_1', 'sample_distinct_2', 'sample_unigram_entropy',
+           'data_distinct_2', 'data_unigram_entropy')
+SUMMARY = ('true_kl', 'perplexity', 'tail_mass', 'tail_min_mass', 'tail_survival',
+           'tail_support', 'sample_distinct_2', 'sample_unigram_entropy')
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--out', default='runs/model_collapse')
   p.add_argument('--schedules', default='replace,accumulate,mix')
+  p.add_argument('--engines', default='mle,adam',
+                 help=f'bigram engines, from {tuple(cb.ENGINES)}')
   p.add_argument('--seeds', type=int, default=8)
   p.add_argument('--generations', type=int, default=10)
   p.add_argument('--samples', type=int, default=None,
@@ -56,9 +66,10 @@ def parse_args(argv=None):
   p.add_argument('--seq_len', type=int, default=64, help='tokens per row after BOS')
   p.add_argument('--temperature', type=float, default=1.0)
   p.add_argument('--mix_fraction', type=float, default=0.5)
-  p.add_argument('--init', default='scratch', choices=cb.INITS)
-  p.add_argument('--train_steps', type=int, default=cb.CollapseSpec.train_steps)
-  p.add_argument('--lr', type=float, default=cb.CollapseSpec.lr)
+  p.add_argument('--init', default='scratch', choices=cb.INITS, help='adam engine only')
+  p.add_argument('--train_steps', type=int, default=cb.CollapseSpec.train_steps,
+                 help='adam engine only')
+  p.add_argument('--lr', type=float, default=cb.CollapseSpec.lr, help='adam engine only')
   p.add_argument('--text', default='', help='a local text file or folder instead of the world')
   p.add_argument('--vocab_size', type=int, default=1000, help='tokenizer size for --text')
   p.add_argument('--model', default='bigram', choices=('bigram', 'transformer'))
@@ -92,12 +103,16 @@ def real_tables(args):
           None, cm.text_tail(np.asarray(train_counts)))
 
 
-def bigram_rows(args, schedule: str, tables) -> list[dict]:
+def bigram_spec(args, engine: str, schedule: str) -> cb.CollapseSpec:
+  return cb.CollapseSpec(generations=args.generations, engine=engine,
+                         samples=args.samples or 256, seq_len=args.seq_len + 1,
+                         schedule=schedule, mix_fraction=args.mix_fraction,
+                         temperature=args.temperature, init=args.init,
+                         train_steps=args.train_steps, lr=args.lr)
+
+
+def bigram_rows(spec: cb.CollapseSpec, args, tables) -> list[dict]:
   real, vocab, heldout, true_logp, tail = tables
-  spec = cb.CollapseSpec(generations=args.generations, samples=args.samples or 256,
-                         seq_len=args.seq_len + 1, schedule=schedule,
-                         mix_fraction=args.mix_fraction, temperature=args.temperature,
-                         init=args.init, train_steps=args.train_steps, lr=args.lr)
   run = cb.make_collapse(spec, vocab_size=vocab, real=real, heldout_counts=heldout,
                          true_logp=true_logp, tail=tail)
   keys = jax.random.split(jax.random.key(0), args.seeds)
@@ -176,27 +191,34 @@ def by_generation(rows, metric) -> np.ndarray:
 
 
 def band(values: np.ndarray):
-  """Mean over seeds [G] and the half-width of its 95% interval (Student's t, n - 1 df)."""
+  """Mean over seeds [G] and the half-width of its 95% interval (Student's t, n - 1 df);
+  an infinite mean (mle's true KL) has a NaN half-width."""
   import scipy.stats
   mean = values.mean(0)
   n = len(values)
-  half = (scipy.stats.t.ppf(0.975, n - 1) * values.std(0, ddof=1) / np.sqrt(n) if n > 1
-          else np.zeros_like(mean))
+  with np.errstate(invalid='ignore'):
+    half = (scipy.stats.t.ppf(0.975, n - 1) * values.std(0, ddof=1) / np.sqrt(n) if n > 1
+            else np.zeros_like(mean))
   return mean, half
 
 
-def plot(path: str, results: dict[str, list[dict]], metrics) -> None:
+def plot(path: str, results: dict[tuple[str, str], list[dict]], metrics) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   cols = 4
-  fig, axes = plt.subplots(-(-len(metrics) // cols), cols, figsize=(4 * cols, 6.5))
+  rows_ = -(-len(metrics) // cols)
+  fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.25 * rows_))
+  schedules = list(dict.fromkeys(s for _, s in results))
+  engines = list(dict.fromkeys(e for e, _ in results))
   for ax, metric in zip(axes.flat, metrics):
-    for i, (schedule, rows) in enumerate(results.items()):
+    for (engine, schedule), rows in results.items():
       mean, half = band(by_generation(rows, metric))
       gens = np.arange(len(mean))
-      ax.plot(gens, mean, '-o', ms=3, color=f'C{i}', label=schedule)
-      ax.fill_between(gens, mean - half, mean + half, color=f'C{i}', alpha=0.25)
+      color = f'C{schedules.index(schedule)}'
+      style = ('-o', '--s', ':^')[engines.index(engine) % 3]
+      ax.plot(gens, mean, style, ms=3, color=color, label=f'{engine} {schedule}')
+      ax.fill_between(gens, mean - half, mean + half, color=color, alpha=0.2)
     ax.set_title(metric)
     ax.set_xlabel('generation')
   for ax in list(axes.flat)[len(metrics):]:
@@ -207,13 +229,13 @@ def plot(path: str, results: dict[str, list[dict]], metrics) -> None:
   plt.close(fig)
 
 
-def summary(results: dict[str, list[dict]], metrics) -> str:
-  lines = [f'{"schedule":<12}{"metric":<24}{"gen 0":>18}{"last gen":>18}']
-  for schedule, rows in results.items():
+def summary(results: dict[tuple[str, str], list[dict]], metrics) -> str:
+  lines = [f'{"engine":<12}{"schedule":<12}{"metric":<24}{"gen 0":>18}{"last gen":>18}']
+  for (engine, schedule), rows in results.items():
     for metric in metrics:
       mean, half = band(by_generation(rows, metric))
       cell = lambda i: f'{mean[i]:.4f} ± {half[i]:.4f}'
-      lines.append(f'{schedule:<12}{metric:<24}{cell(0):>18}{cell(-1):>18}')
+      lines.append(f'{engine:<12}{schedule:<12}{metric:<24}{cell(0):>18}{cell(-1):>18}')
   return '\n'.join(lines)
 
 
@@ -226,16 +248,29 @@ def main(argv=None) -> None:
     raise UserError(f'--schedules: {unknown or "none"} not in {tuple(cb.SCHEDULES)}')
   if args.seeds < 1:
     raise UserError('--seeds must be >= 1')
+  if args.model == 'bigram':
+    engines = [e for e in args.engines.split(',') if e]
+    unknown = [e for e in engines if e not in cb.ENGINES]
+    if unknown or not engines:
+      raise UserError(f'--engines: {unknown or "none"} not in {tuple(cb.ENGINES)}')
+    # Every spec is checked before any compute.
+    runs = {(e, s): bigram_spec(args, e, s) for e in engines for s in schedules}
+  else:
+    runs = {('transformer', s): None for s in schedules}
   t0 = time.perf_counter()
   tables = real_tables(args) if args.model == 'bigram' else None
   results = {}
-  for schedule in schedules:
-    results[schedule] = (bigram_rows(args, schedule, tables) if args.model == 'bigram'
-                         else transformer_rows(args, schedule))
-    print(f'{schedule}: done ({time.perf_counter() - t0:.0f} s)', flush=True)
-  metrics = [m for m in METRICS if not (args.text and m == 'true_kl')]
+  for (engine, schedule), spec in runs.items():
+    results[engine, schedule] = (bigram_rows(spec, args, tables) if spec is not None
+                                 else transformer_rows(args, schedule))
+    print(f'{engine} {schedule}: done ({time.perf_counter() - t0:.0f} s)', flush=True)
+  # Metrics a run does not have (true KL on text; the tail metrics of the Transformer
+  # loop, survival and min mass on text) are NaN throughout and left out.
+  metrics = [m for m in METRICS
+             if any(not np.isnan(by_generation(rows, m)).all() for rows in results.values())]
   write_csv(os.path.join(args.out, 'collapse.csv'),
-            [{'schedule': s, **r} for s, rows in results.items() for r in rows])
+            [{'engine': e, 'schedule': s, **r} for (e, s), rows in results.items()
+             for r in rows])
   plot(os.path.join(args.out, 'collapse.png'), results, metrics)
   write_csv(os.path.join(args.out, 'theory.csv'), theory(args))
   print(summary(results, [m for m in SUMMARY if m in metrics]))
