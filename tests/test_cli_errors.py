@@ -163,14 +163,9 @@ def _truncate_to_half(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'zeros', 'lost-manifests'])
-def test_corrupt_checkpoint(run_cli, tmp_path, finished_run, damage):
-  source, args = finished_run
-  workdir = tmp_path / 'run'
-  shutil.copytree(source, workdir)
-  args = tuple(a.replace(str(source), str(workdir)) for a in args)
+def _damage(step_dir, damage):
   data_files = [os.path.join(dirpath, f)
-                for dirpath, _, files in os.walk(workdir / 'checkpoints' / '4' / 'state')
+                for dirpath, _, files in os.walk(step_dir / 'state')
                 for f in files if os.sep + 'd' + os.sep in os.path.join(dirpath, f)]
   assert data_files
   if damage == 'truncate':
@@ -180,30 +175,73 @@ def test_corrupt_checkpoint(run_cli, tmp_path, finished_run, damage):
     for path in data_files:
       _overwrite_with_zeros(path)
   else:  # a copy that lost the index of the array store: every array read fails
-    for dirpath, _, files in os.walk(workdir / 'checkpoints' / '4' / 'state'):
+    for dirpath, _, files in os.walk(step_dir / 'state'):
       for f in files:
         if f == 'manifest.ocdbt':
           os.remove(os.path.join(dirpath, f))
+
+
+def _copy_of(finished_run, tmp_path):
+  source, args = finished_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  return source, workdir, tuple(a.replace(str(source), str(workdir)) for a in args)
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'zeros', 'lost-manifests'])
+def test_corrupt_newest_checkpoint_is_moved_aside(run_cli, tmp_path, finished_run, damage):
+  source, workdir, args = _copy_of(finished_run, tmp_path)
+  _damage(workdir / 'checkpoints' / '4', damage)
+  damaged = snapshot(workdir / 'checkpoints' / '4')
+  aside = workdir / 'corrupt_checkpoints'
+  if damage == 'truncate':  # one moved there by an earlier attempt keeps its name
+    (aside / '4' / 'state').mkdir(parents=True)
+    (aside / '4' / 'state' / 'earlier').write_text('moved before\n')
+  result = run_cli(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1, result.stderr[-3000:]
+  moved = aside / ('4.1' if damage == 'truncate' else '4')
+  assert lines[0].startswith(f'warning: checkpoint 4 in {workdir / "checkpoints"} cannot be '
+                             'restored (')
+  assert lines[0].endswith(f'); moved it to {moved}; resuming from checkpoint 2'), lines[0]
+  assert snapshot(moved) == damaged  # renamed, every byte kept
+  if damage == 'truncate':
+    assert (aside / '4' / 'state' / 'earlier').read_text() == 'moved before\n'
+  # Resumed from step 2, it recomputed step 4 exactly as the undamaged run did.
+  assert checkpoint_steps(workdir) == [2, 4]
+  original = read_state(source / 'checkpoints' / '4')
+  again = read_state(workdir / 'checkpoints' / '4')
+  for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(again), strict=True):
+    assert np.array_equal(a, b)
+  strip = lambda text: [{k: v for k, v in json.loads(l).items() if not k.startswith('perf/')}
+                        for l in text.splitlines()]
+  assert (strip((workdir / 'metrics.jsonl').read_text()) ==
+          strip((source / 'metrics.jsonl').read_text()))
+
+
+def test_every_checkpoint_corrupt(run_cli, tmp_path, finished_run):
+  _, workdir, args = _copy_of(finished_run, tmp_path)
+  _damage(workdir / 'checkpoints' / '4', 'truncate')
+  _damage(workdir / 'checkpoints' / '2', 'zeros')
   before = snapshot(workdir)
   result = run_cli(*args)
-  assert_one_error_line(result, mentions=('checkpoint 4', 'cannot be restored'))
+  assert_one_error_line(result, mentions=('no checkpoint in', '4: ', '2: ',
+                                          'nothing was moved'))
   assert snapshot(workdir) == before
 
-  if damage == 'truncate':
-    # The advice in the message works: with step 4 moved aside the run resumes from step 2
-    # and recomputes step 4 exactly as the undamaged run did.
-    shutil.move(workdir / 'checkpoints' / '4', tmp_path / 'damaged_4')
-    resumed = run_cli(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoint_steps(workdir) == [2, 4]
-    original = read_state(source / 'checkpoints' / '4')
-    again = read_state(workdir / 'checkpoints' / '4')
-    for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(again), strict=True):
-      assert np.array_equal(a, b)
-    strip = lambda text: [{k: v for k, v in json.loads(l).items() if not k.startswith('perf/')}
-                          for l in text.splitlines()]
-    assert (strip((workdir / 'metrics.jsonl').read_text()) ==
-            strip((source / 'metrics.jsonl').read_text()))
+
+def test_corrupt_checkpoint_of_an_input_run(run_cli, tmp_path, finished_run):
+  """A checkpoint another run starts from is not replaced by an earlier one unasked."""
+  source, workdir, _ = _copy_of(finished_run, tmp_path)
+  _damage(workdir / 'checkpoints' / '4', 'truncate')
+  before = snapshot(workdir)
+  result = run_cli('--config=configs/sft.py:tiny', f'--workdir={tmp_path / "sft"}',
+                   f'--config.init.run={workdir}', '--config.train.steps=2',
+                   '--config.train.progress=False')
+  assert_one_error_line(result, mentions=(f'init.run {workdir}: checkpoint 4 cannot be '
+                                          'restored', '([2])', 'init.step'))
+  assert snapshot(workdir) == before
 
 
 def test_non_finite_loss_stops_at_the_last_finite_checkpoint(run_cli, tmp_path):

@@ -1,7 +1,7 @@
 """Multi-controller runs on this machine: 2 processes x 4 CPU devices (JAX's gloo collectives
 between them) give the losses of 1 process x 8 devices, only process 0 writes, and the
 2-process run resumes from its checkpoint (every process restoring its data position) to
-the same metrics."""
+the same metrics, also when its newest checkpoint is damaged."""
 import json
 import shutil
 import socket
@@ -23,7 +23,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(workdir, processes: int, devices: int) -> None:
+def run_processes(workdir, processes: int, devices: int) -> list[str]:
+  """Runs the processes to the end; returns each one's stderr."""
   port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'rlhf_jax.main', *ARGS, f'--workdir={workdir}',
@@ -31,10 +32,13 @@ def run_processes(workdir, processes: int, devices: int) -> None:
           f'--process_id={i}'] if processes > 1 else [])],
       cwd=REPO, env=cli_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(processes)]
+  errs = []
   try:
     for i, p in enumerate(procs):
       _, err = p.communicate(timeout=300)
       assert p.returncode == 0, f'process {i}: {err[-3000:]}'
+      errs.append(err)
+    return errs
   finally:
     for p in procs:
       p.kill()
@@ -66,6 +70,23 @@ def test_two_processes_equal_one_and_resume(tmp_path):
   shutil.rmtree(resumed / 'checkpoints' / '6')
   run_processes(resumed, processes=2, devices=4)
   assert records(resumed) == b
+
+  # Its newest checkpoint damaged: both processes fail to restore it and agree to resume
+  # from step 3; process 0 alone moves it aside and says so.
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(two, damaged)
+  data = [p for p in (damaged / 'checkpoints' / '6' / 'state').rglob('*')
+          if p.is_file() and p.parent.name == 'd']
+  assert data
+  for path in data:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  errs = run_processes(damaged, processes=2, devices=4)
+  warnings = [[l for l in e.splitlines() if l.startswith('warning: ')] for e in errs]
+  assert len(warnings[0]) == 1 and warnings[1] == [], warnings
+  assert warnings[0][0].endswith(f'moved it to {damaged / "corrupt_checkpoints" / "6"}; '
+                                 'resuming from checkpoint 3')
+  assert sorted(p.name for p in (damaged / 'corrupt_checkpoints').iterdir()) == ['6']
+  assert records(damaged) == b
 
 
 def test_bad_process_flags(run_cli, tmp_path):

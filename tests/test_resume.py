@@ -188,3 +188,75 @@ def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
   result = run_to_end(uninterrupted)
   assert result.stderr.strip() == ''
   assert files(uninterrupted) == before
+
+
+# --- Damaged checkpoints are moved aside, never deleted --------------------------------------
+
+def damage(step_dir):
+  """Truncates every array-data file of a checkpoint (what a full disk or a bad copy does)."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for f in names if os.sep + 'd' + os.sep in os.path.join(d, f)]
+  assert files
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def tree_files(root) -> dict:
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      with open(os.path.join(dirpath, n), 'rb') as f:
+        out[os.path.relpath(os.path.join(dirpath, n), root)] = f.read()
+  return out
+
+
+def test_checkpointer_moves_damaged_checkpoints_aside(tmp_path, capsys):
+  from rlhf_jax.errors import UserError
+  from rlhf_jax.train.checkpoint import Checkpointer
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state_of = lambda step: {'w': np.arange(64, dtype=np.float32) * step, 'n': np.int32(step)}
+  like = jax.tree.map(jax.numpy.asarray, state_of(0))
+  shardings = jax.tree.map(lambda _: device, like)
+  ckpt_dir, aside = tmp_path / 'checkpoints', tmp_path / 'corrupt_checkpoints'
+  ckpt = Checkpointer(str(ckpt_dir), keep=2)
+
+  def save(*steps):
+    for s in steps:
+      ckpt.save(s, state=state_of(s), data_state={'position': s})
+
+  def newest():
+    step, state, data = ckpt.restore_newest(state_shardings=shardings, like_state=like)
+    assert data == {'position': step} and int(state['n']) == step
+    np.testing.assert_array_equal(state['w'], state_of(step)['w'])
+    return step
+
+  save(1, 2)
+  damage(ckpt_dir / '2')
+  damaged = tree_files(ckpt_dir / '2')
+  assert newest() == 1
+  warning = capsys.readouterr().err.strip().splitlines()
+  assert len(warning) == 1 and warning[0].startswith('warning: checkpoint 2 in ')
+  assert f'moved it to {aside / "2"}; resuming from checkpoint 1' in warning[0]
+  assert tree_files(aside / '2') == damaged and ckpt.all_steps() == [1]
+
+  # The same step damaged again after it was recomputed: it lands beside the first, not on it.
+  save(2)
+  damage(ckpt_dir / '2')
+  again = tree_files(ckpt_dir / '2')
+  assert newest() == 1
+  assert f'moved it to {aside / "2.1"};' in capsys.readouterr().err
+  # Orbax's max_to_keep=2 now collects steps 1 and 2: neither moved copy is touched.
+  save(2, 3, 4)
+  assert ckpt.all_steps() == [3, 4] and sorted(os.listdir(ckpt_dir)) == ['3', '4']
+  assert tree_files(aside / '2') == damaged and tree_files(aside / '2.1') == again
+
+  # Every checkpoint damaged: an error naming each, and nothing moved.
+  damage(ckpt_dir / '3')
+  damage(ckpt_dir / '4')
+  before = tree_files(tmp_path)
+  with pytest.raises(UserError, match=r'no checkpoint in .* can be restored \(4: .*; 3: .*\); '
+                                      'nothing was moved'):
+    ckpt.restore_newest(state_shardings=shardings, like_state=like)
+  assert tree_files(tmp_path) == before and capsys.readouterr().err == ''
+  ckpt.close()

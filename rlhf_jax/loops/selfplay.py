@@ -304,16 +304,18 @@ def run(config, *, workdir: str) -> None:
   config_lib.write_or_check(config, workdir)
   root = np.asarray(jax.random.PRNGKey(config.seed))  # host copy: the state's is donated
   ckpt = Checkpointer(_path(workdir, 'checkpoints'), keep=2)
-  done = ckpt.latest_step()
   with sharding.activate(engine.mesh, config.mesh):
-    if done is None:
+    # The newest checkpoint that restores (newer damaged ones are moved aside, with a
+    # warning); the iterations after it are recomputed to the same numbers.
+    resumed = ckpt.restore_newest(state_shardings=engine.state_shardings,
+                                  like_state=engine.like_state)
+    if resumed is None:
       run_state = jax.device_put(engine.init_state(root), engine.state_shardings)
       save_params(workdir, 0, run_state['train'].params)
       ckpt.save(0, state=run_state, data_state={'iteration': 0})
       done = 0
     else:
-      run_state, _ = ckpt.restore(done, state_shardings=engine.state_shardings,
-                                  like_state=engine.like_state)
+      done, run_state, _ = resumed
     rows = []
     from tensorboardX import SummaryWriter  # late: slow to import
     tb = SummaryWriter(workdir) if jax.process_index() == 0 else None

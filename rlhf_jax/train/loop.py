@@ -48,9 +48,12 @@ def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
   entropy rate). Returns the final state.
   """
   ckpt = Checkpointer(f'{spec.workdir}/checkpoints', keep=spec.keep_ckpts)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, data_state = ckpt.restore(start, state_shardings=state_shardings, like_state=state)
+  start = 0
+  # The newest checkpoint that restores; newer damaged ones are moved aside (with a warning),
+  # and the metrics after the step resumed from are recomputed, as after any stop.
+  resumed = ckpt.restore_newest(state_shardings=state_shardings, like_state=state)
+  if resumed is not None:
+    start, state, data_state = resumed
     source.set_state(data_state)
   # A run with no checkpoint to resume rewrites step 0 too, so keeps no earlier line
   # (one killed before its first checkpoint has already logged step 0).

@@ -18,8 +18,12 @@ from rlhf_jax.errors import UserError
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models import policy_value, reward_model
 from rlhf_jax.models.transformer import ModelConfig, Transformer
-from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
 from rlhf_jax.train.state import abstract_sharded, make_optimizer
+
+
+# The field that picks the checkpoint of the run a role names (-1 or unset: the newest).
+_STEP_FIELDS = {'init.run': 'init.step', 'ppo.rm_run': 'ppo.rm_step', '--workdir': '--step'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +122,15 @@ def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, ro
       abstract = state_type(**fields(abstract), **extra)
       shardings = state_type(**fields(shardings),
                              **{k: sharding_lib.replicated(mesh) for k in extra})
-    state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
+    try:
+      state, _ = ckpt.restore(step, state_shardings=shardings, like_state=abstract)
+    except CorruptCheckpoint as e:
+      # Another run's checkpoint: never moved aside or replaced by an earlier one unasked.
+      others = [s for s in ckpt.all_steps() if s != step]
+      field = _STEP_FIELDS.get(role, 'its step field')
+      raise UserError(f'{role} {workdir}: checkpoint {step} cannot be restored ({e.reason}); '
+                      f'choose another of its checkpoints ({others or "it has none"}) with '
+                      f'{field}') from None
   finally:
     ckpt.close()
   return LoadedRun(workdir=workdir, config=config, model=model, params=state.params,
