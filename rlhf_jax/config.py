@@ -3,6 +3,7 @@
 A config file under `configs/` composes these blocks into one `ConfigDict` and picks
 sizes per variant (`tiny`, `small`, `tpu_*`). Every field is documented where it is made.
 """
+import datetime
 import importlib.util
 import json
 import os
@@ -324,9 +325,23 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 # Fields that may differ when a run is resumed: how often it reports or shows progress
-# does not change what it computes. (train.steps may not: it sets the LR schedule.) Self-play
-# may be given more iterations: its learning rate is constant, so the ones done stand.
+# does not change what it computes. Self-play may be given more iterations: its learning
+# rate is constant, so the ones done stand.
 RESUMABLE_FIELDS = ('train.log_every', 'train.progress', 'selfplay.iterations')
+# Also resumable in a single-stage run (a module under rlhf_jax/stages/), which then continues
+# from its newest checkpoint: its length (the LR schedule then decays to the new end; the
+# steps done stand as they were computed), how often it evaluates and checkpoints, and how
+# many checkpoints it keeps from the next save on. In a loop the train block is that of each
+# generation or iteration, which later ones build on, so it stays fixed.
+SINGLE_STAGE_RESUMABLE_FIELDS = ('train.steps', 'train.eval_every', 'train.ckpt_every',
+                                 'train.keep_ckpts')
+# Length fields, counted in the unit of the run's checkpoint steps, and how far past the
+# newest checkpoint a changed one must reach (it continues a run, never undoes any of it): a
+# train loop evaluates at its last step, which it cannot do at one it does not compute;
+# self-play evaluates its last iteration from the parameters it saved.
+LENGTH_FIELDS = {'train.steps': 1, 'selfplay.iterations': 0}
+# Changes not worth a line in DIR/config_history.jsonl: they only show progress differently.
+UNRECORDED_FIELDS = ('train.progress',)
 # Fields left at -1 in the config file and filled in by the run.
 UNRESOLVED = ('model.vocab_size',)
 
@@ -341,14 +356,49 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+def _resumable_fields(flat: dict) -> tuple:
+  from rlhf_jax.stages import dispatch  # late: dispatch imports this module
+  module = dispatch.STAGES.get(flat.get('stage'), '')
+  single = module.startswith('rlhf_jax.stages.') and not any(k.startswith('stages.')
+                                                             for k in flat)
+  return RESUMABLE_FIELDS + (SINGLE_STAGE_RESUMABLE_FIELDS if single else ())
+
+
+def newest_checkpoint(workdir: str) -> int | None:
+  """The newest step in DIR/checkpoints/ (orbax names each finished one by its step)."""
+  try:
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def _change_line(workdir: str, changes: dict, from_step: int | None, flat: dict) -> str:
+  parts = [f'{k} {v["old"]} -> {v["new"]}' for k, v in changes.items()]
+  if 'train.steps' in changes:
+    end = changes['train.steps']['new']
+    if flat.get('stage') == 'ppo':
+      end = (f'{end} x ppo.epochs x ppo.minibatches = '
+             f'{end * flat["ppo.epochs"] * flat["ppo.minibatches"]} updates')
+    parts[list(changes).index('train.steps')] += (
+        f' (the learning-rate schedule now runs to the new end, {end})')
+  where = 'from its start' if from_step is None else f'from checkpoint {from_step}'
+  return (f'config: {workdir} continues {where} with {"; ".join(parts)} '
+          '(recorded in config_history.jsonl)')
+
+
 def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
                    write: bool = True) -> None:
   """Checks that an existing DIR/config.json describes the same run, then (re)writes it.
 
   Called once before any compute with write=False (fields the run resolves later, such as
-  model.vocab_size = -1, match anything), and again with the resolved config."""
+  model.vocab_size = -1, match anything), and again with the resolved config. Resumable
+  fields (`_resumable_fields`) may differ: the run continues from its newest checkpoint under
+  the new values; with write=True, process 0 appends the change to DIR/config_history.jsonl
+  (time, the checkpoint continued from, old and new values) and says so in one line."""
   path = os.path.join(workdir, 'config.json')
   new = to_dict(config)
+  changes, from_step = {}, None
   if os.path.exists(path):
     try:
       with open(path) as f:
@@ -356,15 +406,33 @@ def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
     except (OSError, ValueError) as e:
       raise UserError(f'{path} is unreadable ({e}); use a fresh --workdir') from None
     a, b = _flatten(old), _flatten(new)
-    diff = sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
-                  and not (k in UNRESOLVED and b.get(k) == -1))
+    resumable = _resumable_fields(b)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                    and not (k in UNRESOLVED and b.get(k) == -1))
+    diff = [k for k in differ if k not in resumable]
     if diff:
       raise UserError(f'{workdir} holds a run with a different config (differs at: '
                       f'{", ".join(diff[:5])}); use a fresh --workdir or the same overrides')
+    from_step = newest_checkpoint(workdir)
+    for k in differ:
+      if k in LENGTH_FIELDS and from_step is not None and b[k] < from_step + LENGTH_FIELDS[k]:
+        least = from_step + LENGTH_FIELDS[k]
+        raise UserError(f'{k}={b[k]} does not continue the run in {workdir} past its newest '
+                        f'checkpoint (step {from_step}); a run is continued, never undone: '
+                        f'choose {k} >= {least}, or a fresh --workdir')
+    changes = {k: {'old': a.get(k), 'new': b.get(k)} for k in differ
+               if k not in UNRECORDED_FIELDS}
   import jax
   if not write or jax.process_index() != 0:  # one writer; every process has checked
     return
+  if changes:
+    # Before config.json: a run stopped between the two records the change twice, never
+    # not at all.
+    record = {'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec='seconds'), 'from_step': from_step, 'changes': changes}
+    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+    print(_change_line(workdir, changes, from_step, _flatten(new)), flush=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(new, f, indent=2, sort_keys=True)

@@ -3,6 +3,7 @@ SIGKILL between checkpoints and one in the middle of writing a checkpoint (throu
 CLI) all end with bitwise the same train state and the same metrics.jsonl (timings aside);
 rerunning a finished run changes nothing."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -260,3 +261,150 @@ def test_checkpointer_moves_damaged_checkpoints_aside(tmp_path, capsys):
     ckpt.restore_newest(state_shardings=shardings, like_state=like)
   assert tree_files(tmp_path) == before and capsys.readouterr().err == ''
   ckpt.close()
+
+
+# --- Extending a finished run: more steps, the schedule to the new end -----------------------
+
+EXTEND = {'model.d_model': 32, 'model.d_ff': 64, 'train.seq_len': 32, 'train.batch_size': 8,
+          'train.eval_batches': 1, 'train.progress': False, 'train.ckpt_every': 4,
+          'train.log_every': 1, 'train.eval_every': 6, 'optim.warmup_steps': 2}
+
+
+def extend_config(steps: int):
+  config = load_config('pretrain', 'tiny')
+  for key, value in {**EXTEND, 'train.steps': steps}.items():
+    block, field = key.split('.')
+    config[block][field] = value
+  return config
+
+
+def cosine_lr(t: int, *, total: int, optim) -> float:
+  """optax.warmup_cosine_decay_schedule written out in float64: linear warmup from 0, then
+  a half cosine from lr down to lr * end_lr_ratio at `total`."""
+  peak, end, w = optim.lr, optim.lr * optim.end_lr_ratio, optim.warmup_steps
+  if t < w:
+    return peak * t / w
+  return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w)))
+
+
+def test_extending_a_finished_run(tmp_path, capsys, run_cli):
+  from rlhf_jax.stages import dispatch, pretrain
+  n = 4
+  workdir = tmp_path / 'run'
+  dispatch.run(extend_config(n), str(workdir))
+  first = metrics_without_timing(workdir)
+  assert checkpoint_steps(workdir) == [n] and [r['step'] for r in first] == list(range(n + 1))
+  assert 'config:' not in capsys.readouterr().out
+
+  dispatch.run(extend_config(2 * n), str(workdir))
+  notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith('config:')]
+  assert len(notes) == 1, notes  # once, though the config is checked twice
+  assert notes[0].startswith(f'config: {workdir} continues from checkpoint {n} with '
+                             f'train.steps {n} -> {2 * n} (the learning-rate schedule now '
+                             f'runs to the new end, {2 * n})')
+  history = [json.loads(l) for l in open(workdir / 'config_history.jsonl')]
+  assert len(history) == 1 and history[0]['from_step'] == n
+  assert history[0]['changes'] == {'train.steps': {'old': n, 'new': 2 * n}}
+  assert json.load(open(workdir / 'config.json'))['train']['steps'] == 2 * n
+
+  # It continued from step n: the old lines stand, then one per step, evaluated at its own
+  # cadence and at the new end.
+  records = metrics_without_timing(workdir)
+  assert records[:n + 1] == first and [r['step'] for r in records] == list(range(2 * n + 1))
+  assert [r['step'] for r in records if 'eval/loss' in r] == [0, n, 6, 2 * n]
+  assert checkpoint_steps(workdir) == [n, 2 * n]
+  optim = extend_config(n).optim
+  for r in records[1:]:  # the line of step d reports the LR of update d - 1
+    total = n if r['step'] <= n else 2 * n
+    assert r['train/lr'] == pytest.approx(cosine_lr(r['step'] - 1, total=total, optim=optim),
+                                          rel=1e-6), r['step']
+
+  # The same as n updates under the n-step schedule, then n under the 2n-step one.
+  os.makedirs(tmp_path / 'reference')
+  setup = pretrain.Setup(extend_config(n), workdir=str(tmp_path / 'reference'))
+  longer = pretrain.Setup(extend_config(2 * n), workdir=str(tmp_path / 'reference'),
+                          source=setup.source)
+  state = setup.state
+  for s in (setup,) * n + (longer,) * n:
+    state, _ = s.step(state, s.put_batch(setup.source.next_batch()))
+  saved = read_state(workdir / 'checkpoints' / str(2 * n))
+  assert int(saved['step']) == int(state.step) == 2 * n
+  assert_states_equal(jax.device_get(state.params), saved['params'])
+
+  # Any other field is still refused, with or without a longer run; nothing is written.
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  flags = [f'--config.{k}={v}' for k, v in EXTEND.items()]
+  for extra in (['--config.train.steps=16', '--config.optim.lr=0.001'],
+                ['--config.train.steps=6']):
+    result = run_cli('--config=configs/pretrain.py:tiny', f'--workdir={workdir}', *flags,
+                     *extra)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ')
+    assert ('optim.lr' in lines[0]) if 'optim.lr' in extra[-1] else (
+        f'train.steps=6 does not continue the run in {workdir} past its newest checkpoint '
+        f'(step {2 * n})' in lines[0] and f'train.steps >= {2 * n + 1}' in lines[0]), lines[0]
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
+
+
+def test_which_changes_a_rerun_accepts(tmp_path, capsys):
+  """Single stages may change their length and cadences (recorded once, on write); loops
+  may not change their train blocks; a length never goes back past the newest checkpoint."""
+  from rlhf_jax.config import write_or_check
+  from rlhf_jax.errors import UserError
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '10').mkdir(parents=True)  # as orbax names a finished step
+  config = load_config('pretrain', 'tiny')
+  config.train.steps = 10
+  write_or_check(config, str(workdir))
+  assert not (workdir / 'config_history.jsonl').exists()
+
+  config.train.update(steps=30, eval_every=7, ckpt_every=9, keep_ckpts=1, log_every=3,
+                      progress=not config.train.progress)
+  before = (workdir / 'config.json').read_bytes()
+  write_or_check(config, str(workdir), write=False)  # the check before compute: no trace
+  assert (workdir / 'config.json').read_bytes() == before and capsys.readouterr().out == ''
+  assert not (workdir / 'config_history.jsonl').exists()
+  old = load_config('pretrain', 'tiny').train
+  write_or_check(config, str(workdir))
+  write_or_check(config, str(workdir))  # config.json is now the new config: no second line
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'config: {workdir} continues from checkpoint '
+                                                 '10 with train.ckpt_every ')
+  history = [json.loads(l) for l in open(workdir / 'config_history.jsonl')]
+  assert len(history) == 1 and history[0]['from_step'] == 10
+  assert history[0]['changes'] == {  # progress only shows the run differently: not recorded
+      'train.steps': {'old': 10, 'new': 30},
+      'train.eval_every': {'old': old.eval_every, 'new': 7},
+      'train.ckpt_every': {'old': old.ckpt_every, 'new': 9},
+      'train.keep_ckpts': {'old': old.keep_ckpts, 'new': 1},
+      'train.log_every': {'old': old.log_every, 'new': 3}}
+  assert json.load(open(workdir / 'config.json'))['train']['steps'] == 30
+
+  # As if stopped at step 10 of 30: a new length must reach past it (a train loop evaluates
+  # at its last step); any that does is taken.
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  for steps in (5, 10):
+    config.train.steps = steps
+    with pytest.raises(UserError, match=rf'train.steps={steps} does not continue .* past its '
+                                        r'newest checkpoint \(step 10\).* train.steps >= 11'):
+      write_or_check(config, str(workdir))
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
+  config.train.steps = 11
+  write_or_check(config, str(workdir))
+  assert 'train.steps 30 -> 11' in capsys.readouterr().out
+
+  # In a loop the train block is each generation's, or each stage's: fixed.
+  for name, variant, change in (('collapse', 'tiny', ('train', 'steps')),
+                                ('collapse', 'tiny', ('train', 'ckpt_every')),
+                                ('rlhf_rounds', 'tiny', ('stages', 'ppo', 'train', 'steps'))):
+    loop_dir = tmp_path / f'{name}_{change[-1]}'
+    loop_dir.mkdir()
+    config = load_config(name, variant)
+    write_or_check(config, str(loop_dir))
+    block = config
+    for key in change[:-1]:
+      block = block[key]
+    block[change[-1]] += 1
+    with pytest.raises(UserError, match=rf'different config \(differs at: {".".join(change)}\)'):
+      write_or_check(config, str(loop_dir), write=False)
+  assert capsys.readouterr().out == ''
