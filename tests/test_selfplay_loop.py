@@ -1,8 +1,8 @@
 """The self-play loop from the CLI: configs/selfplay.py:tic_tac_toe, as shipped, reaches the
 issue's figures within its CPU budget, which an exhaustive search of the game tree then
-confirms; a run killed after any iteration resumes to the same numbers; self-play and
-training give the same results with games sharded over 8 devices; bad input fails with
-one line."""
+confirms; a run killed after any iteration, or whose newest checkpoint is damaged, resumes
+to the same numbers; self-play and training give the same results with games sharded over
+8 devices; bad input fails with one line."""
 import json
 import shutil
 
@@ -141,6 +141,28 @@ def test_killed_run_resumes_to_the_same_numbers(ttt_run, run_cli, tmp_path):
   assert metrics(resumed) == metrics(ttt_run)
   before = (ttt_run / 'params' / 'iter_15.msgpack').read_bytes()
   assert (resumed / 'params' / 'iter_15.msgpack').read_bytes() == before
+
+
+def test_damaged_newest_checkpoint_is_moved_aside(ttt_run, run_cli, tmp_path):
+  """Iteration 15's checkpoint truncated on disk: the rerun moves it aside, retrains 15 from
+  14 to the same state, and keeps the summaries and metrics it had."""
+  from conftest import read_state
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(ttt_run, damaged)
+  data = [p for p in (damaged / 'checkpoints' / '15' / 'state').rglob('*')
+          if p.is_file() and p.parent.name == 'd']
+  assert data
+  for path in data:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  result = run_cli(*TTT, *EVAL_ENDS, f'--workdir={damaged}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  warnings = [l for l in result.stderr.splitlines() if l.startswith('warning: ')]
+  assert len(warnings) == 1 and warnings[0].endswith(
+      f'moved it to {damaged / "corrupt_checkpoints" / "15"}; resuming from checkpoint 14')
+  assert metrics(damaged) == metrics(ttt_run)
+  for a, b in zip(jax.tree.leaves(read_state(ttt_run / 'checkpoints' / '15')),
+                  jax.tree.leaves(read_state(damaged / 'checkpoints' / '15')), strict=True):
+    assert np.array_equal(a, b)
 
 
 def _small(config, *, mesh_data: int, mesh_tensor: int):
