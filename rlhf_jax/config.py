@@ -157,6 +157,9 @@ def annotators_block() -> ml_collections.ConfigDict:
       length_bias_spread=0.0,
       temperature=0.1,         # Bradley-Terry noise; 0: always the better response
       temperature_spread=0.0,
+      unreliable_fraction=0.0,      # a seeded random share of the pool labels badly:
+      unreliable_temperature=10.0,  # with this temperature (10: near coin flips)
+      unreliable_flip=False,        # and, if True, preferring the worse response
   ))
 
 
@@ -172,6 +175,10 @@ def prefs_block() -> ml_collections.ConfigDict:
       temperature=1.0,
       round=0,                 # recorded in the lineage; rounds > 0 draw fresh prompts
       eval_fraction=0.1,       # prompts held out, with all their pairs
+      labels_per_pair=1,       # distinct annotators who each label every pair
+      aggregate='single',      # their labels -> one: 'single' (labels_per_pair=1 only) |
+                               # 'majority' (soft label: vote share) | 'consistency'
+                               # (one-coin Dawid-Skene EM; soft label: its posterior)
   ))
 
 
@@ -261,6 +268,10 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
   if a.num <= 0 or not 0 <= a.minority_fraction < 1 or a.temperature < 0:
     raise UserError('annotators: num must be positive, minority_fraction in [0, 1), '
                     'temperature >= 0')
+  if not 0 <= a.unreliable_fraction <= 1 or a.unreliable_temperature < 0:
+    raise UserError(f'annotators.unreliable_fraction={a.unreliable_fraction} must be in '
+                    f'[0, 1] and annotators.unreliable_temperature='
+                    f'{a.unreliable_temperature} >= 0')
   for block in ('prefs', 'policy_eval', 'sft', 'ppo'):
     if block not in config:
       continue
@@ -293,6 +304,15 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
       raise UserError(f'prefs.eval_fraction={p.eval_fraction} must be in (0, 1)')
     if not p.temperature > 0:
       raise UserError(f'prefs.temperature={p.temperature} must be > 0')
+    aggregates = ('single', 'majority', 'consistency')  # data/preferences.py AGGREGATES
+    if p.aggregate not in aggregates:
+      raise UserError(f'prefs.aggregate={p.aggregate!r} is not one of {aggregates}')
+    if not 1 <= p.labels_per_pair <= a.num:
+      raise UserError(f'prefs.labels_per_pair={p.labels_per_pair} must be in [1, '
+                      f'annotators.num={a.num}]: each label is a different annotator\'s')
+    if p.aggregate == 'single' and p.labels_per_pair != 1:
+      raise UserError(f"prefs.aggregate='single' keeps one label but prefs.labels_per_pair="
+                      f"{p.labels_per_pair}: choose 'majority' or 'consistency'")
 
 
 def _validate_ppo(config: ml_collections.ConfigDict) -> None:

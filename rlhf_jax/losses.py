@@ -18,9 +18,14 @@ def xent_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   return -(logp * weights).sum(), weights.sum(), correct.sum()
 
 
-def bradley_terry(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
-  """Per-pair -log sigmoid(r_chosen - r_rejected); rewards [B] -> [B]."""
-  return -jax.nn.log_sigmoid(chosen - rejected)
+def bradley_terry(chosen: jax.Array, rejected: jax.Array, label=None) -> jax.Array:
+  """Per-pair -(y log sigmoid(d) + (1-y) log sigmoid(-d)), d = r_chosen - r_rejected:
+  the cross-entropy against a soft label y = P(chosen preferred) [B]; rewards [B] -> [B].
+  None (y = 1) is -log sigmoid(d) exactly."""
+  margin = chosen - rejected
+  if label is None:
+    return -jax.nn.log_sigmoid(margin)
+  return -(label * jax.nn.log_sigmoid(margin) + (1 - label) * jax.nn.log_sigmoid(-margin))
 
 
 def _policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected):

@@ -31,6 +31,9 @@ class PairBatch:
   weight:         [B] float32, 1 on real pairs (0 pads a short final batch).
   ref_chosen:     [B] float32 sequence log-prob of chosen under the reference policy
                   (DPO; 0 for a reward model); ref_rejected: [B] float32.
+  label:          [B] float32 P(chosen is preferred) by the labels' aggregate (the
+                  reward model's soft Bradley-Terry target; DPO uses the orientation
+                  only); None: 1, a hard label.
   """
   prompts: np.ndarray
   prompt_lengths: np.ndarray
@@ -41,6 +44,7 @@ class PairBatch:
   weight: np.ndarray
   ref_chosen: np.ndarray
   ref_rejected: np.ndarray
+  label: np.ndarray = None
 
 
 def prompt_response_batch(prompts, prompt_lengths, responses, response_mask) -> LMBatch:

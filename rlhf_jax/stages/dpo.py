@@ -3,7 +3,9 @@ reference (the SFT run named by init.run, which also initialises the policy).
 
 Loss by `dpo.loss` ('dpo': -log sigmoid(beta h), 'ipo': (h - 1/(2 tau))^2, with
 h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))). The reference's sequence
-log-probs of every pair are computed once before training. Evaluation reports the implicit
+log-probs of every pair are computed once before training. Labels are hard: y_w is the
+response the pair's label aggregate prefers (prefs.aggregate), its soft label is not used
+(that is the reward model's). Evaluation reports the implicit
 rewards on held-out pairs (`dpo_eval/*`) and, by sampling, the policy's gold reward and
 sequence KL to the reference (`policy/*`).
 """

@@ -1,6 +1,7 @@
 """The preference set a stage learns from: `prefs.dir` if the config names one (or several,
 joined with commas), else the set in DIR/preferences, made on first use from the init run's policy (k samples per world
-prompt, every pair labelled by a random annotator of the pool) with its lineage."""
+prompt, every pair labelled by prefs.labels_per_pair distinct random annotators of the pool
+and their labels aggregated by prefs.aggregate) with its lineage."""
 import os
 
 import jax
@@ -57,16 +58,21 @@ def make_shard(config, setup: FromRun, *, directory: str) -> str:
                                  prompt_lengths=lengths, key=jax.random.fold_in(key, 1),
                                  k=p.responses_per_prompt)
   pairs = preferences.label_pairs(**raw, gold=setup.world.gold, pool=setup.world.pool,
-                                  key=jax.random.fold_in(key, 2), round_=p.round)
+                                  key=jax.random.fold_in(key, 2), round_=p.round,
+                                  labels_per_pair=p.labels_per_pair, method=p.aggregate)
+  who = pairs.raw_annotator[pairs.raw_annotator >= 0]
   return preferences.write_shard(directory, pairs, lineage={
       **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
       'temperature': p.temperature, 'annotators': config.annotators.to_dict(),
-      'reward': config.reward.to_dict()})
+      'reward': config.reward.to_dict(), 'labels_per_pair': p.labels_per_pair,
+      'aggregate': p.aggregate, 'labels': len(who),
+      'labelling_annotators': len(np.unique(who))})
 
 
 def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=None,
               ref_rejected=None):
-  """PairBatch of the given rows (valid: [B] bool, 0 weight where False)."""
+  """PairBatch of the given rows (valid: [B] bool, 0 weight where False), with the
+  aggregate's soft labels."""
   zeros = np.zeros(len(rows), np.float32)
   return PairBatch(
       prompts=np.asarray(pairs.prompts[rows]), prompt_lengths=np.asarray(pairs.prompt_lengths[rows]),
@@ -75,4 +81,5 @@ def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=Non
       rejected_mask=np.asarray(pairs.rejected_mask[rows]),
       weight=valid.astype(np.float32),
       ref_chosen=zeros if ref_chosen is None else np.asarray(ref_chosen[rows], np.float32),
-      ref_rejected=zeros if ref_rejected is None else np.asarray(ref_rejected[rows], np.float32))
+      ref_rejected=zeros if ref_rejected is None else np.asarray(ref_rejected[rows], np.float32),
+      label=np.asarray(pairs.soft_label[rows], np.float32))

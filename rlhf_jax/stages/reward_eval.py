@@ -13,9 +13,17 @@ against the truth the world knows (all host-side float64).
                         responses
   rm/ensemble_std       mean over pairs of the members' standard deviation of the margin
   rm/group{g}/...       label_accuracy, noise_ceiling and gold_accuracy over the pairs
-                        labelled by group g, and agreement: with the preference of a
-                        noise-free group-g annotator (group weights, mean group length
-                        bias), over all held-out pairs
+                        labelled by group g (their first labeller's group), and
+                        agreement: with the preference of a noise-free group-g annotator
+                        (group weights, mean group length bias), over all held-out pairs
+
+and, of the labels a reward model trains on (`label_metrics`, once per run):
+
+  prefs/aggregate_gold_agreement  share of the pairs (gold ties left out) where the labels'
+                        aggregate prefers the gold-better response (an aggregate tie,
+                        soft label 1/2, counts half)
+  prefs/labels_per_pair, prefs/labels, prefs/labelling_annotators  mean raw labels per
+                        pair, their number, and how many annotators gave them
 """
 import numpy as np
 
@@ -44,6 +52,19 @@ def calibration_error(p_chosen, *, bins: int = 10) -> float:
     if sel.any():
       ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
   return float(ece)
+
+
+def label_metrics(pairs) -> dict:
+  """The figures of the docstring's prefs/ part for PreferencePairs `pairs`."""
+  gold_gap = np.asarray(pairs.gold_chosen, np.float64) - pairs.gold_rejected
+  tie = np.asarray(pairs.soft_label) == 0.5
+  who = np.asarray(pairs.raw_annotator)
+  return {
+      'prefs/aggregate_gold_agreement': _agreement(np.where(tie, 0.0, 1.0), gold_gap),
+      'prefs/labels_per_pair': float((who >= 0).sum(axis=1).mean()),
+      'prefs/labels': int((who >= 0).sum()),
+      'prefs/labelling_annotators': int(len(np.unique(who[who >= 0]))),
+  }
 
 
 def group_utilities(world, pairs) -> np.ndarray:

@@ -107,7 +107,8 @@ def run(config, *, workdir: str) -> None:
                     in_shardings=(shardings.params, batch_shardings))
   evaluate = RewardEvaluator(source=source, pairs=pairs, world=setup.world, rewards=rewards,
                              put=put)
-  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble}
+  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble,
+            **reward_eval.label_metrics(pairs.take(source.train))}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=2 * config.train.batch_size * (pairs.prompts.shape[1] +

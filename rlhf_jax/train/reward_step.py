@@ -1,5 +1,6 @@
 """The reward-model train step: Bradley-Terry on preference pairs, for every member of an
-ensemble at once (params stacked on a leading axis, one vmapped forward).
+ensemble at once (params stacked on a leading axis, one vmapped forward), against each
+pair's soft label (the aggregate of its annotators' labels; 1 for a single hard label).
 
 Members see the same batch; with `bootstrap`, member k weighs pair b by an independent
 Poisson(1) draw (the online bootstrap), so the members fit different resamples of the data
@@ -53,7 +54,7 @@ def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, boot
     if bootstrap:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
       weight = weight * jax.random.poisson(key, 1.0, chosen.shape).astype(jnp.float32)
-    per_member = ((losses.bradley_terry(chosen, rejected) * weight).sum(axis=1) /
+    per_member = ((losses.bradley_terry(chosen, rejected, batch.label) * weight).sum(axis=1) /
                   jnp.maximum(weight.sum(axis=1), 1.0))
     return per_member.sum(), (chosen, rejected, per_member)
 

@@ -9,6 +9,11 @@ Annotator a in group g has utility
 probability sigmoid((u_a(x, y1) - u_a(x, y2)) / tau_a) (tau_a: noise; 0 means always the
 better one). Group 0 (the majority) weighs helpfulness by the gold weights; group 1 (the
 minority) by weights correlated `minority_corr` with them.
+
+Unreliable annotators (a seeded random `unreliable_fraction` of the pool, of either group)
+label with their own temperature `unreliable_temperature` and, with `unreliable_flip`,
+prefer the response their utility ranks lower (adversarial labels): the planted faults that
+majority vote and consistency weighting have to survive.
 """
 import flax.struct
 import jax
@@ -22,11 +27,13 @@ from rlhf_jax.world.reward import GoldReward, combine, reward_terms
 @flax.struct.dataclass
 class AnnotatorPool:
   """group: [A] int32 (0 majority, 1 minority); length_bias: [A] float32 per-token liking;
-  temperature: [A] float32 noise (0: deterministic); group_helpfulness: [2, V] float32."""
+  temperature: [A] float32 noise (0: deterministic); group_helpfulness: [2, V] float32;
+  sign: [A] float32, +1, or -1 for an adversarial annotator (it prefers the worse one)."""
   group: jax.Array
   length_bias: jax.Array
   temperature: jax.Array
   group_helpfulness: jax.Array
+  sign: jax.Array
 
   @property
   def size(self) -> int:
@@ -36,14 +43,22 @@ class AnnotatorPool:
 def make_pool(reward: GoldReward, *, seed: int, num: int, minority_fraction: float = 0.2,
               minority_corr: float = 0.3, length_bias: float = 0.0,
               length_bias_spread: float = 0.0, temperature: float = 0.5,
-              temperature_spread: float = 0.0) -> AnnotatorPool:
+              temperature_spread: float = 0.0, unreliable_fraction: float = 0.0,
+              unreliable_temperature: float = 10.0,
+              unreliable_flip: bool = False) -> AnnotatorPool:
   """`num` annotators; the last round(num * minority_fraction) are the minority. Biases and
-  temperatures are drawn uniformly within +- spread of their means (clipped at 0)."""
+  temperatures are drawn uniformly within +- spread of their means (clipped at 0). Then
+  round(num * unreliable_fraction) annotators, drawn at random, get temperature
+  `unreliable_temperature` and, with `unreliable_flip`, sign -1 (drawn last, so that a
+  pool without them is the pool of before)."""
   if num <= 0 or not 0 <= minority_fraction < 1 or not -1 <= minority_corr <= 1:
     raise UserError('annotators: num must be positive, minority_fraction in [0, 1), '
                     'minority_corr in [-1, 1]')
   if temperature < 0:
     raise UserError(f'annotators: temperature={temperature} must be >= 0')
+  if not 0 <= unreliable_fraction <= 1 or unreliable_temperature < 0:
+    raise UserError(f'annotators: unreliable_fraction={unreliable_fraction} must be in '
+                    f'[0, 1], unreliable_temperature={unreliable_temperature} >= 0')
   rng = np.random.default_rng(seed)
   minority = int(round(num * minority_fraction))
   group = np.array([0] * (num - minority) + [1] * minority, np.int32)
@@ -51,11 +66,20 @@ def make_pool(reward: GoldReward, *, seed: int, num: int, minority_fraction: flo
   other = rng.normal(size=gold.shape) * (gold != 0)
   minority_w = minority_corr * gold + np.sqrt(1 - minority_corr ** 2) * other
   spread = lambda mean, width: np.maximum(mean + rng.uniform(-width, width, num), 0.0)
+  biases = spread(length_bias, length_bias_spread)
+  temperatures = spread(temperature, temperature_spread)
+  sign = np.ones(num)
+  unreliable = int(round(num * unreliable_fraction))
+  if unreliable:
+    which = rng.permutation(num)[:unreliable]
+    temperatures[which] = unreliable_temperature
+    sign[which] = -1.0 if unreliable_flip else 1.0
   return AnnotatorPool(
       group=jnp.asarray(group),
-      length_bias=jnp.asarray(spread(length_bias, length_bias_spread), jnp.float32),
-      temperature=jnp.asarray(spread(temperature, temperature_spread), jnp.float32),
-      group_helpfulness=jnp.asarray(np.stack([gold, minority_w]), jnp.float32))
+      length_bias=jnp.asarray(biases, jnp.float32),
+      temperature=jnp.asarray(temperatures, jnp.float32),
+      group_helpfulness=jnp.asarray(np.stack([gold, minority_w]), jnp.float32),
+      sign=jnp.asarray(sign, jnp.float32))
 
 
 def utility(pool: AnnotatorPool, reward: GoldReward, *, annotator, prompts, prompt_mask,
@@ -71,10 +95,12 @@ def utility(pool: AnnotatorPool, reward: GoldReward, *, annotator, prompts, prom
 @jax.jit
 def preference_prob(pool: AnnotatorPool, reward: GoldReward, *, annotator, prompts,
                     prompt_mask, first, first_mask, second, second_mask) -> jax.Array:
-  """[B] probability that annotator[b] prefers `first` to `second` (Bradley-Terry)."""
+  """[B] probability that annotator[b] prefers `first` to `second` (Bradley-Terry; an
+  adversarial annotator's on the negated utility gap)."""
   kw = dict(annotator=annotator, prompts=prompts, prompt_mask=prompt_mask)
-  diff = (utility(pool, reward, responses=first, response_mask=first_mask, **kw) -
-          utility(pool, reward, responses=second, response_mask=second_mask, **kw))
+  diff = pool.sign[annotator] * (
+      utility(pool, reward, responses=first, response_mask=first_mask, **kw) -
+      utility(pool, reward, responses=second, response_mask=second_mask, **kw))
   tau = pool.temperature[annotator]
   soft = jax.nn.sigmoid(diff / jnp.maximum(tau, 1e-12))
   hard = jnp.where(diff > 0, 1.0, jnp.where(diff < 0, 0.0, 0.5))

@@ -24,5 +24,9 @@ def from_config(config) -> World:
                               minority_corr=a.minority_corr, length_bias=a.length_bias,
                               length_bias_spread=a.length_bias_spread,
                               temperature=a.temperature,
-                              temperature_spread=a.temperature_spread)
+                              temperature_spread=a.temperature_spread,
+                              # A config.json written before these fields existed: none.
+                              unreliable_fraction=a.get('unreliable_fraction', 0.0),
+                              unreliable_temperature=a.get('unreliable_temperature', 10.0),
+                              unreliable_flip=a.get('unreliable_flip', False))
   return World(lang=lang, gold=gold, pool=pool)
