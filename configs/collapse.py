@@ -9,7 +9,9 @@ Variants:
               from scratch), schedule replace; about 4 minutes on a 2-core CPU.
               Expected: true KL and perplexity rise and tail mass falls generation by
               generation (`--config.collapse.schedule=accumulate` keeps them near gen 0).
-  small       the small world and model (vocab 1024), 10 generations of 8192 rows.
+  small       the small world and model (vocab 1024), 10 generations of 8192 rows (1000
+              steps each): hours on a CPU, meant for an accelerator; not run here, so no
+              runtime or result is claimed beyond the direction tiny shows.
 
 Real text: --config.data.source=text:PATH --config.data.vocab_size=1000 (true KL is then
 not defined; perplexity and tail mass are measured on the corpus's held-out documents).

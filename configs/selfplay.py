@@ -14,7 +14,9 @@ Variants:
                 about 8 minutes on a 2-core CPU. Expected: the Elo with and without search
                 rises; each checkpoint beats itself 4 iterations earlier more often than not.
   go_9x9        pod-sized: residual net 10 x 128, 128 simulations, 1024 games per iteration
-                over the mesh's data axis, arena every 5 iterations.
+                over the mesh's data axis, arena every 5 iterations. Not run to the end
+                here (one iteration takes hours on a CPU), so no runtime or result is
+                claimed; expected: the Elo against earlier checkpoints rises.
 
 Any leaf can be overridden: --config.search.kind=muzero --config.search.num_simulations=64.
 A rerun of the same command resumes; `selfplay.iterations` may be raised to continue a
