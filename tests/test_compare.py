@@ -1,7 +1,10 @@
 """rlhf_jax.analysis.compare on synthetic run directories with known metrics: group means
-and t-interval half-widths against NumPy/SciPy computed here, best as min for a loss and
-max for a reward, unfinished runs listed and kept out of the aggregates, sweep manifests,
-grouping that ignores seeds and per-run paths, the figure, and bad input."""
+and t-interval half-widths against NumPy/SciPy computed here, best as min for a loss, max
+for a reward and none for a metric without a direction, a `*_se` metric as the band of its
+mean (edges against NumPy), unfinished runs listed and kept out of the aggregates, sweep
+manifests, grouping that ignores seeds and per-run paths, short legend labels, panels of one
+size with the legend outside them, and bad input."""
+import dataclasses
 import json
 import math
 import os
@@ -30,15 +33,16 @@ def curves_for(*, lr: float, seed: int) -> dict:
 
 
 def write_run(workdir, *, lr: float, seed: int, last_step: int = 30, nan_at=None,
-              stage: str = 'pretrain') -> dict:
-  """A run directory (config.json, metrics.jsonl up to last_step); returns its curves."""
+              stage: str = 'pretrain', extra: dict | None = None) -> dict:
+  """A run directory (config.json, metrics.jsonl up to last_step); returns its curves
+  (curves_for's, plus `extra`: {metric: values at STEPS})."""
   os.makedirs(workdir, exist_ok=True)
   config = {'stage': stage, 'seed': seed, 'optim': {'lr': lr}, 'train': {'steps': 30},
             # A per-run path, as a stage started from another run would have.
             'init': {'run': os.path.join(str(workdir), 'parent')}}
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config, f)
-  curves = curves_for(lr=lr, seed=seed)
+  curves = {**curves_for(lr=lr, seed=seed), **(extra or {})}
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     for i, step in enumerate(STEPS):
       if step > last_step:
@@ -96,14 +100,169 @@ def test_groups_aggregate_over_seeds_with_t_intervals(tmp_path, capsys):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-def test_best_direction_follows_the_regex(tmp_path, capsys):
+def test_best_direction_follows_the_regexes(tmp_path, capsys):
   grid = write_grid(tmp_path)
-  code, _, figures = run_main(capsys, *(str(p) for p in sorted(tmp_path.iterdir())),
-                              '--metrics=policy/gold_reward', '--higher_is_better=^nothing$',
-                              f'--out={tmp_path / "f.png"}')
+  dirs = [str(p) for p in sorted(tmp_path.iterdir())]
+  out = f'--out={tmp_path / "f.png"}'
+  code, table, figures = run_main(capsys, *dirs, '--metrics=policy/gold_reward',
+                                  '--higher_is_better=^nothing$', out)
+  assert code == 0  # matching neither regex now: no best at all
+  got = figures['groups'][0]['metrics']['policy/gold_reward']
+  assert (got['best_mean'], got['best_ci95'], got['direction']) == (None, None, None)
+  assert 'best' not in table.split('\n')[0]
+  code, _, figures = run_main(capsys, *dirs, '--metrics=policy/gold_reward',
+                              '--higher_is_better=^nothing$', '--lower_is_better=reward', out)
   assert code == 0
-  got = figures['groups'][0]['metrics']['policy/gold_reward']['best_mean']
-  assert got == pytest.approx(np.mean([np.min(c['policy/gold_reward']) for c in grid[LRS[0]]]))
+  got = figures['groups'][0]['metrics']['policy/gold_reward']
+  assert got['direction'] == 'lower'
+  assert got['best_mean'] == pytest.approx(
+      np.mean([np.min(c['policy/gold_reward']) for c in grid[LRS[0]]]))
+
+
+def se_grid(root) -> dict:
+  """2 learning rates x 2 seeds logging policy/gold_reward_se (not monotone either) and
+  train/grad_norm (a metric without a direction); {lr: [curves per seed]}."""
+  grid = {}
+  for lr in LRS:
+    for seed in SEEDS[:2]:
+      rng = np.random.default_rng([int(lr * 1e4), seed, 7])
+      extra = {'policy/gold_reward_se': rng.uniform(0.01, 0.2, len(STEPS)),
+               'train/grad_norm': rng.uniform(0.5, 5.0, len(STEPS))}
+      grid.setdefault(lr, []).append(write_run(root / f'lr{lr}_s{seed}', lr=lr, seed=seed,
+                                               extra=extra))
+  return grid
+
+
+def test_se_is_the_band_of_its_mean_never_a_metric(tmp_path, capsys):
+  grid = se_grid(tmp_path)
+  runs = [compare.load_run(path=str(p)) for p in sorted(tmp_path.iterdir())]
+  # Without eval/* keys the default is the first three curves, gold_reward_se not one.
+  no_eval = [dataclasses.replace(r, rows=tuple(
+      {k: v for k, v in row.items() if not k.startswith('eval/')} for row in r.rows))
+      for r in runs]
+  assert compare.choose_metrics(runs=no_eval, requested=[]) == [
+      'train/loss', 'policy/gold_reward', 'train/grad_norm']
+  assert compare.choose_metrics(
+      runs=runs, requested=['policy/gold_reward_se', 'train/loss']) == [
+          'policy/gold_reward', 'train/loss']
+  for lr in LRS:
+    members = [r for r in runs if r.config['optim.lr'] == lr]
+    band = compare.bands(runs=members, metric='policy/gold_reward')
+    gold = np.array([c['policy/gold_reward'] for c in grid[lr]])  # [seeds, steps]
+    se = np.array([c['policy/gold_reward_se'] for c in grid[lr]])
+    mean = gold.mean(axis=0)
+    se_mean = np.sqrt((se ** 2).sum(axis=0)) / len(se)  # se of a mean of 2 estimates
+    assert band.kind == 'se' and band.n == 2
+    np.testing.assert_array_equal(band.steps, STEPS)
+    np.testing.assert_allclose(band.lower, mean - 1.96 * se_mean, rtol=1e-12)
+    np.testing.assert_allclose(band.upper, mean + 1.96 * se_mean, rtol=1e-12)
+    loss = compare.bands(runs=members, metric='train/loss')  # no se logged: t over seeds
+    values = np.array([c['train/loss'] for c in grid[lr]])
+    half = stats.t.ppf(0.975, 1) * values.std(axis=0, ddof=1) / np.sqrt(2)
+    assert loss.kind == 't95'
+    np.testing.assert_allclose(loss.upper, values.mean(axis=0) + half, rtol=1e-12)
+  # What the figure draws is that band: the shaded polygon spans lower..upper at each step.
+  code, table, figures = run_main(capsys, *(r.workdir for r in runs),
+                                  '--metrics=policy/gold_reward,policy/gold_reward_se',
+                                  f'--out={tmp_path / "f.png"}')
+  assert code == 0 and list(figures['groups'][0]['metrics']) == ['policy/gold_reward']
+  assert 'gold_reward_se' not in table
+  members = [[r for r in runs if r.config['optim.lr'] == lr] for lr in LRS]
+  curves = {'policy/gold_reward': [compare.bands(runs=m, metric='policy/gold_reward')
+                                   for m in members]}
+  fig = compare.figure(curves=curves, labels=compare.short_labels(
+      fields=[{'optim.lr': lr} for lr in LRS]), directions={})
+  (ax,) = fig.axes
+  assert ax.get_ylabel() == 'band: mean ± 1.96·se' and len(ax.collections) == len(LRS)
+  for band, polygon in zip(curves['policy/gold_reward'], ax.collections):
+    vertices = polygon.get_paths()[0].vertices
+    for step, low, high in zip(band.steps, band.lower, band.upper):
+      ys = vertices[vertices[:, 0] == step, 1]
+      np.testing.assert_allclose([ys.min(), ys.max()], [low, high], rtol=1e-12)
+
+
+def test_a_metric_without_direction_has_no_best(tmp_path, capsys):
+  grid = se_grid(tmp_path)
+  code, table, figures = run_main(capsys, *(str(p) for p in sorted(tmp_path.iterdir())),
+                                  '--metrics=train/grad_norm,train/loss',
+                                  f'--out={tmp_path / "f.png"}')
+  assert code == 0
+  header = table.split('\n')[0]
+  assert 'train/grad_norm final' in header and 'train/grad_norm best' not in header
+  assert 'train/loss best (min)' in header
+  for group, lr in zip(figures['groups'], LRS):
+    norm = group['metrics']['train/grad_norm']
+    assert (norm['best_mean'], norm['best_ci95'], norm['direction']) == (None, None, None)
+    final_mean, final_half = expected_interval([c['train/grad_norm'][-1] for c in grid[lr]])
+    np.testing.assert_allclose([norm['final_mean'], norm['final_ci95']],
+                               [final_mean, final_half], rtol=1e-12)
+    assert group['metrics']['train/loss']['best_mean'] == pytest.approx(
+        np.mean([np.min(c['train/loss']) for c in grid[lr]]), rel=1e-12)
+  cases = {'eval/true_kl': 'lower', 'policy/kl_ref': 'lower', 'ppo/approx_kl': 'lower',
+           'ppo/value_loss': 'lower', 'collapse/perplexity': 'lower', 'rl/kl_coef': None,
+           'rm/calibration_error': 'lower', 'rm/gold_accuracy': 'higher',
+           'policy/gold_reward': 'higher', 'policy/gold_reward_se': None,
+           'train/grad_norm': None}
+  assert {m: compare.direction(metric=m) for m in cases} == cases
+
+
+def test_labels_name_only_what_tells_groups_apart():
+  wiki = 'text:/data/corpora/english_wikipedia_2024_v{}.txt'
+  fields = [{'stage': 'sft', 'optim.lr': 1e-3, 'data.source': wiki.format(1), 'seed': 0},
+            {'stage': 'dpo', 'optim.lr': 3e-3, 'data.source': wiki.format(1), 'seed': 0},
+            {'stage': 'dpo', 'optim.lr': 1e-3, 'data.source': wiki.format(2), 'seed': 0}]
+  labels = compare.short_labels(fields=fields)
+  assert labels.text == ('stage=sft, lr=1e-3, source=text:/d…4_v1.txt',
+                         'stage=dpo, lr=3e-3, source=text:/d…4_v1.txt',
+                         'stage=dpo, lr=1e-3, source=text:/d…4_v2.txt')
+  assert labels.omitted == ()
+  # Stage settles it; lr and steps come next by interest, the rest goes to the table; a
+  # key another differing key also ends in keeps its block; a block only DPO has is
+  # left out of the others' labels.
+  fields = [{'stage': s, 'optim.lr': lr, 'train.steps': n, 'optim.warmup_steps': w,
+             'sched.warmup_steps': w + 1} for s, lr, n, w in
+            (('sft', 1e-3, 300, 20), ('dpo', 3e-4, 300, 20), ('ppo', 1e-4, 100, 10))]
+  labels = compare.short_labels(fields=fields)
+  assert labels.text == ('stage=sft, lr=1e-3, steps=300', 'stage=dpo, lr=3e-4, steps=300',
+                         'stage=ppo, lr=1e-4, steps=100')
+  assert labels.omitted == ('optim.warmup_steps', 'sched.warmup_steps')
+  assert compare.short_labels(fields=[{**f, 'stage': 'sft'} for f in fields]).text[0] == (
+      'lr=1e-3, steps=300, optim.warmup_steps=20')
+  labels = compare.short_labels(fields=[{'stage': 'sft'}, {'stage': 'dpo', 'dpo.beta': 0.1}])
+  assert labels.text == ('stage=sft', 'stage=dpo, beta=0.1')
+  # Values alike where the cut leaves them are cut less.
+  same = ['p' * 10 + c + 'q' * 30 for c in 'AB']
+  assert compare.short_labels(fields=[{'data.source': v} for v in same]).text == tuple(
+      'source=pppppppppp' + c + 'qqqq…' + 'q' * 16 for c in 'AB')
+  assert compare.short_labels(fields=[{'stage': 'sft'}]).text == ('all runs',)
+
+
+def test_panels_keep_their_size_and_the_legend_stays_outside():
+  import matplotlib.pyplot as plt
+  steps = np.arange(0, 50, 10)
+  band = compare.Band(steps=steps, mean=steps * 1.0, lower=steps - 1.0, upper=steps + 1.0,
+                      kind='t95', n=2)
+  long = [{'stage': s, 'optim.lr': 10.0 ** -k, 'data.source': f'text:/a/long/path/{k}.txt'}
+          for s in ('sft', 'dpo') for k in range(2, 9)]  # 14 groups, long labels
+  sizes = set()
+  for count in (1, 3, 7):
+    for fields in ([{}], long[:3], long):
+      curves = {f'm/metric_{k}': [band] * len(fields) for k in range(count)}
+      fig = compare.figure(curves=curves, labels=compare.short_labels(fields=fields),
+                           directions={})
+      fig.canvas.draw()
+      width, height = fig.get_size_inches()
+      (legend,) = fig.legends
+      box = legend.get_window_extent()
+      assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+      assert len(fig.axes) == count
+      for ax in fig.axes:
+        position = ax.get_position()
+        sizes.add((round(position.width * width, 9), round(position.height * height, 9)))
+        for extent in (ax.get_window_extent(), ax.get_tightbbox()):
+          assert not box.overlaps(extent), (count, len(fields))
+      plt.close(fig)
+  assert sizes == {compare.PANEL}
 
 
 def test_unfinished_runs_are_listed_not_aggregated(tmp_path, capsys):
