@@ -103,3 +103,35 @@ def test_only_what_this_call_wrote_goes(tmp_path, monkeypatch):
   assert sorted(os.listdir(workdir)) == ['config.json', 'mine', 'tokenizer.model']
   # A DIR that already holds a run is never touched.
   assert dispatch._fresh_paths(str(workdir)) is None
+
+
+def test_init_step_newest_is_pinned(chain, tmp_path):
+  """init.step=-1 is pinned to the newest checkpoint at the start: once the earlier run has
+  a newer checkpoint (it was extended), the same command is refused as a different config
+  instead of resuming against another reference."""
+  from conftest import checkpoint_steps, load_config
+  from rlhf_jax import config as config_lib
+  from rlhf_jax.errors import UserError
+  from rlhf_jax.stages import from_run
+  upstream = tmp_path / 'pretrain'
+  shutil.copytree(chain['pretrain'], upstream)
+  newest = checkpoint_steps(upstream)[-1]
+
+  def resolved():
+    config = load_config('sft', 'tiny')
+    config.init.run = str(upstream)
+    from_run.resolve(config)
+    return config
+
+  first = resolved()
+  assert first.init.step == newest
+  workdir = tmp_path / 'sft'
+  workdir.mkdir()
+  config_lib.write_or_check(first, str(workdir))
+  config_lib.write_or_check(resolved(), str(workdir), write=False)  # same newest: resumes
+  shutil.copytree(upstream / 'checkpoints' / str(newest),
+                  upstream / 'checkpoints' / str(newest + 100))
+  later = resolved()
+  assert later.init.step == newest + 100
+  with pytest.raises(UserError, match='init.step'):
+    config_lib.write_or_check(later, str(workdir), write=False)

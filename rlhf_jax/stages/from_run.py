@@ -13,8 +13,14 @@ from rlhf_jax.world import setup as world_setup
 
 def resolve(config) -> None:
   """Called by main before the config is checked against DIR/config.json: the model and
-  world are those of the run named by init.run."""
+  world are those of the run named by init.run, whose checkpoint init.step must exist.
+  init.step=-1 (the newest) is pinned to the step that is newest now, so that config.json
+  says which checkpoint the run started from, and a rerun after init.run was extended is
+  refused as a different config (differs at init.step) rather than resumed against
+  another reference; --config.init.step=N continues it from N."""
   runs.adopt(config)
+  config.init.step = runs.checkpoint_step(config.init.run, step=config.init.step,
+                                          role='init.run')
 
 
 class FromRun:

@@ -100,18 +100,9 @@ def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, ro
              updates: int | None = None, extra: dict | None = None):
   """`extra`: fields a stage's state adds to TrainState (replicated), e.g. PPO's kl_coef;
   `updates`: the optimiser's schedule length, if not train.steps."""
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(f'{role} {workdir} has no checkpoints yet')
+  step = checkpoint_step(workdir, step=step, role=role)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_ckpts)
   try:
-    steps = ckpt.all_steps()
-    if step is None or step < 0:
-      if not steps:
-        raise UserError(f'{role} {workdir} has no checkpoints yet')
-      step = steps[-1]
-    if step not in steps:
-      raise UserError(f'{role} {workdir} has no checkpoint at step {step} '
-                      f'(it has {steps or "none"})')
     # The run's own optimiser fixes the shape of the state that was saved.
     abstract, shardings = abstract_sharded(
         init_params=init_params, tx=optimizer(config, updates=updates),
@@ -135,6 +126,27 @@ def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, ro
     ckpt.close()
   return LoadedRun(workdir=workdir, config=config, model=model, params=state.params,
                    step=step, param_shardings=shardings.params)
+
+
+def checkpoint_step(workdir: str, *, step: int | None, role: str = 'run') -> int:
+  """The step `load` restores from the run in `workdir` (None or -1: its newest), checked
+  to exist without reading it: stages call it before they write their own DIR."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise UserError(f'{role} {workdir} has no checkpoints yet')
+  ckpt = Checkpointer(directory, keep=None)  # None: a reader never collects old steps
+  try:
+    steps = ckpt.all_steps()
+  finally:
+    ckpt.close()
+  if step is None or step < 0:
+    if not steps:
+      raise UserError(f'{role} {workdir} has no checkpoints yet')
+    return steps[-1]
+  if step not in steps:
+    raise UserError(f'{role} {workdir} has no checkpoint at step {step} '
+                    f'(it has {steps or "none"})')
+  return step
 
 
 def _extended_state(names: tuple):
