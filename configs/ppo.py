@@ -4,15 +4,18 @@ r"""PPO from an SFT policy against a reward model, measured against the gold rew
 
 `init.run` names the SFT run (policy, reference and, with ppo.value='critic', the critic's
 start); `ppo.rm_run` the reward_model run whose ensemble scores the responses (the gold
-reward and annotator blocks are taken from it). With --config.ppo.reward=gold the policy
-optimises the gold reward itself (an oracle, for comparison).
+reward and annotator blocks are taken from it), each member centred (ppo.reward_norm=mean,
+or mean_std to also scale it to unit std) on the run's own samples of the SFT policy, kept
+in DIR/reward_norm.json. With --config.ppo.reward=gold the policy optimises the gold reward
+itself (an oracle, for comparison).
 
 Variants:
   tiny        100 iterations of 64 rollouts (prompts of up to 8 tokens, 48 new tokens),
               4 epochs x 4 minibatches each, fixed beta 0.05; about 45 s on a 2-core
-              CPU. Expected (runs/rm_tiny): policy/gold_reward 0.34 (SFT) -> about 0.65
-              at step 25-50 (KL 4-9 nats), then back to about 0.54 at KL 14 while
-              policy/proxy_reward keeps rising (0.04 -> 3.8): over-optimisation.
+              CPU. Expected (runs/rm_tiny): policy/gold_reward 0.34 (SFT) -> 0.63 at
+              step 25 (KL 5 nats) and 0.68 at step 50 (KL 17), then about 0.66 at KL
+              20 while policy/proxy_reward keeps rising (-0.02 -> 3.4 -> 4.3): past
+              step 50 the KL buys proxy reward only (over-optimisation).
   tiny_adaptive  the same with the adaptive KL controller (target 4 nats).
   small       for sft.py:small and reward_model.py:small runs.
 
@@ -30,6 +33,9 @@ def get_config(arg: str = 'tiny'):
       reward='rm',             # 'rm': the reward model of rm_run | 'gold': the world's (oracle)
       rm_run='runs/rm_tiny',
       rm_step=-1,              # its checkpoint; -1: the newest
+      reward_norm='mean',      # members centred on the reference's samples | 'mean_std':
+                               # also divided by their std there (Huang et al. 2024)
+      reward_norm_prompts=1024,  # reference samples (one per world prompt) for those stats
       value='head',            # 'head' on the policy trunk | 'critic': a separate Transformer
       num_prompts=4096,        # the rollout prompt pool, fixed by seed
       prompt_len=8,

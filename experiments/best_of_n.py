@@ -55,7 +55,6 @@ import time
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -63,7 +62,7 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import sampling, sharding
 from rlhf_jax.analysis import best_of_n
 from rlhf_jax.errors import UserError
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages import ppo, reward_norm
 from rlhf_jax.train import ppo_step, runs
 from rlhf_jax.world import reward as reward_lib
 from rlhf_jax.world import setup as world_setup
@@ -131,10 +130,11 @@ def sample_and_score(config, ns: list[int]):
   sft = runs.load(config.init.run, mesh=mesh, mesh_config=config.mesh, role='--sft_run')
   rm = runs.load_reward_model(config.ppo.rm_run, mesh=mesh, mesh_config=config.mesh,
                               role='--rm_run')
-  rm_mean = ppo.reward_norm(config.ppo.rm_run)
-  if rm_mean.shape != (rm.config.rm.ensemble,):
-    raise UserError(f'--rm_run {config.ppo.rm_run}: reward_norm.json does not match its '
-                    'ensemble')
+  # The reward model's own statistics (its held-out responses: the SFT policy's), checked
+  # to be those of the checkpoint loaded.
+  rm_norm = reward_norm.to_norm(reward_norm.read_rm(config.ppo.rm_run, step=rm.step,
+                                                    members=rm.config.rm.ensemble,
+                                                    role='--rm_run'), mode='mean')
   prompts, lengths = ppo.prompt_pool(config, world, dp)
   per = max(ns) + _REF.value
   t0 = time.time()
@@ -149,9 +149,8 @@ def sample_and_score(config, ns: list[int]):
         f'(mean length {out.mask.sum(axis=1).mean():.1f})', flush=True)
   rows_p, rows_l = np.repeat(prompts, per, axis=0), np.repeat(lengths, per)
   score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm.model))
-  rm_mean = jnp.asarray(rm_mean)
   with sharding.activate(mesh, config.mesh):
-    proxy = in_chunks(lambda *a: score(rm.params, rm_mean, *a), rows_p, rows_l,
+    proxy = in_chunks(lambda *a: score(rm.params, rm_norm, *a), rows_p, rows_l,
                       out.response, out.mask, chunk=-(-SCORE_BATCH // dp) * dp)
   gold = np.asarray(reward_lib.gold_reward(world.gold, prompts=rows_p, prompt_mask=rows_p > 0,
                                            responses=out.response, response_mask=out.mask))

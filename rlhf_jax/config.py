@@ -318,9 +318,13 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
 def _validate_ppo(config: ml_collections.ConfigDict) -> None:
   p = config.ppo
   for name, choices in (('reward', ('rm', 'gold')), ('value', ('head', 'critic')),
-                        ('kl_control', ('fixed', 'adaptive'))):
+                        ('kl_control', ('fixed', 'adaptive')),
+                        ('reward_norm', ('mean', 'mean_std'))):
     if p[name] not in choices:
       raise UserError(f'ppo.{name}={p[name]!r} is not one of {choices}')
+  if p.reward_norm_prompts < 2:
+    raise UserError(f'ppo.reward_norm_prompts={p.reward_norm_prompts}: the reward '
+                    'statistics need at least 2 reference samples')
   if p.reward == 'rm' and not p.rm_run:
     raise UserError("ppo.rm_run is empty: name the reward_model run (or set ppo.reward='gold')")
   if p.epochs < 1 or p.minibatches < 1:

@@ -4,7 +4,8 @@
   standard errors, every step's score is the reward plus the no-EOS penalty, and a run
   resumed from a middle checkpoint ends with the same metrics and params;
 - against a reward model, the centred proxy is 0 on the SFT policy's own samples (within
-  sampling error, from the reward model's reference statistics) and rises under PPO;
+  sampling error, from the run's own statistics on samples of its reference, which name
+  the reward-model checkpoint they belong to) and rises under PPO;
   the run adopts the reward model's gold reward and annotators;
 - a separate critic learns values that explain the returns;
 - bad input ends with one error line and exit status 2.
@@ -77,11 +78,14 @@ def test_ppo_on_reward_model(chain, reward_run, run_cli, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   policy = with_key(workdir, 'policy/proxy_reward')
   first, last = policy[0], policy[-1]
-  # Rewards are centred on the SFT policy's samples: at step 0 (that policy) the mean
-  # proxy over the 256 eval prompts is 0 up to sampling error (std from the reference
+  # Rewards are centred on samples of the reference (the SFT policy), drawn by the run
+  # itself with the newest reward-model checkpoint: at step 0 (that policy) the mean proxy
+  # over the 256 eval prompts is 0 up to sampling error (std from the run's reference
   # statistics) and the reference samples' own finite size.
-  norm = json.load(open(os.path.join(reward_run, 'reward_norm.json')))
-  tolerance = 4 * norm['std'][0] * np.sqrt(1 / 256 + 1 / norm['reference_responses'])
+  norm = json.load(open(workdir / 'reward_norm.json'))
+  assert (norm['rm_run'], norm['rm_step']) == (reward_run, checkpoint_steps(reward_run)[-1])
+  assert (norm['reference_run'], norm['samples']) == (chain['sft'], 1024)
+  tolerance = 4 * norm['std'][0] * np.sqrt(1 / 256 + 1 / norm['samples'])
   assert abs(first['policy/proxy_reward']) < tolerance
   assert last['policy/proxy_reward'] > first['policy/proxy_reward'] + 2 * norm['std'][0] / 4
   # configs/ppo.py:tiny against a reward model raises the gold reward over SFT's.

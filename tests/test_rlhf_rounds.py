@@ -55,6 +55,21 @@ def test_rounds_lineage_metrics_and_resume(chain, run_cli, tmp_path):
   assert table[1]['rounds/rm_gold_accuracy'] == rm0_last['rm/gold_accuracy']
   summary = json.load(open(workdir / 'round_1' / 'summary.json'))
   assert summary['lineage']['policy_from'] == producers[1]
+  # Each round's PPO run centres reward model r on samples of its own reference, policy r
+  # (not on the held-out pairs of every policy so far that reward model r learned from):
+  # its step-0 evaluation (policy r itself) has proxy reward 0 within sampling error; the
+  # round's rounds/proxy_reward is the proxy that run maximised, scored on policy r+1.
+  for r in (0, 1):
+    policy_dir = workdir / f'round_{r}' / 'policy'
+    norm = json.load(open(policy_dir / 'reward_norm.json'))
+    assert norm['reference_run'] == producers[r]
+    assert norm['rm_run'] == str(workdir / f'round_{r}' / 'rm')
+    evals = [e for e in rows(policy_dir) if 'policy/proxy_reward' in e]
+    assert evals[0]['step'] == 0
+    assert abs(evals[0]['policy/proxy_reward']) < 4 * norm['std'][0] * np.sqrt(
+        1 / 256 + 1 / norm['samples'])
+    assert table[r + 1]['rounds/proxy_reward'] == pytest.approx(
+        evals[-1]['policy/proxy_reward'], abs=1e-5)
 
   # As if stopped in round 1 after its reward model (runs name each other by absolute
   # path, so this happens in place): the policy run, the summary and the drift set are

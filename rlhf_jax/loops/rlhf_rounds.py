@@ -14,8 +14,16 @@ Layout of DIR (configs/rlhf_rounds.py):
   round_<r>/summary.json, metrics.jsonl (one line per round, step = r + 1; step 0 is the
                      base policy)
 
+Reward centring: reward model r learns from the comparisons of every round so far
+(rm_data='all'), so its own reward_norm.json centres on the responses of all earlier
+policies. The PPO run of round r therefore centres on samples of its own reference,
+policy r (stages/reward_norm.py; kept in round_<r>/policy/reward_norm.json), so the proxy
+it maximises is 0 on average at policy r in every round.
+
 Per round, measured on the fixed eval prompts against the base SFT policy:
-rounds/gold_reward (and _se), rounds/proxy_reward (reward model r), rounds/kl_sft,
+rounds/gold_reward (and _se), rounds/proxy_reward (reward model r; after a PPO round with
+the checkpoint and statistics its PPO run used, otherwise centred by the reward model's
+own statistics), rounds/kl_sft,
 rounds/group{g}_reward (the minority group's reward next to the majority's),
 rounds/rm_gold_accuracy (reward model r on its held-out pairs) and
 rounds/rm_drift_gold_accuracy (reward model r on the comparisons of policy r+1, which it
@@ -34,10 +42,9 @@ from rlhf_jax import sampling, sharding
 from rlhf_jax.data import array_store, demos, preferences
 from rlhf_jax.errors import UserError
 from rlhf_jax.loops import records
-from rlhf_jax.stages import dispatch, preference_data, reward_eval
+from rlhf_jax.stages import dispatch, preference_data, reward_eval, reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
-from rlhf_jax.stages.ppo import reward_norm
 from rlhf_jax.train import ppo_step, reward_step, runs
 
 POLICY_UPDATES = ('ppo', 'dpo', 'rejection_sampling')
@@ -117,7 +124,11 @@ def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
   setup = FromRun(config, rows_per_step=config.train.batch_size)
   s = config.sft
   rm = runs.load_reward_model(paths.rm(r), mesh=setup.mesh, mesh_config=config.mesh)
-  mean = jax.numpy.asarray(reward_norm(paths.rm(r)))
+  # Centring shifts every sample of a prompt alike, so the best of k does not depend on it;
+  # the statistics only have to be this checkpoint's.
+  norm = reward_norm.to_norm(reward_norm.read_rm(paths.rm(r), step=rm.step,
+                                                 members=rm.config.rm.ensemble,
+                                                 role=f'reward model {r}'), mode='mean')
   proxy = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm.model))
 
   def score(prompts, lengths, responses, mask):
@@ -125,7 +136,7 @@ def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
     for lo in range(0, len(prompts), SCORE_CHUNK):
       rows = np.arange(lo, lo + SCORE_CHUNK)
       rows = np.where(rows < len(prompts), rows, lo)
-      out.append(np.asarray(proxy(rm.params, mean, prompts[rows], lengths[rows],
+      out.append(np.asarray(proxy(rm.params, norm, prompts[rows], lengths[rows],
                                   responses[rows], mask[rows]))[:len(prompts) - lo])
     return np.concatenate(out)
 
@@ -155,6 +166,7 @@ class Measure:
   model on a preference set, on one mesh."""
 
   def __init__(self, config, paths: Paths):
+    self.loop_config, self.paths = config, paths
     self.config = _with(config.stages.reward_model, **{'init.run': paths.base})
     runs.adopt(self.config)
     self.setup = FromRun(self.config, rows_per_step=self.config.train.batch_size)
@@ -164,9 +176,21 @@ class Measure:
                                   param_shardings=s.init.param_shardings,
                                   ref_params=s.init.params, dp=s.dp)
 
-  def load_rm(self, rm_dir: str):
-    rm = runs.load_reward_model(rm_dir, mesh=self.setup.mesh, mesh_config=self.config.mesh)
-    return rm, reward_norm(rm_dir)
+  def load_rm(self, r: int):
+    """(reward model r, its RewardNorm). After a PPO round: the checkpoint and statistics
+    its PPO run used (on samples of policy r, its reference), so rounds/proxy_reward is the
+    proxy that run maximised, 0 at policy r; otherwise the newest checkpoint with the
+    reward model's own statistics (its held-out responses), centred."""
+    step, stats, mode = None, None, 'mean'
+    if self.loop_config.rounds.policy_update == 'ppo':
+      stats = reward_norm.read_ppo(self.paths.policy(r + 1))
+      step, mode = stats['rm_step'], self.loop_config.stages.ppo.ppo.reward_norm
+    rm = runs.load_reward_model(self.paths.rm(r), mesh=self.setup.mesh,
+                                mesh_config=self.config.mesh, step=step)
+    if stats is None:
+      stats = reward_norm.read_rm(self.paths.rm(r), step=rm.step,
+                                  members=rm.config.rm.ensemble, role=f'reward model {r}')
+    return rm, reward_norm.to_norm(stats, mode=mode)
 
   def policy_metrics(self, policy_dir: str, rm=None) -> dict:
     s = self.setup
@@ -174,9 +198,9 @@ class Measure:
         policy_dir, mesh=s.mesh, mesh_config=self.config.mesh).params
     self.policy.proxy = None
     if rm is not None:
-      (loaded, mean) = rm
+      (loaded, norm) = rm
       score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=loaded.model))
-      self.policy.proxy = lambda *rollout: score(loaded.params, mean, *rollout)
+      self.policy.proxy = lambda *rollout: score(loaded.params, norm, *rollout)
     with sharding.activate(s.mesh, self.config.mesh):
       return self.policy(params)
 
@@ -239,7 +263,7 @@ def run(config, *, workdir: str) -> None:
     dispatch.run(sub, paths.policy(r + 1))
     if not os.path.exists(paths.summary(r)):
       measure = measure or Measure(config, paths)
-      rm = measure.load_rm(paths.rm(r))
+      rm = measure.load_rm(r)
       row = _row(r + 1, measure.policy_metrics(paths.policy(r + 1), rm))
       row['rounds/rm_gold_accuracy'] = _last(paths.rm(r), 'rm/gold_accuracy')['rm/gold_accuracy']
       row['rounds/rm_drift_gold_accuracy'] = measure.rm_gold_accuracy(

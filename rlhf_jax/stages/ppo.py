@@ -1,6 +1,12 @@
 """PPO against a learned reward (or, as an oracle, the gold reward): the policy and a frozen
 reference both start from the run named by init.run (SFT); the score is the reward model
-of ppo.rm_run, its members' rewards centred on the reference samples and averaged.
+of ppo.rm_run (at checkpoint ppo.rm_step), its members' rewards centred (ppo.reward_norm=
+'mean'; 'mean_std' also divides each by its std) on samples of the reference policy and
+averaged. The statistics are computed once, before the first update, from one reference
+sample for each of ppo.reward_norm_prompts seeded world prompts scored by the very
+checkpoint the run loads, and kept in DIR/reward_norm.json (stages/reward_norm.py): a
+resumed run centres with the same numbers, and the proxy reward is 0 on average at the
+reference whichever run or round the reward model learned from.
 
 Each train step is one iteration: `train.batch_size` world prompts from a fixed pool,
 one response each from the current policy, then ppo.epochs x ppo.minibatches updates
@@ -11,7 +17,6 @@ value explained variance); at eval steps `policy/*` on fixed prompts (stages/pol
 with the reward model's score of the same samples as policy/proxy_reward.
 """
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -26,6 +31,7 @@ from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import policy_value
+from rlhf_jax.stages import reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.train import loop, ppo_step, ppo_update, runs
@@ -46,23 +52,10 @@ def resolve(config) -> None:
   if rm.world.to_dict() != config.world.to_dict():
     raise UserError(f'ppo.rm_run {config.ppo.rm_run} learned on another world than '
                     f'init.run {config.init.run}')
-  reward_norm(config.ppo.rm_run)  # an unfinished reward-model run fails here, before DIR
+  reward_norm.read_rm(config.ppo.rm_run)  # an unfinished reward-model run fails here
   with config.unlocked():
     for block in ('reward', 'annotators'):
       config[block] = ml_collections.ConfigDict(rm[block].to_dict())
-
-
-def reward_norm(rm_run: str) -> np.ndarray:
-  """[K] each member's mean reward on the reference samples (DIR/reward_norm.json)."""
-  path = os.path.join(os.path.abspath(rm_run), 'reward_norm.json')
-  try:
-    with open(path) as f:
-      return np.asarray(json.load(f)['mean'], np.float32)
-  except FileNotFoundError:
-    raise UserError(f'ppo.rm_run {rm_run} has no reward_norm.json: its run has not '
-                    'finished') from None
-  except (OSError, ValueError, KeyError) as e:
-    raise UserError(f'{path} is unreadable ({e})') from None
 
 
 def prompt_pool(config, world, dp: int):
@@ -108,18 +101,19 @@ def run(config, *, workdir: str) -> None:
   p = config.ppo
   mesh, replicated = setup.mesh, sharding.replicated(setup.mesh)
   learner = Learner(config, setup)
-  rm_model, rm_params, rm_shardings, rm_mean = None, None, None, np.zeros(1, np.float32)
+  rm_model, rm_params, rm_shardings = None, None, None
+  rm_norm = ppo_step.RewardNorm(mean=np.zeros(1, np.float32), scale=np.ones(1, np.float32))
   if p.reward == 'rm':
     rm = runs.load_reward_model(p.rm_run, mesh=mesh, mesh_config=config.mesh, step=p.rm_step,
                                 role='ppo.rm_run')
     rm_model, rm_params, rm_shardings = rm.model, rm.params, rm.param_shardings
-    rm_mean = reward_norm(p.rm_run)
-    if rm_mean.shape != (rm.config.rm.ensemble,):
-      raise UserError(f'ppo.rm_run {p.rm_run}: reward_norm.json does not match its ensemble')
+    rm_norm = reward_norm.to_norm(reward_norm.for_ppo(config, setup, rm, workdir=workdir),
+                                  mode=p.reward_norm)
   frozen = ppo_step.Frozen(ref_params=setup.init.params, rm_params=rm_params,
-                           rm_mean=jnp.asarray(rm_mean), gold=setup.world.gold)
+                           rm_norm=rm_norm, gold=setup.world.gold)
   frozen_shardings = ppo_step.Frozen(
-      ref_params=setup.init.param_shardings, rm_params=rm_shardings, rm_mean=replicated,
+      ref_params=setup.init.param_shardings, rm_params=rm_shardings,
+      rm_norm=ppo_step.RewardNorm(mean=replicated, scale=replicated),
       gold=jax.tree.map(lambda _: replicated, setup.world.gold))
   frozen = jax.device_put(frozen, frozen_shardings)
 
@@ -146,7 +140,7 @@ def run(config, *, workdir: str) -> None:
   proxy = None
   if p.reward == 'rm':
     score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm_model))
-    proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_mean, *rollout)
+    proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_norm, *rollout)
   policy = PolicyEvaluator(config=config, world=setup.world, model=setup.init.model,
                            mesh=mesh, mesh_config=config.mesh,
                            param_shardings=learner.shardings.params['policy'],

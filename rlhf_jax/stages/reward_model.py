@@ -5,9 +5,14 @@ optionally an ensemble of `rm.ensemble` members (vmapped) for uncertainty.
 Evaluation on held-out prompts' pairs reports accuracy on the annotators' labels next to
 the noise ceiling, agreement with the gold preference, calibration, correlation with the
 gold reward, and the same split by annotator group (stages/reward_eval.py). At the end
-the rewards' mean and standard deviation on the reference samples (the held-out pairs'
-responses, which the SFT policy wrote) go to DIR/reward_norm.json: a consumer subtracts
-the mean so that rewards are 0 on average on the reference policy.
+each member's mean and standard deviation on the held-out pairs' responses (written by
+the policies that made the preference set: the SFT policy, or in iterated rounds every
+policy so far) go to DIR/reward_norm.json with the checkpoint step they belong to (the
+final one); stages/reward_norm.py refuses them for any other checkpoint. PPO does not use
+them: it centres on samples of its own reference policy (stages/ppo.py).
+
+The optimiser clips each member's gradient by its own norm (runs.optimizer), so members
+train as independent models.
 """
 import functools
 import json
@@ -120,5 +125,5 @@ def run(config, *, workdir: str) -> None:
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'reward_norm.json')
     with open(path + '.tmp', 'w') as f:
-      json.dump({'step': config.train.steps, **norm}, f, indent=2)
+      json.dump({'step': int(jax.device_get(state.step)), **norm}, f, indent=2)
     os.replace(path + '.tmp', path)

@@ -34,13 +34,22 @@ class PromptBatch:
 
 
 @flax.struct.dataclass
+class RewardNorm:
+  """Member k's reward r_k counts as (r_k - mean[k]) / scale[k] before the members are
+  averaged. mean: [K] float32, the member's mean on samples of the reference policy;
+  scale: [K] float32, 1 (ppo.reward_norm='mean') or its std there ('mean_std')."""
+  mean: jax.Array
+  scale: jax.Array
+
+
+@flax.struct.dataclass
 class Frozen:
   """What the step reads and never trains: ref_params (an LM's), rm_params (a reward-model
-  ensemble's, or None when the score is gold), rm_mean [K] float32 (each member's mean on
-  the reference samples, subtracted), gold (the world's GoldReward)."""
+  ensemble's, or None when the score is gold), rm_norm (a RewardNorm: how each member is
+  centred and scaled), gold (the world's GoldReward)."""
   ref_params: object
   rm_params: object
-  rm_mean: jax.Array
+  rm_norm: RewardNorm
   gold: reward_lib.GoldReward
 
 
@@ -55,11 +64,19 @@ class StepConfig:
   ppo: ppo_update.PPOConfig
 
 
-def proxy_reward(rm_params, rm_mean, prompts, prompt_lengths, responses, mask, *, rm_model):
-  """[B] the reward ensemble's mean over members of (reward - member's reference mean)."""
-  members = rm_model.apply({'params': rm_params},
-                           *response_sequences(prompts, prompt_lengths, responses, mask))
-  return (members - rm_mean[:, None]).mean(axis=0)
+def member_rewards(rm_params, prompts, prompt_lengths, responses, mask, *, rm_model):
+  """[K, B] each member's reward of left-padded prompts [B, P] and responses [B, N]."""
+  return rm_model.apply({'params': rm_params},
+                        *response_sequences(prompts, prompt_lengths, responses, mask))
+
+
+def proxy_reward(rm_params, rm_norm: RewardNorm, prompts, prompt_lengths, responses, mask, *,
+                 rm_model):
+  """[B] the reward ensemble's mean over members of (reward - member's reference mean) /
+  member's scale."""
+  members = member_rewards(rm_params, prompts, prompt_lengths, responses, mask,
+                           rm_model=rm_model)
+  return ((members - rm_norm.mean[:, None]) / rm_norm.scale[:, None]).mean(axis=0)
 
 
 def sequence_inputs(prompts, prompt_lengths, responses):
@@ -102,7 +119,7 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
   if config.reward == 'gold':
     proxy = gold
   else:
-    proxy = proxy_reward(frozen.rm_params, frozen.rm_mean, prompts, lengths, response, mask,
+    proxy = proxy_reward(frozen.rm_params, frozen.rm_norm, prompts, lengths, response, mask,
                          rm_model=rm_model)
   ended = ((response == language.EOS_ID) & (mask > 0)).any(axis=1)
   score = proxy + config.no_eos_penalty * (~ended)
