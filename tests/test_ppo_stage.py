@@ -122,7 +122,7 @@ def test_separate_critic_learns_values(chain, run_cli, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['rm_is_sft', 'rm_missing', 'rm_unfinished', 'minibatches',
-                                  'bad_value'])
+                                  'bad_value', 'bad_reward_norm'])
 def test_bad_input_is_one_error_line(case, chain, reward_run, run_cli, tmp_path):
   workdir = tmp_path / 'run'
   args = ['--config=configs/ppo.py:tiny', f'--workdir={workdir}',
@@ -142,9 +142,12 @@ def test_bad_input_is_one_error_line(case, chain, reward_run, run_cli, tmp_path)
   elif case == 'minibatches':
     args.append('--config.ppo.minibatches=5')
     expected = 'not divisible into ppo.minibatches=5'
-  else:
+  elif case == 'bad_value':
     args.append('--config.ppo.value=shared')
     expected = "ppo.value='shared' is not one of"
+  else:
+    args.append('--config.ppo.reward_norm=std')
+    expected = "ppo.reward_norm='std' is not one of"
   result = run_cli(*args)
   assert result.returncode == 2, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()

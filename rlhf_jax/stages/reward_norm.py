@@ -28,11 +28,8 @@ from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import ppo_step
 
-MODES = ('mean', 'mean_std')
 FILE = 'reward_norm.json'
 SCORE_CHUNK = 1024  # rows per reward-model forward (one compiled shape)
-# What a PPO run's statistics were computed from; a resumed run must load the same.
-_SOURCE = ('rm_run', 'rm_step', 'reference_run', 'reference_step', 'samples')
 
 
 def moments(members) -> dict:
@@ -73,8 +70,7 @@ def read_rm(rm_run: str, *, step: int | None = None, members: int | None = None,
   stats = _read(path, f'{role} {rm_run}')
   if step is not None and stats.get('step') != step:
     raise UserError(f'{path} holds the statistics of checkpoint {stats.get("step")}, not of '
-                    f'the checkpoint {step} loaded; load that one, or centre on samples of '
-                    'your own')
+                    f'checkpoint {step}, which was loaded')
   if members is not None and len(stats['mean']) != members:
     raise UserError(f'{path} holds {len(stats["mean"])} members\' statistics; the reward '
                     f'model has {members}')
@@ -132,11 +128,13 @@ def for_ppo(config, setup, rm, *, workdir: str) -> dict:
   path = os.path.join(workdir, FILE)
   if os.path.exists(path):
     stats = _read(path, workdir)
-    held = {k: stats.get(k) for k in _SOURCE}
-    if held != source or len(stats['mean']) != rm.config.rm.ensemble:
-      raise UserError(f'{path} holds the reward statistics of {held}, but this run loads '
-                      f'{source}: it cannot go on with other centring; start it in a new '
-                      '--workdir')
+    differ = [f'{k} {stats.get(k)} (this run: {v})' for k, v in source.items()
+              if stats.get(k) != v]
+    if len(stats['mean']) != rm.config.rm.ensemble:
+      differ.append(f'{len(stats["mean"])} members (this run: {rm.config.rm.ensemble})')
+    if differ:
+      raise UserError(f'{path} holds the reward statistics of {", ".join(differ)}: the run '
+                      'cannot go on with other centring; start it in a new --workdir')
     return stats
   members = score_members(rm, *reference_samples(config, setup), mesh=setup.mesh,
                           mesh_config=config.mesh, dp=setup.dp)
