@@ -10,8 +10,8 @@ not retrained. DIR/summary.json holds the table.
 
 Variants:
   tiny       3 minutes on a 2-core CPU. Expected: gold reward -0.467 (pretrained) ->
-             0.338 (SFT, KL 0.80 nats) -> 0.539 (PPO, KL 14.2 nats; it peaks near 0.65
-             at KL 9 and falls back while the proxy keeps rising); RM gold agreement
+             0.338 (SFT, KL 0.80 nats) -> 0.657 (PPO, KL 20.3 nats; it peaks at 0.681
+             at KL 16.7 and slips back while the proxy keeps rising); RM gold agreement
              0.758 against a noise ceiling of 0.934.
   small      the small variants of every stage (hours on a CPU; meant for an accelerator).
 
