@@ -216,3 +216,200 @@ def test_bandit_vmapped_equals_single_seed():
   batched = np.asarray(jax.jit(jax.vmap(train))(keys))
   single = np.stack([np.asarray(jax.jit(train)(k)) for k in keys])
   np.testing.assert_allclose(batched, single, atol=1e-6)
+
+
+# -- the update and the step on a tiny language model ---------------------------------------
+
+LM = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+PROMPTS = [[1, 5, 9], [1, 7], [1, 3, 4, 6, 8], [1, 10, 11, 12]]  # left-padded to 5 columns
+
+
+def tiny_learner(seed: int):
+  """A randomly initialised PolicyValue (value head on the trunk, at 0) and its params."""
+  import flax.linen as nn
+  from rlhf_jax.models import policy_value
+  from rlhf_jax.models.transformer import ModelConfig
+  model = policy_value.PolicyValue(ModelConfig(**LM), 'head')
+  return model, nn.meta.unbox(policy_value.init_params(model)(jax.random.key(seed)))
+
+
+def row_forward(lm_params, prompt, response):
+  """(logits [n, V], final hidden states [n, D]) float64 at the n columns that predict
+  `response`: one row alone, unpadded, positions 0.. from BOS, every token in one segment
+  (none of the batch's padding or layout code)."""
+  from rlhf_jax.models.transformer import ModelConfig, Transformer
+  tokens = np.asarray([*prompt, *response], np.int32)[None]
+  t = tokens.shape[1]
+  out = Transformer(ModelConfig(**LM)).apply(
+      {'params': lm_params}, tokens, segment_ids=np.ones_like(tokens),
+      positions=np.arange(t, dtype=np.int32)[None], return_hidden=True)
+  cols = slice(len(prompt) - 1, t - 1)
+  return (np.asarray(out.logits[0, cols], np.float64), np.asarray(out.hidden[0, cols], np.float64))
+
+
+def log_softmax64(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_update_metrics_and_entropy_bonus_match_numpy():
+  """One update (1 epoch x 1 minibatch, SGD at lr 1) of a tiny LM on a fixed rollout whose
+  sampling log-probs differ from the current policy's: approx KL, clip fraction, entropy,
+  both loss terms and the total against NumPy float64 from each row's own unpadded forward;
+  with ppo.entropy_coef = c the loss is lower by exactly c * entropy and the output
+  projection moves by c times the NumPy gradient of the mean entropy (nothing else in the
+  loss changes, and the value head does not move)."""
+  from rlhf_jax import sampling
+  from rlhf_jax.train import ppo_step
+  model, params = tiny_learner(0)
+  prompts, plen = sampling.left_pad(PROMPTS)
+  rng = np.random.default_rng(7)
+  b, n = len(PROMPTS), 6
+  lengths = np.array([6, 1, 4, 3])
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float64)
+  responses = np.where(mask > 0, rng.integers(3, 64, (b, n)), 0).astype(np.int32)
+
+  logp, ent, values = np.zeros((b, n)), np.zeros((b, n)), np.zeros((b, n))
+  kernel_grad = np.zeros(np.shape(params['policy']['logits']['kernel']))
+  head_w = np.asarray(params['value_head']['kernel'], np.float64)[:, 0]
+  head_b = float(np.asarray(params['value_head']['bias'])[0])
+  for i in range(b):
+    z, h = row_forward(params['policy'], PROMPTS[i], list(responses[i, :lengths[i]]))
+    lsm = log_softmax64(z)
+    p = np.exp(lsm)
+    logp[i, :lengths[i]] = lsm[np.arange(lengths[i]), responses[i, :lengths[i]]]
+    ent_i = -(p * lsm).sum(axis=1)
+    ent[i, :lengths[i]] = ent_i
+    values[i, :lengths[i]] = h @ head_w + head_b
+    # dH/dz = -p (log p + H), through logits = h @ W.
+    kernel_grad += h.T @ (-p * (lsm + ent_i[:, None]))
+  tokens = mask.sum()
+  kernel_grad /= tokens
+
+  old_logp = (logp + rng.normal(0, 0.3, (b, n))) * mask  # ratios on both sides of the clip
+  ref_logp = (logp + rng.normal(0, 0.5, (b, n))) * mask
+  old_values = rng.normal(size=(b, n)) * mask
+  score = rng.normal(size=b)
+  kl_coef, clip, vclip = 0.1, 0.2, 0.2
+
+  # NumPy float64: per-token RLHF reward, GAE, whitening, the clipped terms.
+  rewards = -kl_coef * (old_logp - ref_logp) * mask
+  rewards[np.arange(b), lengths - 1] += score
+  adv, returns = gae_loop(rewards, old_values, lengths, 1.0, 0.95)
+  sel = mask > 0
+  adv = np.where(sel, (adv - adv[sel].mean()) / adv[sel].std(), 0.0)
+  mean = lambda x: (x * mask).sum() / tokens
+  d = logp - old_logp
+  policy_want, value_want = numpy_ppo(logp, old_logp, adv, values, old_values, returns,
+                                      clip, vclip)
+  want = {'ppo/approx_kl': mean(np.expm1(d) - d),
+          'ppo/clip_fraction': mean(np.abs(np.expm1(d)) > clip),
+          'ppo/entropy': mean(ent), 'ppo/policy_loss': mean(policy_want),
+          'ppo/value_loss': mean(value_want),
+          'rl/kl': ((old_logp - ref_logp) * mask).sum(axis=1).mean()}
+  assert 0.2 < want['ppo/clip_fraction'] < 0.8
+
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  inputs = (ppo_step.sequence_inputs(jnp.asarray(prompts), jnp.asarray(plen),
+                                     jnp.asarray(responses)), jnp.asarray(responses))
+  rollout = ppo_update.Rollout(inputs=inputs, mask=f32(mask), logp=f32(old_logp),
+                               ref_logp=f32(ref_logp), values=f32(old_values), score=f32(score))
+  apply_fn = ppo_step.make_apply(model, prompt_len=prompts.shape[1])
+  tx = optax.sgd(1.0)
+
+  def update(coef):
+    config = ppo_update.PPOConfig(epochs=1, minibatches=1, clip=clip, value_clip=vclip,
+                                  entropy_coef=coef)
+    return jax.jit(lambda p: ppo_update.update(p, tx.init(p), rollout, jax.random.key(0),
+                                               apply_fn=apply_fn, tx=tx, config=config,
+                                               kl_coef=kl_coef))(params)
+
+  coef = 0.5
+  (p0, _, m0), (pc, _, mc) = update(0.0), update(coef)
+  for metrics in (m0, mc):
+    for key, value in want.items():
+      assert float(metrics[key]) == pytest.approx(value, abs=2e-5), key
+  total = want['ppo/policy_loss'] + 0.5 * want['ppo/value_loss']
+  assert float(m0['train/loss']) == pytest.approx(total, abs=2e-5)
+  assert float(mc['train/loss']) == pytest.approx(total - coef * want['ppo/entropy'], abs=2e-5)
+  assert float(mc['train/loss']) - float(m0['train/loss']) == pytest.approx(
+      -coef * want['ppo/entropy'], abs=1e-5)
+  # SGD at lr 1: params - grad, and grad(c) = grad(0) - c * grad(mean entropy).
+  moved = np.asarray(pc['policy']['logits']['kernel'], np.float64) - np.asarray(
+      p0['policy']['logits']['kernel'], np.float64)
+  np.testing.assert_allclose(moved, coef * kernel_grad, atol=2e-6)
+  assert np.abs(coef * kernel_grad).max() > 1e-3  # the bonus is not a vanishing change
+  for x, y in zip(jax.tree.leaves(p0['value_head']), jax.tree.leaves(pc['value_head'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_step_trains_on_the_sampler_log_probs_and_starts_at_zero_kl(monkeypatch):
+  """Inside the jitted PPO step (ppo_step.train_step) on a tiny random LM with prompts of
+  different lengths: the log-probs the update trains against (recomputed by the learner's
+  teacher-forced forward) equal the sampler's raw log-probs of the tokens it drew
+  (temperature 1, the policy before any update) and NumPy float64 log-softmax of each
+  row's own forward; with the policy equal to the reference, rl/kl is 0 and so are the
+  first update's approx KL and clip fraction. The sampler and the update are wrapped only
+  to hand out what the step passes between them."""
+  import functools
+  from rlhf_jax import sampling
+  from rlhf_jax.models.transformer import ModelConfig, Transformer
+  from rlhf_jax.train import ppo_step
+  from rlhf_jax.world import language
+  from rlhf_jax.world import reward as reward_lib
+  model, params = tiny_learner(1)
+  lang = language.make_language(seed=0, vocab_size=64, branching=8, zipf_a=1.1, eos_prob=0.05)
+  gold = reward_lib.make_gold_reward(lang, seed=1)
+
+  seen = {}
+  real_sample, real_update = sampling.sample, ppo_update.update
+
+  def sample(*args, **kwargs):
+    seen['out'] = real_sample(*args, **kwargs)
+    return seen['out']
+
+  def update(params, opt_state, rollout, key, **kwargs):
+    params, opt_state, metrics = real_update(params, opt_state, rollout, key, **kwargs)
+    out = seen['out']
+    return params, opt_state, {**metrics, 'test/trainer_logp': rollout.logp,
+                               'test/ref_logp': rollout.ref_logp, 'test/mask': rollout.mask,
+                               'test/sampler_raw': out.raw_logprobs,
+                               'test/response': out.response}
+
+  monkeypatch.setattr(sampling, 'sample', sample)
+  monkeypatch.setattr(ppo_update, 'update', update)
+
+  tx = optax.adam(1e-3)
+  config = ppo_step.StepConfig(reward='gold', no_eos_penalty=-1.0, kl_control='fixed',
+                               kl_target=4.0, kl_horizon=1e4, max_new_tokens=10,
+                               ppo=ppo_update.PPOConfig(epochs=1, minibatches=1))
+  step = jax.jit(functools.partial(ppo_step.train_step, model=model,
+                                   lm=Transformer(ModelConfig(**LM)), rm_model=None, tx=tx,
+                                   schedule=optax.constant_schedule(1e-3), config=config))
+  state = ppo_step.PPOState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params),
+                            rng=jax.random.key_data(jax.random.key(3)),
+                            kl_coef=jnp.float32(0.05))
+  frozen = ppo_step.Frozen(ref_params=jax.tree.map(jnp.copy, params['policy']),
+                           rm_params=None,
+                           rm_norm=ppo_step.RewardNorm(mean=jnp.zeros(1), scale=jnp.ones(1)),
+                           gold=gold)
+  prompts, plen = sampling.left_pad(PROMPTS)
+  _, metrics = step(state, frozen, ppo_step.PromptBatch(prompts=prompts, prompt_lengths=plen))
+  m = jax.device_get(metrics)
+
+  mask = np.asarray(m['test/mask'])
+  response = np.asarray(m['test/response'])
+  lengths = mask.sum(axis=1).astype(int)
+  assert lengths.min() >= 1
+  want = np.zeros(mask.shape)
+  for i, prompt in enumerate(PROMPTS):
+    z, _ = row_forward(params['policy'], prompt, list(response[i, :lengths[i]]))
+    want[i, :lengths[i]] = log_softmax64(z)[np.arange(lengths[i]), response[i, :lengths[i]]]
+  np.testing.assert_allclose(m['test/sampler_raw'], want, atol=2e-5)
+  np.testing.assert_allclose(m['test/trainer_logp'], want, atol=2e-5)
+  np.testing.assert_allclose(m['test/trainer_logp'], m['test/sampler_raw'], atol=2e-5)
+  np.testing.assert_allclose(m['test/ref_logp'], want, atol=2e-5)
+  assert abs(float(m['rl/kl'])) < 1e-4
+  assert abs(float(m['ppo/approx_kl'])) < 1e-6 and float(m['ppo/clip_fraction']) == 0.0
+  assert float(m['rl/response_length']) == pytest.approx(lengths.mean())
