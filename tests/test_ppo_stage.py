@@ -53,7 +53,8 @@ def test_ppo_on_gold_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
     assert r['rl/score'] == pytest.approx(r['rl/proxy_reward'] - (1 - r['rl/eos_rate']),
                                           abs=1e-5)
     assert r['rl/kl_coef'] == pytest.approx(0.05)  # fixed controller
-    assert 0 <= r['ppo/clip_fraction'] <= 1 and r['ppo/approx_kl'] >= 0
+  # ppo/approx_kl, ppo/clip_fraction and the loss terms are checked against NumPy on a tiny
+  # LM in tests/test_ppo.py (test_update_metrics_and_entropy_bonus_match_numpy).
 
   resumed = tmp_path / 'ppo_resumed'
   shutil.copytree(workdir, resumed)
@@ -99,6 +100,9 @@ def test_ppo_on_reward_model(chain, reward_run, run_cli, tmp_path):
   # (target 4 nats, 64 rollouts per step, horizon 1000).
   steps = with_key(workdir, 'rl/kl_coef')
   assert [r['step'] for r in steps] == list(range(1, 31))
+  # The first iteration's rollouts come from the reference itself: the learner's log-probs
+  # of its samples equal the reference's, so the sequence KL is 0 up to float32 rounding.
+  assert abs(steps[0]['rl/kl']) < 1e-4
   assert steps[0]['rl/kl_coef'] == pytest.approx(0.05)
   for before, after in zip(steps, steps[1:]):
     e = np.clip(before['rl/kl'] / 4.0 - 1, -0.2, 0.2)
