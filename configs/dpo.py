@@ -11,7 +11,10 @@ Variants:
   tiny       DPO, beta 0.1, 300 steps of 32 pairs; about two minutes on a 2-core CPU.
              Expected: policy/gold_reward rises above the SFT policy's (step 0) at a
              policy/kl_ref of a few nats; dpo_eval/accuracy above 0.6.
-  tiny_ipo   the same with the IPO loss (tau 0.1).
+  tiny_ipo   the same with the IPO loss (tau 0.1). Its h is a difference of summed
+             (not per-token averaged) sequence log-ratios, so the target margin
+             1/(2 tau) = 5 nats is per response: tau's scale depends on response length
+             (twice as long responses need half the per-token margin for the same h).
   small      for an sft.py:small run.
 
 Any leaf can be overridden: --config.dpo.beta=0.3 --config.dpo.loss=ipo.
@@ -28,7 +31,8 @@ def get_config(arg: str = 'tiny'):
   config.dpo = ml_collections.ConfigDict(dict(
       loss='dpo',              # 'dpo' | 'ipo'
       beta=0.1,                # DPO inverse temperature (also scales reported rewards)
-      tau=0.1,                 # IPO regularisation: target margin 1 / (2 tau)
+      tau=0.1,                 # IPO regularisation: target margin 1 / (2 tau) on h of
+                               # summed (not per-token averaged) sequence log-probs
   ))
   config.optim.update(lr=3e-4, warmup_steps=20, weight_decay=0.0)
   config.train.update(steps=300, batch_size=32, log_every=25, eval_every=100, ckpt_every=100)

@@ -40,7 +40,13 @@ def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float
 
 
 def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, tau: float) -> jax.Array:
-  """Per-pair IPO loss (h - 1/(2 tau))^2 (Azar et al. 2023); inputs [B]."""
+  """Per-pair IPO loss (h - 1/(2 tau))^2 (Azar et al. 2023); inputs [B].
+
+  The inputs are summed sequence log-probs (train/dpo_step.py sums over response tokens),
+  not per-token averages, so h and the target margin 1/(2 tau) are in nats per sequence:
+  pairs of n-token responses reach the target with a per-token log-ratio margin of about
+  1/(2 tau n), and the tau that regularises well depends on the response length (TRL's
+  DPOTrainer, for one, averages per token for IPO; its tau is not this tau)."""
   return (_policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
           - 1.0 / (2.0 * tau)) ** 2
 
