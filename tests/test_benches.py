@@ -1,7 +1,10 @@
-"""The benchmarks run from the CLI on `tiny` sizes and their JSON figures agree with an
-independent count: train FLOPs per token from the layer shapes, decoded tokens from the
-loop's steps, the collapse and self-play benches' ratios from their two timings (and the
-self-play bench's two update schedules giving the same parameters)."""
+"""The benchmarks run from the CLI on `tiny` sizes, print a table and then one JSON object
+of their figures, and the figures that have an independent reference agree with it:
+parameters and train FLOPs per token from the layer shapes, the sampling bench's decoding
+steps from its flags and its KV cache from the cache's shape, the collapse bench's device
+count from the host, the self-play bench's two update schedules giving the same
+parameters. Timings and their ratios have none (benchmarks are not timed tests): only
+their presence and sign are checked."""
 import json
 import subprocess
 import sys
@@ -18,6 +21,20 @@ def run(module, *args):
   return json.loads(lines[-1])
 
 
+def run_with_table(module, *args):
+  """(figures, the table's rows as lists of whitespace-separated cells)."""
+  result = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  return json.loads(lines[-1]), [line.split() for line in lines[:-1]]
+
+
+def positive_timings(figures, names):
+  for name in names:
+    assert isinstance(figures[name], float) and figures[name] > 0, name
+
+
 def test_train_step_bench():
   f = run('rlhf_jax.bench', '--config=configs/pretrain.py:tiny', '--steps=3', '--matmul_n=512')
   # tiny: d 64, 2 layers, SwiGLU d_ff 256, world vocab 64, seq 64, batch 32.
@@ -30,10 +47,18 @@ def test_train_step_bench():
 
 
 def test_sampling_bench():
-  f = run('rlhf_jax.bench_sampling', '--config=configs/pretrain.py:tiny', '--batch=16',
-          '--prompt_len=8', '--new_tokens=12', '--baseline_steps=2')
-  assert abs(f['speedup'] - f['kv_cache_tokens_per_s'] / f['full_recompute_tokens_per_s']) \
-      <= 0.06 + 0.01 * f['speedup']
+  f, table = run_with_table('rlhf_jax.bench_sampling', '--config=configs/pretrain.py:tiny',
+                            '--batch=16', '--prompt_len=8', '--new_tokens=12',
+                            '--baseline_steps=2')
+  assert (f['batch'], f['prompt_len'], f['new_tokens']) == (16, 8, 12)
+  positive_timings(f, ('kv_cache_tokens_per_s', 'full_recompute_tokens_per_s',
+                       'kv_cache_compile_s', 'full_recompute_compile_s', 'speedup'))
+  # Decoding steps run: the full-recompute baseline stops after --baseline_steps=2 (16
+  # rows of a random-init model do not all emit EOS within 2 tokens); the cached decoder
+  # runs at most --new_tokens=12.
+  steps = {row[0]: int(row[1]) for row in table
+           if row and row[0] in ('kv_cache', 'full_recompute')}
+  assert steps['full_recompute'] == 2 and 1 <= steps['kv_cache'] <= 12
   # The cache holds keys and values of 2 layers for 16 x (8 + 12) slots of 64 floats.
   cache_mib = 2 * 2 * 16 * 20 * 64 * 4 / 2**20
   assert f['kv_cache_peak_mib'] >= cache_mib
@@ -43,9 +68,7 @@ def test_collapse_bench():
   f = run('rlhf_jax.bench_collapse', '--seeds=2', '--generations=2', '--samples=64',
           '--repeats=1')
   assert f['seeds'] == 2 and f['generations'] == 2 and f['samples'] == 64
-  assert f['one_seed_s'] > 0 and f['vmapped_s'] > 0 and f['sharded_s'] > 0
-  assert abs(f['ratio'] - f['sharded_s'] / f['one_seed_s']) <= 1e-9 * f['ratio']
-  assert abs(f['ratio_one_device'] - f['vmapped_s'] / f['one_seed_s']) <= 1e-9 * f['ratio']
+  positive_timings(f, ('one_seed_s', 'vmapped_s', 'sharded_s', 'ratio', 'ratio_one_device'))
   # One device per core of this host, as many as divide the seeds.
   import os
   assert f['devices'] == max(d for d in range(1, os.cpu_count() + 1) if 2 % d == 0)
@@ -54,6 +77,6 @@ def test_collapse_bench():
 def test_selfplay_update_bench():
   f = run('rlhf_jax.bench_selfplay', '--variant=tic_tac_toe', '--updates=3', '--repeats=1')
   assert f['variant'] == 'tic_tac_toe' and f['updates'] == 3 and f['batch_size'] == 256
-  assert abs(f['ratio'] - f['scan_s'] / f['loop_s']) <= 1e-9 * f['ratio']
+  positive_timings(f, ('scan_s', 'loop_s', 'ratio'))
   # The two run the same updates on the same batches: equal parameters up to rounding.
   assert f['max_param_diff'] < 1e-5
