@@ -68,6 +68,7 @@ def resolve(config) -> None:
   if r.num < 1:
     raise UserError(f'rounds.num={r.num} must be >= 1')
   runs.read_config(os.path.abspath(r.init_run), role='rounds.init_run')
+  runs.checkpoint_step(r.init_run, step=None, role='rounds.init_run')
 
 
 class Paths:

@@ -31,7 +31,7 @@ from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import policy_value
-from rlhf_jax.stages import reward_norm
+from rlhf_jax.stages import from_run, reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.train import loop, ppo_step, ppo_update, runs
@@ -41,14 +41,17 @@ from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
 def resolve(config) -> None:
   """Model and world from init.run; with a reward model, the gold reward and annotator
   blocks from its run (the truth its labels came from), after checking it learned on the
-  same world."""
-  runs.adopt(config)
+  same world. init.step and ppo.rm_step = -1 are pinned to the steps newest now (as
+  from_run.resolve says why)."""
+  from_run.resolve(config)
   if config.ppo.reward != 'rm':
     return
   rm = runs.read_config(os.path.abspath(config.ppo.rm_run), role='ppo.rm_run')
   if rm.get('stage') != 'reward_model':
     raise UserError(f'ppo.rm_run {config.ppo.rm_run} is a {rm.get("stage")!r} run, not a '
                     'reward_model run')
+  config.ppo.rm_step = runs.checkpoint_step(config.ppo.rm_run, step=config.ppo.rm_step,
+                                            role='ppo.rm_run')
   if rm.world.to_dict() != config.world.to_dict():
     raise UserError(f'ppo.rm_run {config.ppo.rm_run} learned on another world than '
                     f'init.run {config.init.run}')

@@ -66,9 +66,10 @@ class RewardEvaluator:
             'reference_responses': both.shape[1]}
 
 
-def build(config, setup: FromRun, *, workdir: str):
-  """(model, state, shardings, source, pairs) of a reward model on the stage's pairs."""
-  pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir)
+def build(config, setup: FromRun, *, workdir: str, given=None):
+  """(model, state, shardings, source, pairs) of a reward model on the stage's pairs
+  (`given`: preference_data.read_given's, when the caller read them already)."""
+  pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir, given=given)
   train_rows, held_rows = split_by_prompt(np.asarray(pairs.prompt_id),
                                           eval_fraction=config.prefs.eval_fraction,
                                           seed=config.seed)
@@ -97,8 +98,9 @@ def build(config, setup: FromRun, *, workdir: str):
 
 def run(config, *, workdir: str) -> None:
   setup = FromRun(config, rows_per_step=config.train.batch_size)
+  given = preference_data.read_given(config)  # before DIR is written: a wrong set leaves it
   config_lib.write_or_check(config, workdir)
-  model, state, shardings, source, pairs = build(config, setup, workdir=workdir)
+  model, state, shardings, source, pairs = build(config, setup, workdir=workdir, given=given)
   put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
   example = source.eval_batches(max_batches=1)[0]
   batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
