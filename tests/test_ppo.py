@@ -1,6 +1,8 @@
 """PPO pieces against independent computations: GAE against a plain-Python loop, the losses
 and their gradients against NumPy float64, the KL controller against Ziegler et al.'s
-formula, and the whole update on a bandit against the KL-regularised optimum."""
+formula, the whole update on a bandit against the KL-regularised optimum, and on a tiny
+language model the update's metrics and entropy bonus against NumPy and the jitted step's
+rollout log-probs against the sampler's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,21 +232,26 @@ def tiny_learner(seed: int):
   from rlhf_jax.models import policy_value
   from rlhf_jax.models.transformer import ModelConfig
   model = policy_value.PolicyValue(ModelConfig(**LM), 'head')
-  return model, nn.meta.unbox(policy_value.init_params(model)(jax.random.key(seed)))
+  return model, nn.meta.unbox(jax.jit(policy_value.init_params(model))(jax.random.key(seed)))
 
 
-def row_forward(lm_params, prompt, response):
-  """(logits [n, V], final hidden states [n, D]) float64 at the n columns that predict
-  `response`: one row alone, unpadded, positions 0.. from BOS, every token in one segment
-  (none of the batch's padding or layout code)."""
+def rows_forward(lm_params, prompts, responses):
+  """Per row i, (logits [n_i, V], final hidden states [n_i, D]) float64 at the columns that
+  predict responses[i]. Each row is laid out on its own, unpadded in front: positions 0..
+  from BOS, every token in one segment, right-padded to a common width (causal attention
+  keeps the padding out of every earlier column), so none of the batch's left-padding or
+  layout code is involved."""
   from rlhf_jax.models.transformer import ModelConfig, Transformer
-  tokens = np.asarray([*prompt, *response], np.int32)[None]
-  t = tokens.shape[1]
-  out = Transformer(ModelConfig(**LM)).apply(
-      {'params': lm_params}, tokens, segment_ids=np.ones_like(tokens),
-      positions=np.arange(t, dtype=np.int32)[None], return_hidden=True)
-  cols = slice(len(prompt) - 1, t - 1)
-  return (np.asarray(out.logits[0, cols], np.float64), np.asarray(out.hidden[0, cols], np.float64))
+  seqs = [[*p, *r] for p, r in zip(prompts, responses)]
+  width = max(len(q) for q in seqs)
+  tokens = np.asarray([q + [3] * (width - len(q)) for q in seqs], np.int32)
+  out = jax.jit(lambda params, tokens: Transformer(ModelConfig(**LM)).apply(
+      {'params': params}, tokens, segment_ids=jnp.ones_like(tokens),
+      positions=jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), tokens.shape),
+      return_hidden=True))(lm_params, tokens)
+  logits, hidden = np.asarray(out.logits, np.float64), np.asarray(out.hidden, np.float64)
+  cols = [slice(len(p) - 1, len(p) - 1 + len(r)) for p, r in zip(prompts, responses)]
+  return [(logits[i, c], hidden[i, c]) for i, c in enumerate(cols)]
 
 
 def log_softmax64(z):
@@ -273,8 +280,9 @@ def test_update_metrics_and_entropy_bonus_match_numpy():
   kernel_grad = np.zeros(np.shape(params['policy']['logits']['kernel']))
   head_w = np.asarray(params['value_head']['kernel'], np.float64)[:, 0]
   head_b = float(np.asarray(params['value_head']['bias'])[0])
-  for i in range(b):
-    z, h = row_forward(params['policy'], PROMPTS[i], list(responses[i, :lengths[i]]))
+  forwards = rows_forward(params['policy'], PROMPTS,
+                          [list(responses[i, :lengths[i]]) for i in range(b)])
+  for i, (z, h) in enumerate(forwards):
     lsm = log_softmax64(z)
     p = np.exp(lsm)
     logp[i, :lengths[i]] = lsm[np.arange(lengths[i]), responses[i, :lengths[i]]]
@@ -403,8 +411,9 @@ def test_step_trains_on_the_sampler_log_probs_and_starts_at_zero_kl(monkeypatch)
   lengths = mask.sum(axis=1).astype(int)
   assert lengths.min() >= 1
   want = np.zeros(mask.shape)
-  for i, prompt in enumerate(PROMPTS):
-    z, _ = row_forward(params['policy'], prompt, list(response[i, :lengths[i]]))
+  forwards = rows_forward(params['policy'], PROMPTS,
+                          [list(response[i, :lengths[i]]) for i in range(len(PROMPTS))])
+  for i, (z, _) in enumerate(forwards):
     want[i, :lengths[i]] = log_softmax64(z)[np.arange(lengths[i]), response[i, :lengths[i]]]
   np.testing.assert_allclose(m['test/sampler_raw'], want, atol=2e-5)
   np.testing.assert_allclose(m['test/trainer_logp'], want, atol=2e-5)

@@ -1,7 +1,7 @@
 """Iterated RLHF rounds (configs/rlhf_rounds.py) from the session's SFT run, shortened:
 every artefact carries its lineage (round, producing policy, the comparisons the reward
-model saw), the per-round table is what the policy evaluation measures (the majority
-group's reward is the gold reward itself), a loop stopped mid-round resumes to the same
+model saw), the per-round table's gold and group rewards equal NumPy float64 rewards of the
+evaluation's own samples, a loop stopped mid-round resumes to the same
 numbers, and bad loop fields end with one error line."""
 import json
 import os
@@ -18,6 +18,46 @@ SHORT = ['--config=configs/rlhf_rounds.py:tiny', '--config.rounds.num=2',
 
 def rows(workdir) -> list[dict]:
   return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def numpy_group_rewards(policy_dir: str, rm_dir: str) -> dict:
+  """{'gold': mean gold reward, g: mean reward to annotator group g} in NumPy float64, of
+  the responses the loop's policy evaluation samples from policy_dir's newest checkpoint
+  (its evaluator's prompts and key on one device, under the world of a reward-model run of
+  the loop, whose config is the one the loop's Measure uses)."""
+  import jax
+  import ml_collections
+  from rlhf_jax import sharding
+  from rlhf_jax.stages.policy_eval import PolicyEvaluator
+  from rlhf_jax.train import runs
+  from rlhf_jax.world import setup as world_setup
+  config = runs.read_config(rm_dir)
+  world = world_setup.from_config(config)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  loaded = runs.load(policy_dir, mesh=mesh, mesh_config=config.mesh)
+  evaluator = PolicyEvaluator(
+      config=ml_collections.ConfigDict({'policy_eval': config.policy_eval.to_dict(),
+                                        'world': config.world.to_dict()}),
+      world=world, model=loaded.model, mesh=mesh, mesh_config=config.mesh,
+      param_shardings=loaded.param_shardings, ref_params=loaded.params, dp=1)
+  out = jax.device_get(evaluator.sampler.sample(loaded.params, evaluator.prompts,
+                                                evaluator.lengths, evaluator.key))
+  gold = world.gold
+  topics, harmful = np.asarray(gold.topics, np.float64), np.asarray(gold.harmful)
+  unit = lambda v: v / max(np.linalg.norm(v), 1e-9)
+
+  def reward(weights, prompt, response):
+    # mean token weight + topic * cos(prompt, response) + length * n - harm * [forbidden]
+    return (weights[response].mean() + gold.topic * unit(topics[prompt].sum(0)) @
+            unit(topics[response].sum(0)) + gold.length * len(response)
+            - gold.harm * float(harmful[response].any()))
+
+  rows = []
+  for prompt, response, mask in zip(evaluator.prompts, out.response, out.mask):
+    rows.append((prompt[prompt > 0], response[mask > 0]))
+  groups = np.asarray(world.pool.group_helpfulness, np.float64)
+  weights = {'gold': np.asarray(gold.helpfulness, np.float64), 0: groups[0], 1: groups[1]}
+  return {k: np.mean([reward(w, p, y) for p, y in rows]) for k, w in weights.items()}
 
 
 def test_rounds_lineage_metrics_and_resume(chain, run_cli, tmp_path):
@@ -46,8 +86,16 @@ def test_rounds_lineage_metrics_and_resume(chain, run_cli, tmp_path):
   table = rows(workdir)
   assert [r['step'] for r in table] == [0, 1, 2]
   assert abs(table[0]['rounds/kl_sft']) < 1e-4  # the base policy against itself
-  for r in table:
-    assert r['rounds/group0_reward'] == pytest.approx(r['rounds/gold_reward'], abs=1e-5)
+  # The base policy's and the last policy's rows against NumPy float64 rewards of the very
+  # samples the loop's evaluation drew (gold, and each annotator group's helpfulness
+  # weights from the pool); matching gold first shows the samples are the same.
+  for step, policy_dir in ((0, chain['sft']), (2, str(workdir / 'round_1' / 'policy'))):
+    want = numpy_group_rewards(policy_dir, str(workdir / 'round_0' / 'rm'))
+    row = table[step]
+    assert row['rounds/gold_reward'] == pytest.approx(want['gold'], abs=1e-5)
+    for g in (0, 1):
+      assert row[f'rounds/group{g}_reward'] == pytest.approx(want[g], abs=1e-5)
+    assert abs(want[1] - want['gold']) > 0.01  # the minority's weights tell here
   for r in table[1:]:
     assert 0 <= r['rounds/rm_drift_gold_accuracy'] <= 1 and 'rounds/proxy_reward' in r
     # Reward model r's own held-out figure is the last one its run logged.
