@@ -78,6 +78,21 @@ def reward_run(chain, tmp_path_factory):
   return workdir
 
 
+# Fixtures that train real runs (of any test module): a test that needs one is an
+# end-to-end test.
+SLOW_FIXTURES = ('chain', 'reward_run', 'finished_run', 'world_lm', 'uninterrupted', 'world_run',
+                 'trained', 'ttt_run', 'grid_root', 'reference')
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks `slow` every test that uses a fixture of SLOW_FIXTURES (the chain alone takes
+  minutes), besides the tests marked by hand, so that the quick check (-m 'not slow')
+  never starts the chain."""
+  for item in items:
+    if any(name in getattr(item, 'fixturenames', ()) for name in SLOW_FIXTURES):
+      item.add_marker(pytest.mark.slow)
+
+
 # -- helpers shared by test modules (`from conftest import ...`) ----------------------------
 
 def load_config(name: str = 'pretrain', variant: str = 'tiny'):

@@ -167,6 +167,7 @@ def test_soft_bradley_terry_matches_float64_and_y1_is_the_old_loss():
   np.testing.assert_allclose(g, 1 / (1 + np.exp(-d)) - y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_reward_step_trains_on_the_soft_label():
   """train/loss of the step is the weighted mean soft-label loss of the model's rewards
   (NumPy, float64); all-ones labels give exactly the loss of a batch without labels."""

@@ -9,7 +9,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, cli_env
+
+pytestmark = pytest.mark.slow  # each test runs a benchmark end to end
 
 
 def run(module, *args):

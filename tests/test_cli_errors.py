@@ -124,6 +124,7 @@ def test_unwritable_workdir(run_cli, tmp_path):
   assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_workdir_with_a_different_config(run_cli, tmp_path):
   workdir = tmp_path / 'run'
   first = run_cli(CONFIG, f'--workdir={workdir}', *SMALL, '--config.train.steps=2')
@@ -244,6 +245,7 @@ def test_corrupt_checkpoint_of_an_input_run(run_cli, tmp_path, finished_run):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_the_last_finite_checkpoint(run_cli, tmp_path):
   # Without clipping, an lr of 1e30 makes the first update's parameters ~1e30, whose
   # gradients overflow to NaN on the next step (the loss there is still finite).

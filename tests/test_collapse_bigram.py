@@ -230,6 +230,7 @@ def test_sampler_matches_model_probabilities(temperature):
   assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
 
 
+@pytest.mark.slow
 def test_collapse_claims_on_the_world():
   """5 generations, M = 256 rows each, 64 seeds (vmapped; paired differences over seeds).
 
@@ -263,6 +264,7 @@ def test_collapse_claims_on_the_world():
   np.testing.assert_array_equal(np.asarray(accumulate.data_rows)[0], 256 * np.arange(1, 6))
 
 
+@pytest.mark.slow
 def test_mix_schedule_and_text_pool():
   """mix_fraction = 1 trains every generation on fresh real rows, so there is no collapse;
   a text pool (no true language) gives NaN true KL and finite other metrics."""
@@ -284,6 +286,7 @@ def test_mix_schedule_and_text_pool():
   assert 0.5 * pool_counts.sum() / 300 < trace.data_mean_length[0] < 2 * pool_counts.sum() / 300
 
 
+@pytest.mark.slow
 def test_vmap_equals_a_loop_over_seeds_and_rows_for_csv():
   keys = jax.random.split(jax.random.key(8), 3)
   # Every option that changes the traced program at once: the fresh real rows of mix,
@@ -347,6 +350,7 @@ def test_mle_fit_equals_counts_over_row_totals():
   np.testing.assert_allclose(xent, numpy_conditional_entropy(counts), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mle_run_refits_each_generation_on_its_own_samples():
   """One seed replayed with the module's keys (module doc, RNG): model 0 is the float64
   counts / row totals of the real rows (rows without data uniform over the emittable

@@ -134,6 +134,7 @@ def test_lineage_metrics_and_resume(world_lm, run_cli, tmp_path):
   np.testing.assert_array_equal(rows_of(gen / 'samples'), rows_of(workdir / 'gen_4' / 'samples'))
 
 
+@pytest.mark.slow
 def test_true_kl_and_perplexity_match_the_pretraining_evaluator(run_cli, tmp_path):
   workdir = tmp_path / 'small'
   result = run_cli(*SMALL, f'--workdir={workdir}')
@@ -148,6 +149,7 @@ def test_true_kl_and_perplexity_match_the_pretraining_evaluator(run_cli, tmp_pat
     assert row['collapse/perplexity'] == pytest.approx(final['eval/perplexity'], rel=2e-5)
 
 
+@pytest.mark.slow
 def test_mix_trains_on_fresh_real_and_samples(run_cli, tmp_path):
   schedule = 'mix'
   workdir = tmp_path / schedule
@@ -166,6 +168,7 @@ def test_mix_trains_on_fresh_real_and_samples(run_cli, tmp_path):
   assert [r['collapse/data_real_rows'] for r in rows] == [96, 24, 24]
 
 
+@pytest.mark.slow
 def test_text_corpus_has_no_true_kl(run_cli, tmp_path):
   corpus = tmp_path / 'corpus'
   corpus.mkdir()

@@ -134,6 +134,7 @@ def test_single_seed_gaussian_fits_equal_float64_refits():
 
 
 @pytest.mark.parametrize('schedule', ct.SCHEDULES)
+@pytest.mark.slow
 def test_mle_bigram_bos_row_is_iterated_categorical_fitting(schedule):
   """The bigram engine mle (loops/collapse_bigram.py) on a 10-token world, M rows of BOS and
   one token. Every row starts with BOS once, so each generation refits the BOS row on exactly
@@ -235,6 +236,7 @@ def test_single_seed_regression_fits_equal_float64_stacked_ols():
       np.testing.assert_allclose(fits.error[-1], ((w - w_star) ** 2).sum(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_equals_one_seed_at_a_time():
   keys = jax.random.split(jax.random.key(5), 3)
   for make in (gaussian, regression):
@@ -244,8 +246,11 @@ def test_vmap_equals_one_seed_at_a_time():
       single = jax.jit(run)
       for i in range(3):
         one = single(keys[i])
+        # Equal to float32 rounding, not bitwise: XLA may pick another kernel (and so
+        # another summation order) for a batched solve than for one seed's.
         for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(one)):
-          np.testing.assert_array_equal(np.asarray(got)[i], np.asarray(want))
+          np.testing.assert_allclose(np.asarray(got)[i], np.asarray(want), rtol=1e-5,
+                                     atol=1e-6)
 
 
 def test_plot_theory_writes_png(tmp_path):

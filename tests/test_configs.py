@@ -110,6 +110,7 @@ def test_param_formula_beyond_the_defaults(overrides):
   assert model_config.num_params() == counted_params(model_config)
 
 
+@pytest.mark.slow
 def test_tiny_runs_end_to_end_and_learns(run_cli, tmp_path):
   workdir = tmp_path / 'run'
   result = run_cli('--config=configs/pretrain.py:tiny', f'--workdir={workdir}')

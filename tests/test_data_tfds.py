@@ -160,6 +160,7 @@ def test_missing_data_dir_and_unprepared_dataset(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_pretrains_on_tfds(data_dir, run_cli, tmp_path):
   """End to end from the command line: a fresh process reads the prepared files by name."""
   import json

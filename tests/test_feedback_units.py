@@ -61,6 +61,7 @@ def _lm_params(model):
                                   positions=ids)['params'])
 
 
+@pytest.mark.slow
 def test_sft_batch_loss_is_the_response_score():
   """The SFT batch's weighted log-probs equal the sampler's teacher-forced scores of the
   responses: the loss covers exactly the response tokens, with the sampler's layout."""
@@ -90,6 +91,7 @@ def _pair_batch(b=4, p=4, r=5, seed=0):
                    ref_rejected=rng.normal(size=b).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_dpo_step_loss_matches_numpy():
   model = Transformer(CFG)
   batch = _pair_batch()
@@ -109,6 +111,7 @@ def test_dpo_step_loss_matches_numpy():
   assert float(metrics['dpo/margin']) == pytest.approx(0.5 * h.mean(), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_members_train_independently():
   """Member k's update depends on member k alone: training a 2-member ensemble equals
   training each member as a 1-member ensemble."""
@@ -128,6 +131,7 @@ def test_ensemble_members_train_independently():
       np.testing.assert_allclose(x[0], y[k], rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_ensemble_members_clip_their_own_gradients():
   """With the reward-model stage's own optimiser (runs.optimizer of configs/reward_model.py,
   clip_norm small enough to clip every member at every step), 3 members trained together

@@ -49,6 +49,7 @@ def records(workdir) -> list[dict]:
           for l in open(workdir / 'metrics.jsonl')]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   run_processes(one, processes=1, devices=8)

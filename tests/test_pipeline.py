@@ -22,6 +22,7 @@ def records(path) -> list[dict]:
   return [json.loads(l) for l in open(os.path.join(path, 'metrics.jsonl'))]
 
 
+@pytest.mark.slow
 def test_pipeline_chains_stages_and_summarises_them(run_cli, tmp_path):
   workdir = tmp_path / 'pipe'
   result = run_cli(*SHORT, f'--workdir={workdir}')

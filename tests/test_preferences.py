@@ -41,6 +41,7 @@ def labelled():
   return raw, pairs, pool
 
 
+@pytest.mark.slow
 def test_pairs_are_the_policy_samples_ordered_by_the_label(labelled):
   raw, pairs, _ = labelled
   assert len(raw['prompts']) == 600  # 200 prompts x 3 pairs (k = 3)

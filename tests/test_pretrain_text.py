@@ -5,6 +5,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.data.text_files import read_text_documents
@@ -34,6 +35,7 @@ def unigram_entropy(workdir, corpus) -> float:
   return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_text_pretraining_learns_the_corpus(run_cli, tmp_path):
   corpus = tmp_path / 'corpus.txt'
   write_corpus(corpus)
@@ -69,6 +71,7 @@ def test_text_pretraining_learns_the_corpus(run_cli, tmp_path):
   assert said and sum(w in words for w in said) >= 0.8 * len(said), texts
 
 
+@pytest.mark.slow
 def test_invalid_bytes_are_reported_in_metrics_and_the_first_line(run_cli, tmp_path):
   """Two text files with 4 and 3 bytes that are not UTF-8, and a binary file: step 0 of
   metrics.jsonl and the run's first line say 7 bytes replaced and 1 file skipped."""

@@ -51,6 +51,7 @@ def small_config(steps: int):
   return config
 
 
+@pytest.mark.slow
 def test_crash_in_process_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
   from rlhf_jax.data.world_source import WorldSource
   from rlhf_jax.stages import pretrain
@@ -287,6 +288,7 @@ def cosine_lr(t: int, *, total: int, optim) -> float:
   return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w)))
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run(tmp_path, capsys, run_cli):
   from rlhf_jax.stages import dispatch, pretrain
   n = 4

@@ -32,6 +32,7 @@ from rlhf_jax.train import ppo_step, runs
 from rlhf_jax.train.reward_step import response_sequences
 
 
+@pytest.mark.slow
 def test_proxy_reward_matches_numpy():
   cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, d_ff=64)
   model = reward_model.ensemble(cfg, 3, 'mean')

@@ -175,6 +175,7 @@ def _small(config, *, mesh_data: int, mesh_tensor: int):
   return config
 
 
+@pytest.mark.slow
 def test_sharded_selfplay_and_training_match_one_device():
   """Games along the data axis of 8 devices against the same batch unsharded (8 devices
   on the tensor axis, where nothing here is split): equal games, equal updates, equal

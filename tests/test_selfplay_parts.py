@@ -32,6 +32,7 @@ def trajectory(ttt):
   return jax.device_get(jax.jit(selfplay)(params, jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_selfplay_records_legal_games_and_their_true_outcomes(trajectory):
   """Replays every recorded game in Python: each move is legal, each observation is the
   board from the mover's side, the game stops exactly at its end, and the value target of

@@ -156,6 +156,7 @@ def pgx_states():
   return env, jax.jit(_random_states, static_argnums=(0, 2))(env, jax.random.key(1), 500)
 
 
+@pytest.mark.slow
 def test_table_player_through_pgx_states(pgx_states):
   _, state = pgx_states
   actions = jax.jit(lambda o: minimax.table_action(observation=o))(state.observation)
@@ -188,6 +189,7 @@ def _win_in_one(env, copies):
   return jax.tree.map(lambda x: jnp.stack([x] * copies), state)
 
 
+@pytest.mark.slow
 def test_search_never_plays_an_illegal_move_and_finds_a_win(pgx_states):
   env, random_states = pgx_states
   wins = 12
