@@ -80,6 +80,7 @@ def make_model(attention: str, block: int = 4):
   return model, nn.meta.unbox(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['xla', 'dot_product_attention'])
 def test_packed_documents_do_not_see_each_other(attention):
   """Row 2 packs three documents with positions restarting at 0; each document's logits
