@@ -269,3 +269,38 @@ def test_non_finite_loss_stops_at_the_last_finite_checkpoint(run_cli, tmp_path):
     record = json.loads(line)
     assert record['step'] < failed_at
     assert all(math.isfinite(v) for v in record.values()), record
+
+
+def test_reports_of_abandoned_reads_are_dropped_for_every_future_class():
+  """asyncio names the future's class in its report: a gather's is `_GatheringFuture`."""
+  import asyncio
+  import gc
+  import logging
+  from rlhf_jax.train import checkpoint
+  seen = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage().split('\n', 1)[0])
+
+  log = logging.getLogger('asyncio')
+  keep = Keep()
+  log.addHandler(keep)
+  try:
+    checkpoint._collect_abandoned_reads()  # installs the filter, as a failed restore does
+    loop = asyncio.new_event_loop()
+
+    async def fail():
+      raise ValueError('OUT_OF_RANGE: a truncated chunk')
+
+    async def abandon():
+      asyncio.gather(fail(), fail())  # both fail; nobody retrieves the gather's result
+      await asyncio.sleep(0.01)
+
+    loop.run_until_complete(abandon())
+    loop.close()
+    gc.collect()
+    log.error('an unrelated asyncio error')
+  finally:
+    log.removeHandler(keep)
+  assert seen == ['an unrelated asyncio error']

@@ -59,9 +59,10 @@ class _AbandonedReadsFilter(logging.Filter):
   """Drops asyncio's reports of the tasks a failed orbax restore abandoned."""
 
   def filter(self, record) -> bool:
-    message = record.getMessage()
-    return not (message.startswith('Task exception was never retrieved') or
-                message.startswith('Task was destroyed but it is pending'))
+    # The first line names the future's class: Task, or _GatheringFuture for a gather.
+    first = record.getMessage().split('\n', 1)[0]
+    return not (first.endswith(' exception was never retrieved') or
+                first.endswith(' was destroyed but it is pending!'))
 
 
 # The barrier that ends orbax's CheckpointManager.restore in every process (orbax
