@@ -5,6 +5,7 @@ module imports jax. CLI tests run the package in subprocesses with a plain envir
 (one device) unless they ask for more.
 """
 import os
+import shutil
 import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -16,7 +17,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # the devices and the XLA flags, so a hit is the very executable a fresh compile would give.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import atexit
-  import shutil
   import tempfile
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rlhf_jax_xla_cache_')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
@@ -58,24 +58,45 @@ def _run_stage(config: str, workdir: str, *overrides: str) -> None:
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+def shared_dir(tmp_path_factory, name: str, build) -> str:
+  """A directory `build(path)` fills once per test session. Under pytest-xdist every worker
+  asks for it: the first to take the lock in the session's common temp root builds it, the
+  others wait there and reuse it (a build that failed part-way is started over)."""
+  import filelock
+  if 'PYTEST_XDIST_WORKER' not in os.environ:
+    path = tmp_path_factory.mktemp(name)
+    build(path)
+    return str(path)
+  common = tmp_path_factory.getbasetemp().parent
+  path = common / name
+  with filelock.FileLock(str(common / f'{name}.lock')):
+    if not (path / '.built').exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      build(path)
+      (path / '.built').write_text('done\n')
+  return str(path)
+
+
 @pytest.fixture(scope='session')
 def chain(tmp_path_factory):
   """Pretrain and SFT runs (tiny, defaults) that the later stages start from, made once
   per test session."""
-  root = tmp_path_factory.mktemp('chain')
-  dirs = {name: str(root / name) for name in ('pretrain', 'sft')}
-  _run_stage('configs/pretrain.py:tiny', dirs['pretrain'])
-  _run_stage('configs/sft.py:tiny', dirs['sft'], f'--config.init.run={dirs["pretrain"]}')
-  return dirs
+  def build(root):
+    _run_stage('configs/pretrain.py:tiny', str(root / 'pretrain'))
+    _run_stage('configs/sft.py:tiny', str(root / 'sft'),
+               f'--config.init.run={root / "pretrain"}')
+  root = shared_dir(tmp_path_factory, 'chain', build)
+  return {name: os.path.join(root, name) for name in ('pretrain', 'sft')}
 
 
 @pytest.fixture(scope='session')
 def reward_run(chain, tmp_path_factory):
   """A tiny reward model (defaults, 150 steps) on the chain's SFT run."""
-  workdir = str(tmp_path_factory.mktemp('rm') / 'rm')
-  _run_stage('configs/reward_model.py:tiny', workdir, f'--config.init.run={chain["sft"]}',
-             '--config.train.steps=150')
-  return workdir
+  def build(root):
+    _run_stage('configs/reward_model.py:tiny', str(root / 'rm'),
+               f'--config.init.run={chain["sft"]}', '--config.train.steps=150')
+  return os.path.join(shared_dir(tmp_path_factory, 'rm', build), 'rm')
 
 
 # Fixtures that train real runs (of any test module): a test that needs one is an
