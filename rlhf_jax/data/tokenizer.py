@@ -50,6 +50,12 @@ class Tokenizer:
     specials = (self.pad_id, self.bos_id, self.eos_id)
     return self._sp.decode([int(i) for i in ids if int(i) not in specials])
 
+  def pieces(self) -> list[str]:
+    """Each id's piece as sentencepiece spells it: U+2581 stands for a space, '<0xNN>'
+    for a byte-fallback byte; ids 0..3 are the specials' names. Verifiers that read
+    characters out of token ids build their tables from this."""
+    return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 def _check_specials(model_path: str, processor: spm.SentencePieceProcessor):
   found = (processor.pad_id(), processor.bos_id(), processor.eos_id(),
