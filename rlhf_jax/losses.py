@@ -51,12 +51,15 @@ def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, tau: float)
           - 1.0 / (2.0 * tau)) ** 2
 
 
-def ppo_policy_loss(logp, old_logp, advantages, *, clip: float) -> jax.Array:
-  """Per-token clipped surrogate max(-A r, -A clip(r, 1-clip, 1+clip)), r = exp(logp -
-  old_logp) (Schulman et al. 2017); all inputs the same shape."""
+def ppo_policy_loss(logp, old_logp, advantages, *, clip: float,
+                    clip_high: float | None = None) -> jax.Array:
+  """Per-token clipped surrogate max(-A r, -A clip(r, 1-clip, 1+clip_high)), r = exp(logp -
+  old_logp) (Schulman et al. 2017); all inputs the same shape. clip_high (None: = clip)
+  above clip is DAPO's clip-higher (Yu et al. 2025): room for unlikely tokens to grow."""
+  high = clip if clip_high is None else clip_high
   ratio = jnp.exp(logp - old_logp)
   return jnp.maximum(-advantages * ratio,
-                     -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip))
+                     -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + high))
 
 
 def ppo_value_loss(values, old_values, returns, *, clip: float) -> jax.Array:

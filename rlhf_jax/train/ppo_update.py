@@ -70,14 +70,48 @@ def token_rewards(rollout: Rollout, kl_coef):
   return -kl_coef * log_ratio + rollout.score[:, None] * last_token(rollout.mask), log_ratio
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
+  """Mean of x over the entries where mask is 1 (0 for an empty mask)."""
   return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def explained_variance(values, returns, mask):
   """1 - Var(returns - values) / Var(returns) over the masked tokens."""
-  var = lambda x: _masked_mean((x - _masked_mean(x, mask)) ** 2, mask)
+  var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)
   return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+def minibatch_updates(params, opt_state, key, *, loss_fn: Callable,
+                      tx: optax.GradientTransformation, rows: int, epochs: int,
+                      minibatches: int, active=None):
+  """(params, opt_state, per-update aux with leading axes [epochs, minibatches]) after
+  `epochs` passes, each over `minibatches` shuffled minibatches of rows // minibatches
+  rows (a remainder sits out each pass, a different one each time), one optimiser update
+  per minibatch, all in one lax.scan.
+
+  loss_fn(params, idx [size] int) -> (loss, aux dict). With active [rows] given, a
+  minibatch without an active row leaves params and opt_state as they were: its gradient
+  is zero, but Adam's momentum would still move the params.
+  """
+  size = rows // minibatches
+
+  def minibatch(carry, idx):
+    params, opt_state = carry
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, idx)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), opt_state)
+    if active is not None:
+      keep = active[idx].sum() > 0
+      new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry)
+    return new, {**aux, 'train/grad_norm': optax.tree.norm(grads)}
+
+  def epoch(carry, k):
+    order = jax.random.permutation(k, rows)[:minibatches * size]
+    return jax.lax.scan(minibatch, carry, order.reshape(minibatches, size))
+
+  (params, opt_state), per_update = jax.lax.scan(
+      epoch, (params, opt_state), jax.random.split(key, epochs))
+  return params, opt_state, per_update
 
 
 def update(params, opt_state, rollout: Rollout, key, *, apply_fn: Callable,
@@ -94,43 +128,32 @@ def update(params, opt_state, rollout: Rollout, key, *, apply_fn: Callable,
   if config.whiten:
     adv = advantages.whiten(adv, mask)
   rows = mask.shape[0]
-  size = rows // config.minibatches
 
   def loss_fn(params, idx):
     m = mask[idx]
     logp, values, ent = apply_fn(params, jax.tree.map(lambda x: x[idx], rollout.inputs))
-    policy = _masked_mean(losses.ppo_policy_loss(logp, rollout.logp[idx], adv[idx],
-                                                 clip=config.clip), m)
-    value = _masked_mean(losses.ppo_value_loss(values, rollout.values[idx], returns[idx],
-                                               clip=config.value_clip), m)
-    entropy = _masked_mean(ent, m)
+    policy = masked_mean(losses.ppo_policy_loss(logp, rollout.logp[idx], adv[idx],
+                                                clip=config.clip), m)
+    value = masked_mean(losses.ppo_value_loss(values, rollout.values[idx], returns[idx],
+                                              clip=config.value_clip), m)
+    entropy = masked_mean(ent, m)
     log_r = logp - rollout.logp[idx]
     aux = {'ppo/policy_loss': policy, 'ppo/value_loss': value, 'ppo/entropy': entropy,
-           'ppo/clip_fraction': _masked_mean(
+           'ppo/clip_fraction': masked_mean(
                (jnp.abs(jnp.expm1(log_r)) > config.clip).astype(jnp.float32), m),
            # k3 estimator of KL(old || new): (r - 1) - log r, r = new / old
-           'ppo/approx_kl': _masked_mean(jnp.expm1(log_r) - log_r, m)}
+           'ppo/approx_kl': masked_mean(jnp.expm1(log_r) - log_r, m)}
     loss = policy + config.value_coef * value - config.entropy_coef * entropy
     return loss, {'train/loss': loss, **aux}
 
-  def minibatch(carry, idx):
-    params, opt_state = carry
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, idx)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), {
-        **aux, 'train/grad_norm': optax.tree.norm(grads)}
-
-  def epoch(carry, k):
-    order = jax.random.permutation(k, rows)[:config.minibatches * size]
-    return jax.lax.scan(minibatch, carry, order.reshape(config.minibatches, size))
-
-  (params, opt_state), per_update = jax.lax.scan(
-      epoch, (params, opt_state), jax.random.split(key, config.epochs))
+  params, opt_state, per_update = minibatch_updates(
+      params, opt_state, key, loss_fn=loss_fn, tx=tx, rows=rows, epochs=config.epochs,
+      minibatches=config.minibatches)
   metrics = jax.tree.map(jnp.mean, per_update)
   metrics.update({
       'ppo/explained_variance': explained_variance(rollout.values, returns, mask),
-      'ppo/return': _masked_mean(returns, mask),
-      'ppo/value': _masked_mean(rollout.values, mask),
+      'ppo/return': masked_mean(returns, mask),
+      'ppo/value': masked_mean(rollout.values, mask),
       'rl/kl': log_ratio.sum(axis=1).mean(),
       'rl/score': rollout.score.mean(),
       'rl/kl_coef': jnp.asarray(kl_coef, jnp.float32),
