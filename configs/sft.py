@@ -13,13 +13,16 @@ Variants:
              Expected (from a default pretrain.py:tiny run): policy/gold_reward rises
              from -0.47 (the pretrained policy, step 0) to 0.34 at step 300, towards
              sft/demo_gold_reward 0.70, at a policy/kl_ref of 0.8 nats (one seed).
+  task_tiny  the warm start for RL against a verifier (configs/grpo.py:tiny): 512 solved
+             traces of the task in the `task` block (default sum_mod), none of them an
+             eval problem; 200 steps. eval/* reports pass@k on GRPO's held-out problems.
   small      for a pretrain.py:small run (init.run=runs/pretrain_small).
 
 Any leaf can be overridden: --config.init.run=DIR --config.sft.samples_per_prompt=16.
 """
 import ml_collections
 
-from rlhf_jax.config import feedback_config
+from rlhf_jax.config import feedback_config, task_block
 
 
 def get_config(arg: str = 'tiny'):
@@ -37,6 +40,10 @@ def get_config(arg: str = 'tiny'):
   config.train.update(steps=300, batch_size=32, log_every=25, eval_every=100, ckpt_every=100)
   if arg == 'tiny':
     pass
+  elif arg == 'task_tiny':  # the warm start of configs/grpo.py:tiny
+    config.task = task_block()
+    config.sft.update(num_prompts=512, max_new_tokens=16, eval_prompts=128, eval_samples=8)
+    config.train.update(steps=200, eval_every=100, ckpt_every=100)
   elif arg == 'small':
     config.init.run = 'runs/pretrain_small'
     config.sft.update(num_prompts=8192, prompt_len=32, max_new_tokens=128)
@@ -44,5 +51,6 @@ def get_config(arg: str = 'tiny'):
     config.train.update(steps=1000, batch_size=32, eval_every=200, ckpt_every=200)
     config.optim.update(lr=3e-4, warmup_steps=50)
   else:
-    raise ValueError(f'unknown variant {arg!r} of configs/sft.py; choose tiny or small')
+    raise ValueError(f'unknown variant {arg!r} of configs/sft.py; choose tiny, task_tiny or '
+                     'small')
   return config

@@ -211,6 +211,16 @@ def task_block() -> ml_collections.ConfigDict:
       table_size=4,            # lookup: key -> key pairs in the prompt (one cycle)
       num_symbols=8,           # lookup: keys drawn from [0, num_symbols)
       max_hops=2,              # lookup: hops drawn from [1, max_hops]; trace: the hops' keys
+      # text (tasks/text_tasks.py): 'arithmetic_text' | 'jsonl', in the init run's tokens
+      match='exact',           # text: 'exact' (the answer's tokens) | 'numeric' (its value)
+      marker='####',           # text: the answer marker, GSM8K's
+      answer_width=0,          # text: most answer tokens; 0: from the answers (numeric: +4)
+      num_terms=2,             # arithmetic_text: operands per problem, left to right
+      min_operand=0,           # arithmetic_text: operands drawn from [min, max]
+      max_operand=99,
+      ops='+-',                # arithmetic_text: operators drawn from these ('+-*')
+      path='',                 # jsonl: a local file of {"prompt", "answer"} lines
+      prompt_len=64,           # jsonl: prompt width, BOS included; a longer prompt: error
   ))
 
 
@@ -276,10 +286,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"data.source={source!r} is not one of 'world', 'text:PATH', 'tfds:NAME'")
   if source.partition(':')[2] == '' and source != 'world':
     raise UserError(f'data.source={source!r} names no path or dataset after the colon')
-  if 'task' in config:
-    # Imported here: config.py stays free of jax for the scripts that only read configs.
-    from rlhf_jax import tasks
-    tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
+  # A task block is checked by the stage's resolve(), against the world of its init run.
   if 'init' in config:
     _validate_feedback(config)
 

@@ -308,9 +308,8 @@ def test_special_tokens_sit_at_the_top_of_any_vocabulary():
 
 
 def validate_with(name, **fields):
-  config = config_lib.base_config('grpo')
-  config.task = task_config(name, **fields)
-  config_lib.validate(config)
+  """The check a stage's resolve() runs once it has its init run's world."""
+  tasks.validate(task_config(name, **fields), world_vocab_size=V)
 
 
 @pytest.mark.parametrize('name,fields,message', [

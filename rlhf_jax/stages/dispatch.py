@@ -12,6 +12,7 @@ STAGES = {
     'reward_model': 'rlhf_jax.stages.reward_model',
     'dpo': 'rlhf_jax.stages.dpo',
     'ppo': 'rlhf_jax.stages.ppo',
+    'grpo': 'rlhf_jax.stages.grpo',
     'pipeline': 'rlhf_jax.loops.pipeline',
     'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
     'collapse': 'rlhf_jax.loops.collapse',

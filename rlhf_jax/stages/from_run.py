@@ -1,9 +1,13 @@
 """What every stage that starts from an earlier run needs: the mesh, the world, the earlier
 run's model loaded onto the mesh, the optimiser, and a step-0 state from given params."""
+import os
+
 import jax
 import numpy as np
 
 from rlhf_jax import sharding
+from rlhf_jax.data import corpus
+from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import runs
 from rlhf_jax.train.state import abstract_sharded, make_schedule
@@ -26,7 +30,9 @@ def resolve(config) -> None:
 class FromRun:
   """mesh, dp (data-parallel size), world, init (the earlier run, loaded), tx, schedule."""
 
-  def __init__(self, config, *, rows_per_step: int):
+  def __init__(self, config, *, rows_per_step: int, updates_per_step: int = 1):
+    """updates_per_step: optimiser updates a train step takes (RL stages take several on
+    one batch of rollouts), so that the lr schedule spans all of them."""
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh)
     self.dp = sharding.data_parallel_size(self.mesh, config.mesh)
@@ -36,8 +42,9 @@ class FromRun:
     self.world = world_setup.from_config(config)
     self.init = runs.load(config.init.run, mesh=self.mesh, mesh_config=config.mesh,
                           step=config.init.step, role='init.run')
-    self.tx = runs.optimizer(config)
-    self.schedule = make_schedule(config.optim, config.train.steps)
+    updates = config.train.steps * updates_per_step
+    self.tx = runs.optimizer(config, updates=updates)
+    self.schedule = make_schedule(config.optim, updates)
     self.rng = jax.random.key_data(jax.random.key(config.seed))
     self.batch_sharding = sharding.batch_sharding(self.mesh, config.mesh)
 
@@ -56,6 +63,12 @@ class FromRun:
     with sharding.activate(self.mesh, self.config.mesh):
       state = state_from_params(params, tx=self.tx, rng=self.rng, shardings=shardings)
     return state, shardings
+
+  def tokenizer(self):
+    """The init run's sentencepiece tokenizer (a run on a text corpus keeps it in its
+    workdir), or None for a run on the world."""
+    path = os.path.join(self.init.workdir, corpus.TOKENIZER_FILE)
+    return tokenizer_lib.load_tokenizer(model_path=path) if os.path.exists(path) else None
 
   def lineage(self) -> dict:
     return {'init_run': self.init.workdir, 'init_step': self.init.step}

@@ -13,13 +13,23 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sampling, sharding
+from rlhf_jax import sampling, sharding, tasks
 from rlhf_jax.data import array_store, demos
 from rlhf_jax.data.batch import prompt_response_batch
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
-from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
+from rlhf_jax.stages import from_run, grpo, task_eval
+from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
+from rlhf_jax.stages.task_eval import TaskEvaluator
 from rlhf_jax.train import lm_step, loop
+
+
+def resolve(config) -> None:
+  """As from_run.resolve; with a task block (a warm start for RL against a verifier), its
+  sizes are then checked against the init run's world."""
+  from_run.resolve(config)
+  if 'task' in config:
+    tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
 
 
 def make_demos(setup: FromRun, config, *, workdir: str):
@@ -40,6 +50,37 @@ def make_demos(setup: FromRun, config, *, workdir: str):
   return array_store.read_or_make(os.path.join(workdir, 'demos'), demos.FIELDS, make)
 
 
+TASK_FIELDS = ('prompts', 'prompt_lengths', 'response', 'mask', 'answers', 'answer_lengths',
+               'prompt_id')
+
+
+def make_task_demos(setup: FromRun, config, task, *, workdir: str):
+  """The warm start for RL against a verifier: solved traces of the task's problems
+  (Task.solutions), every one checked by the task's own verifier before it is kept."""
+  s = config.sft
+
+  def make():
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x7A5D)
+    batch = task_eval.without_held_out(
+        task.make_prompts(key=jax.random.fold_in(key, 0), num=s.num_prompts),
+        task_eval.held_out_problems(task, seed=config.world.seed, num_prompts=s.eval_prompts,
+                                    dp=setup.dp))
+    response, mask = task.solutions(batch, key=jax.random.fold_in(key, 1),
+                                    response_len=s.max_new_tokens)
+    solved = np.asarray(task.verify(batch.answers, batch.answer_lengths, response, mask))
+    if not (solved == 1.0).all():
+      raise AssertionError(f'task {task.name}: {int((solved != 1.0).sum())} of its own '
+                           'solutions fail its verifier')
+    arrays = dict(prompts=np.asarray(batch.prompts), prompt_lengths=np.asarray(
+        batch.prompt_lengths), response=np.asarray(response), mask=np.asarray(mask),
+                  answers=np.asarray(batch.answers),
+                  answer_lengths=np.asarray(batch.answer_lengths),
+                  prompt_id=np.arange(len(response), dtype=np.int32))
+    return arrays, {**setup.lineage(), 'scheme': f'solved traces of task {task.name}',
+                    'demos': len(response), 'held_out_for_eval': s.num_prompts - len(response)}
+  return array_store.read_or_make(os.path.join(workdir, 'demos'), TASK_FIELDS, make)
+
+
 class HeldOutLoss:
   """Mean response-token cross-entropy on the held-out demonstrations."""
 
@@ -54,9 +95,16 @@ class HeldOutLoss:
 
 
 def run(config, *, workdir: str) -> None:
+  s = config.sft
   setup = FromRun(config, rows_per_step=config.train.batch_size // config.optim.grad_accum)
+  task = None
+  if 'task' in config:  # a warm start for RL against the task's verifier
+    task = grpo.make_task(config, setup, max_new_tokens=config.sft.max_new_tokens)
   config_lib.write_or_check(config, workdir)
-  data, lineage = make_demos(setup, config, workdir=workdir)
+  if task is not None:
+    data, lineage = make_task_demos(setup, config, task, workdir=workdir)
+  else:
+    data, lineage = make_demos(setup, config, workdir=workdir)
 
   def make_batch(rows, valid):
     batch = prompt_response_batch(data['prompts'][rows], data['prompt_lengths'][rows],
@@ -80,13 +128,21 @@ def run(config, *, workdir: str) -> None:
                           out_shardings=setup.batch_sharding)
   put = lambda b: jax.device_put(b, setup.batch_sharding)
   held_out = HeldOutLoss(source.eval_batches(), eval_logprobs, put)
-  policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
-                           mesh_config=config.mesh, param_shardings=shardings.params,
-                           ref_params=setup.init.params, dp=setup.dp)
+  if task is None:
+    policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
+                             mesh_config=config.mesh, param_shardings=shardings.params,
+                             ref_params=setup.init.params, dp=setup.dp)
+    static = {'sft/demo_gold_reward': float(np.mean(data['gold'])),
+              'sft/sample_gold_reward': float(np.mean(data['sample_gold']))}
+  else:  # the problems and numbers GRPO's eval/* reports, so its step 0 continues these
+    policy = TaskEvaluator(task=task, seed=config.world.seed, num_prompts=s.eval_prompts,
+                           samples=s.eval_samples, max_new_tokens=s.max_new_tokens,
+                           model=model, mesh=setup.mesh, mesh_config=config.mesh,
+                           param_shardings=shardings.params, ref_params=setup.init.params,
+                           dp=setup.dp)
+    static = {'sft/demo_response_length': float(np.mean(data['mask'].sum(axis=1)))}
   evaluate = lambda state: {**held_out(state.params), **policy(state.params)}
-  static = {'sft/demo_gold_reward': float(np.mean(data['gold'])),
-            'sft/sample_gold_reward': float(np.mean(data['sample_gold'])),
-            'sft/demos': len(train_rows), 'sft/held_out_demos': len(held_rows)}
+  static.update({'sft/demos': len(train_rows), 'sft/held_out_demos': len(held_rows)})
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=config.train.batch_size * (data['prompts'].shape[1] +

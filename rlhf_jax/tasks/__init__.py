@@ -7,7 +7,7 @@ sum_mod, sort, lookup) work on the world's token ids; the text tasks work on a
 tokenizer's.
 """
 from rlhf_jax.errors import UserError
-from rlhf_jax.tasks import world_tasks
+from rlhf_jax.tasks import text_tasks, world_tasks
 from rlhf_jax.tasks.base import Task, TaskBatch
 
 # name -> build(task_config, *, vocab_size, tokenizer) -> Task, raising UserError for bad
@@ -15,6 +15,7 @@ from rlhf_jax.tasks.base import Task, TaskBatch
 # tasks (text_tasks.py: 'arithmetic_text', 'jsonl') are added the same way.
 _BUILDERS = {
     **world_tasks.BUILDERS,
+    **text_tasks.BUILDERS,
 }
 
 
@@ -39,6 +40,8 @@ def validate(task_config, *, world_vocab_size: int) -> None:
     raise UserError(f'task.name={task_config.name!r} is not one of {names()}')
   if task_config.name in world_tasks.BUILDERS:
     make_task(task_config, vocab_size=world_vocab_size)
+  if task_config.name in text_tasks.BUILDERS:
+    text_tasks.check_config(task_config)
 
 
 __all__ = ['Task', 'TaskBatch', 'make_task', 'names', 'validate']

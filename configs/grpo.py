@@ -1,0 +1,79 @@
+r"""GRPO (and Dr.GRPO, RLOO, REINFORCE++) against a verifier, from a warm-started policy.
+
+  python -m rlhf_jax.main --config=configs/pretrain.py:tiny --workdir=runs/pretrain_tiny
+  python -m rlhf_jax.main --config=configs/sft.py:task_tiny --workdir=runs/sft_task_tiny
+  python -m rlhf_jax.main --config=configs/grpo.py:tiny --workdir=runs/grpo_tiny
+
+`init.run` names the warm start: an SFT run on solved traces of the same task (sft.py:
+task_tiny), so that pass@k > 0 from the first step; the policy and the frozen reference
+both start there. `task` names the problems and their verifier (rlhf_jax/tasks), `grpo`
+the method:
+
+  advantage    grpo ((r - mean) / std in the group) | dr_grpo (r - mean) | rloo (leave
+               one out) | reinforce_pp (batch-normalised)
+  loss_agg     sequence (GRPO) | token (DAPO) | constant (Dr.GRPO: / (rows x max tokens))
+  clip_low, clip_high   the ratio's clip range [1 - low, 1 + high] (DAPO clip-higher)
+  kl           loss (k3 per token, as GRPO) | reward (as PPO) | off;  kl_coef its beta
+  dynamic_sampling      drop groups whose rewards are all equal (DAPO)
+  sample_dtype float32 | bfloat16 sampler; tis_cap > 0: truncated importance sampling
+
+Variants:
+  tiny        sum_mod over the tiny world vocab: 16 problems x 8 samples per step,
+              100 steps.
+  tiny_dapo   the same with DAPO's choices: token loss, clip 0.2 / 0.28, dynamic
+              sampling, no KL.
+  tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): a 1B-class policy over a 32k world
+              vocab, fsdp 16, bf16 sampling with TIS. Not run here (it needs the slice and
+              warm start); no runtime or result is claimed.
+
+Any leaf can be overridden: --config.grpo.advantage=rloo --config.task.name=lookup.
+"""
+import ml_collections
+
+from rlhf_jax.config import feedback_config, task_block
+
+
+def grpo_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      group_size=8,            # G samples per prompt
+      advantage='grpo',        # 'grpo' | 'dr_grpo' | 'rloo' | 'reinforce_pp'
+      loss_agg='sequence',     # 'sequence' | 'token' | 'constant'
+      clip_low=0.2,
+      clip_high=0.2,
+      kl='loss',               # 'loss' (k3, GRPO) | 'reward' (PPO-style) | 'off'
+      kl_coef=0.04,
+      dynamic_sampling=False,  # drop zero-variance groups from the update
+      epochs=1,                # passes over each batch of rollouts (old log-probs fixed)
+      minibatches=2,
+      num_prompts=4096,        # the training problem pool, fixed by seed
+      max_new_tokens=16,
+      temperature=1.0,
+      sample_dtype='float32',  # the sampler's compute dtype: 'float32' | 'bfloat16'
+      tis_cap=0.0,             # truncated importance sampling cap (0: off)
+      eval_prompts=128,        # held-out problems for eval/pass@k (never trained on)
+      eval_samples=8,          # n samples each: pass@k and maj@k for k = 1, 2, 4, .., n
+  ))
+
+
+def get_config(arg: str = 'tiny'):
+  config = feedback_config('grpo')  # the world's gold reward is measured beside the verifier's
+  config.init.run = 'runs/sft_task_tiny'
+  config.task = task_block()
+  config.grpo = grpo_block()
+  config.optim.update(lr=3e-4, warmup_steps=5, weight_decay=0.0)
+  config.train.update(steps=100, batch_size=16, log_every=10, eval_every=25, ckpt_every=25)
+  if arg == 'tiny':
+    pass
+  elif arg == 'tiny_dapo':
+    config.grpo.update(loss_agg='token', clip_high=0.28, dynamic_sampling=True, kl='off')
+  elif arg == 'tpu_v5e_16':
+    config.init.run = 'runs/sft_task_tpu'
+    config.grpo.update(group_size=16, max_new_tokens=256, sample_dtype='bfloat16',
+                       tis_cap=2.0, eval_prompts=1024, eval_samples=16)
+    config.mesh.update(data=1, fsdp=16, tensor=1)
+    config.train.update(steps=1000, batch_size=64, eval_every=100, ckpt_every=100)
+    config.optim.update(lr=1e-6)
+  else:
+    raise ValueError(f'unknown variant {arg!r} of configs/grpo.py; '
+                     'choose tiny, tiny_dapo or tpu_v5e_16')
+  return config
