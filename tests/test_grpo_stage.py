@@ -1,0 +1,86 @@
+"""The GRPO stage end to end through the CLI, on the session's pretraining run: a warm start
+on solved traces, then GRPO. GRPO's step-0 evaluation is the warm start's last one (same
+held-out problems, same key, same params), its float32 sampler agrees with the trainer,
+the training pool holds no eval problem, and a run stopped after a checkpoint continues to
+the same metrics. Bad settings are one error line before any compute."""
+import json
+import shutil
+
+import pytest
+
+from conftest import _run_stage as run_stage
+from test_cli_errors import assert_one_error_line
+
+QUICK = ('--config.train.progress=False',)
+EVAL = ('--config.{}.eval_prompts=32', '--config.{}.eval_samples=4')
+
+
+def _metrics(workdir):
+  with open(f'{workdir}/metrics.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def _strip(lines):
+  return [{k: v for k, v in line.items() if not k.startswith('perf/')} for line in lines]
+
+
+@pytest.fixture(scope='module')
+def warm_start(chain, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('sft_task') / 'sft')
+  run_stage('configs/sft.py:task_tiny', workdir, f'--config.init.run={chain["pretrain"]}',
+            '--config.train.steps=60', '--config.train.eval_every=60',
+            '--config.train.ckpt_every=60', *(e.format('sft') for e in EVAL))
+  return workdir
+
+
+def _grpo_args(workdir, warm_start):
+  return ('--config=configs/grpo.py:tiny', f'--workdir={workdir}', *QUICK,
+          f'--config.init.run={warm_start}', '--config.train.steps=4',
+          '--config.train.log_every=1', '--config.train.eval_every=4',
+          '--config.train.ckpt_every=2', '--config.train.batch_size=8',
+          '--config.grpo.num_prompts=512', *(e.format('grpo') for e in EVAL))
+
+
+def test_grpo_continues_the_warm_start_and_resumes(warm_start, run_cli, tmp_path):
+  workdir = tmp_path / 'grpo'
+  args = _grpo_args(workdir, warm_start)
+  result = run_cli(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _metrics(workdir)
+  sft_last = _metrics(warm_start)[-1]
+  # (eval/kl_ref is to each run's own reference: the pretrained model, then the warm start)
+  evals = [k for k in sft_last if k.startswith('eval/') and k not in ('eval/loss',
+                                                                       'eval/kl_ref')]
+  assert 'eval/pass@4' in evals and 'eval/maj@4' in evals
+  for k in evals:  # GRPO's step 0 is the warm start's params on the same problems and key
+    assert lines[0][k] == pytest.approx(sft_last[k], abs=1e-9), k
+  assert abs(lines[0]['eval/kl_ref']) < 1e-5  # the policy is its reference at step 0
+  steps = [line for line in lines if 'rl/pass_rate' in line]
+  assert [line['step'] for line in steps] == [1, 2, 3, 4]
+  for line in steps:
+    assert line['mismatch/abs_diff_max'] < 1e-5  # one forward for sampler and trainer
+    assert 0 <= line['rl/pass_rate'] <= 1
+  assert lines[0]['grpo/rollouts_per_step'] == 8 * 8
+  # The pool is 512 problems less the eval ones among them, rounded to whole shards.
+  assert 512 - 32 <= lines[0]['rl/prompt_pool'] <= 512
+  # Stopped after checkpoint 2 (its step-4 checkpoint lost): the rerun recomputes 3 and 4.
+  again = tmp_path / 'again'
+  shutil.copytree(workdir, again)
+  shutil.rmtree(again / 'checkpoints' / '4')
+  result = run_cli(*_grpo_args(again, warm_start))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _strip(_metrics(again)) == _strip(lines)
+
+
+@pytest.mark.parametrize('override,mention', [
+    ('--config.grpo.group_size=1', 'grpo.group_size=1'),
+    ('--config.grpo.advantage=ppo', "grpo.advantage='ppo'"),
+    ('--config.task.name=chess', "task.name='chess'"),
+    ('--config.task.modulus=200', 'task.modulus=200'),
+])
+def test_bad_settings_are_one_error_line(chain, run_cli, tmp_path, override, mention):
+  workdir = tmp_path / 'bad'
+  result = run_cli('--config=configs/grpo.py:tiny', f'--workdir={workdir}', *QUICK,
+                   f'--config.init.run={chain["pretrain"]}', override)
+  assert_one_error_line(result, mentions=(mention,))
+  assert not workdir.exists()
