@@ -16,6 +16,7 @@ Variants:
   task_tiny  the warm start for RL against a verifier (configs/grpo.py:tiny): 512 solved
              traces of the task in the `task` block (default sum_mod), none of them an
              eval problem; 200 steps. eval/* reports pass@k on GRPO's held-out problems.
+             Measured (one run): pass@1 0.127, at chance (1/7): not yet a useful start.
   small      for a pretrain.py:small run (init.run=runs/pretrain_small).
 
 Any leaf can be overridden: --config.init.run=DIR --config.sft.samples_per_prompt=16.
