@@ -112,9 +112,11 @@ def test_tpu_vm_mount_runs_on_a_worker_installing_gcsfuse_once(tmp_path):
     return lines
 
   first = worker()
-  assert first[:3] == ['sudo tee /etc/apt/sources.list.d/gcsfuse.list',
-                       'curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg',
-                       'sudo tee /usr/share/keyrings/cloud.google.asc']
+  assert first[0] == 'sudo tee /etc/apt/sources.list.d/gcsfuse.list'
+  # `curl KEY | sudo tee FILE`: the two ends of a pipe run at once, so either may log first.
+  assert sorted(first[1:3]) == [
+      'curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg',
+      'sudo tee /usr/share/keyrings/cloud.google.asc']
   assert first[3:] == ['sudo apt-get update -q',
                        'sudo apt-get install -y -o DPkg::Lock::Timeout=600 gcsfuse',
                        'sudo mkdir -p /mnt/b', f'sudo chown {os.getuid()}:{os.getgid()} /mnt/b',
