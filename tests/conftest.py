@@ -105,27 +105,13 @@ SLOW_FIXTURES = ('chain', 'reward_run', 'finished_run', 'world_lm', 'uninterrupt
                  'trained', 'ttt_run', 'grid_root', 'reference')
 
 
-# The longest test files (serial seconds, one run), started first so that the two xdist
-# workers (--dist loadfile) finish together instead of one of them running a long file
-# alone at the end. Files on the shared chain alternate with files without it, so that one
-# worker has work of its own while the other builds the chain.
-LONGEST_FIRST = ('test_selfplay_loop.py', 'test_feedback_stages.py', 'test_collapse_loop.py',
-                 'test_ppo_stage.py', 'test_multihost.py', 'test_failed_run_leaves_dir.py',
-                 'test_feedback_units.py', 'test_annotator_aggregation.py', 'test_sampling.py',
-                 'test_rlhf_rounds.py', 'test_resume.py', 'test_pipeline.py',
-                 'test_cli_errors.py', 'test_grpo_stage.py')
-
-
 def pytest_collection_modifyitems(config, items):
   """Marks `slow` every test that uses a fixture of SLOW_FIXTURES (the chain alone takes
   minutes), besides the tests marked by hand, so that the quick check (-m 'not slow')
-  never starts the chain; then puts the longest files first (a stable sort: each file's
-  tests keep their order)."""
+  never starts the chain."""
   for item in items:
     if any(name in getattr(item, 'fixturenames', ()) for name in SLOW_FIXTURES):
       item.add_marker(pytest.mark.slow)
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 # -- helpers shared by test modules (`from conftest import ...`) ----------------------------
