@@ -132,6 +132,7 @@ def test_text_tail_takes_the_rarest_emitted_tokens():
   assert set(np.flatnonzero(cm.text_tail(counts, fraction=1.0)[0])) == set(range(2, 9))
 
 
+@pytest.mark.slow  # over 5 s: left out of the quick check
 def test_counts_metrics_equal_positionwise_and_the_truth_scores_zero_kl():
   rows = heldout(rows=512, seq_len=48, seed=7)
   counts = cm.bigram_counts(rows, vocab_size=V)
@@ -385,6 +386,7 @@ def test_mle_run_refits_each_generation_on_its_own_samples():
     np.testing.assert_allclose(getattr(trace, f'tail_{name}'), getattr(tails, name), rtol=1e-6)
 
 
+@pytest.mark.slow  # over 5 s: left out of the quick check
 def test_mle_zeros_are_absorbing_and_the_tail_vanishes():
   """8 seeds x 10 generations, M = 256 (the experiment's world and sizes).
 

@@ -237,6 +237,7 @@ def test_labels_name_only_what_tells_groups_apart():
   assert compare.short_labels(fields=[{'stage': 'sft'}]).text == ('all runs',)
 
 
+@pytest.mark.slow  # over 8 s: left out of the quick check
 def test_panels_keep_their_size_and_the_legend_stays_outside():
   import matplotlib.pyplot as plt
   steps = np.arange(0, 50, 10)

@@ -18,6 +18,8 @@ from rlhf_jax.world.language import EOS_ID
 
 VOCAB, G, PROMPTS, NEW = 64, 4, 6, 8
 
+pytestmark = pytest.mark.slow  # two samplers compiled (16 s): left out of the quick check
+
 
 def _task():
   block = ml_collections.ConfigDict(dict(name='sum_mod', partial_credit=0.0, num_operands=3,

@@ -211,6 +211,7 @@ def test_ppo_bandit_reaches_kl_regularised_optimum(whiten, tolerance):
   assert np.all(best - objective < 0.01 * BETA), best - objective
 
 
+@pytest.mark.slow  # over 8 s: left out of the quick check
 def test_bandit_vmapped_equals_single_seed():
   config = ppo_update.PPOConfig(gamma=1.0, lam=1.0)
   train = make_bandit_train(config, iterations=20, batch=64, lr=0.01)
@@ -259,6 +260,7 @@ def log_softmax64(z):
   return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+@pytest.mark.slow  # over 8 s: left out of the quick check
 def test_update_metrics_and_entropy_bonus_match_numpy():
   """One update (1 epoch x 1 minibatch, SGD at lr 1) of a tiny LM on a fixed rollout whose
   sampling log-probs differ from the current policy's: approx KL, clip fraction, entropy,
@@ -351,6 +353,7 @@ def test_update_metrics_and_entropy_bonus_match_numpy():
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # over 8 s: left out of the quick check
 def test_step_trains_on_the_sampler_log_probs_and_starts_at_zero_kl(monkeypatch):
   """Inside the jitted PPO step (ppo_step.train_step) on a tiny random LM with prompts of
   different lengths: the log-probs the update trains against (recomputed by the learner's

@@ -303,6 +303,7 @@ def test_mlp_matches_numpy_forward_and_value_is_bounded():
   assert logits.shape == (64, 9) and value.shape == (64,)
 
 
+@pytest.mark.slow  # over 5 s: left out of the quick check
 def test_resnet_param_count_and_outputs():
   height, width_, planes, actions, channels, blocks = 6, 7, 2, 7, 8, 3
   net = networks.make_network(name='resnet', num_actions=actions, width=channels,

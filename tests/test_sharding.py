@@ -55,6 +55,7 @@ def test_mesh_matches_single_device(mesh, reference, tmp_path):
   assert_params_close(state.params, ref_state.params)
 
 
+@pytest.mark.slow  # over 5 s: left out of the quick check
 def test_parameters_are_sharded_not_replicated(tmp_path):
   setup = Setup(small_config((2, 2, 2)), workdir=str(tmp_path), devices=jax.devices())
   up = setup.state.params['layer_0']['mlp']['gate_up']  # logical ('embed', None, 'mlp')

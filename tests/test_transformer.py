@@ -101,6 +101,7 @@ def test_packed_documents_do_not_see_each_other(attention):
     np.testing.assert_allclose(np.asarray(packed)[:, cols], np.asarray(alone), atol=1e-5)
 
 
+@pytest.mark.slow  # over 8 s: left out of the quick check
 def test_hidden_states_give_the_logits():
   """return_hidden exposes the final-norm hidden states that value and reward heads use:
   the logits are exactly their projection by the output matrix."""
