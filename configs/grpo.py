@@ -22,10 +22,11 @@ Variants:
               100 steps. Measured (one run, from sft.py:task_tiny): held-out pass@1
               0.127 -> 0.134, no significant gain yet (docs/verifiable-rl.md).
   tiny_dapo   the same with DAPO's choices: token loss, clip 0.2 / 0.28, dynamic
-              sampling, no KL.
-  tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): a 1B-class policy over a 32k world
-              vocab, fsdp 16, bf16 sampling with TIS. Not run here (it needs the slice and
-              warm start); no runtime or result is claimed.
+              sampling, no KL. Expected: not measured yet; no result is claimed.
+  tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): fsdp 16, 16 samples per problem,
+              256 new tokens, bf16 sampling with TIS; the model is whatever init.run
+              holds. Not run here: the stage runs in one process only for now (it refuses
+              more with one error line), so no runtime or result is claimed.
 
 Any leaf can be overridden: --config.grpo.advantage=rloo --config.task.name=lookup.
 """
