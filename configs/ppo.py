@@ -17,13 +17,20 @@ Variants:
               20 while policy/proxy_reward keeps rising (-0.02 -> 3.4 -> 4.3): past
               step 50 the KL buys proxy reward only (over-optimisation).
   tiny_adaptive  the same with the adaptive KL controller (target 4 nats).
+  task_tiny   PPO with its critic against a verifier (ppo.reward='task'), the "PPO" of
+              the GRPO comparison: from the GRPO warm start (sft.py:task_tiny), the task,
+              problem pool, new tokens, eval problems and schedule of grpo.py:tiny, read
+              from that file, and as many rollouts per step as it has (train.batch_size
+              x group_size, one response per problem here); no reward model, no EOS
+              penalty (the verifier scores a response without EOS 0). Its eval/* are
+              GRPO's, on the same held-out problems. Expected: not measured yet.
   small       for sft.py:small and reward_model.py:small runs.
 
 Any leaf can be overridden: --config.ppo.kl_coef=0.1 --config.ppo.value=critic.
 """
 import ml_collections
 
-from rlhf_jax.config import feedback_config
+from rlhf_jax.config import feedback_config, load_named
 
 
 def get_config(arg: str = 'tiny'):
@@ -61,6 +68,19 @@ def get_config(arg: str = 'tiny'):
     pass
   elif arg == 'tiny_adaptive':
     config.ppo.kl_control = 'adaptive'
+  elif arg == 'task_tiny':
+    grpo = load_named('grpo', 'tiny')  # read at build time, so the two stay in step
+    g = grpo.grpo
+    config.init.run = grpo.init.run
+    config.task = ml_collections.ConfigDict(grpo.task.to_dict())
+    config.ppo.update(reward='task', rm_run='', value='critic', num_prompts=g.num_prompts,
+                      max_new_tokens=g.max_new_tokens, no_eos_penalty=0.0)
+    config.ppo.eval_prompts = g.eval_prompts   # held-out problems for eval/pass@k
+    config.ppo.eval_samples = g.eval_samples   # samples each: pass@k, maj@k, k = 1, 2, .., n
+    t = grpo.train
+    config.train.update(steps=t.steps, batch_size=t.batch_size * g.group_size,
+                        log_every=t.log_every, eval_every=t.eval_every,
+                        ckpt_every=t.ckpt_every)
   elif arg == 'small':
     config.init.run = 'runs/sft_small'
     config.ppo.update(rm_run='runs/rm_small', prompt_len=32, max_new_tokens=128)
@@ -69,5 +89,5 @@ def get_config(arg: str = 'tiny'):
     config.optim.update(lr=2e-5)
   else:
     raise ValueError(f'unknown variant {arg!r} of configs/ppo.py; '
-                     'choose tiny, tiny_adaptive or small')
+                     'choose tiny, tiny_adaptive, task_tiny or small')
   return config

@@ -350,7 +350,7 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
 
 def _validate_ppo(config: ml_collections.ConfigDict) -> None:
   p = config.ppo
-  for name, choices in (('reward', ('rm', 'gold')), ('value', ('head', 'critic')),
+  for name, choices in (('reward', ('rm', 'gold', 'task')), ('value', ('head', 'critic')),
                         ('kl_control', ('fixed', 'adaptive')),
                         ('reward_norm', ('mean', 'mean_std'))):
     if p[name] not in choices:
@@ -360,6 +360,14 @@ def _validate_ppo(config: ml_collections.ConfigDict) -> None:
                     'statistics need at least 2 reference samples')
   if p.reward == 'rm' and not p.rm_run:
     raise UserError("ppo.rm_run is empty: name the reward_model run (or set ppo.reward='gold')")
+  if p.reward == 'task':
+    if 'task' not in config or 'eval_prompts' not in p or 'eval_samples' not in p:
+      raise UserError("ppo.reward='task' needs a task block and ppo.eval_prompts and "
+                      'ppo.eval_samples, which this config file lacks; configs/ppo.py:'
+                      'task_tiny has them')
+    for name in ('eval_prompts', 'eval_samples'):
+      if p[name] <= 0:
+        raise UserError(f'ppo.{name}={p[name]} must be positive')
   if p.epochs < 1 or p.minibatches < 1:
     raise UserError(f'ppo.epochs={p.epochs} and ppo.minibatches={p.minibatches} must be >= 1')
   if config.train.batch_size % p.minibatches:

@@ -82,14 +82,15 @@ def make_task(config, setup: FromRun, *, max_new_tokens: int):
 
 def prompt_pool(config, task, *, held_out, dp: int):
   """The training problems, fixed by config.seed, with every held-out problem removed
-  (so eval/* measures generalisation, not recall); a multiple of dp rows."""
+  (so eval/* measures generalisation, not recall); a multiple of dp rows. The size is
+  <stage>.num_prompts (grpo's, or ppo's with ppo.reward='task': the same pool)."""
   key = jax.random.fold_in(jax.random.key(config.seed), 0x6790)
-  pool = task_eval.without_held_out(task.make_prompts(key=key, num=config.grpo.num_prompts),
-                                    held_out)
+  num = config[config.stage].num_prompts
+  pool = task_eval.without_held_out(task.make_prompts(key=key, num=num), held_out)
   n = pool.prompts.shape[0] // dp * dp
   if n < config.train.batch_size:
-    raise UserError(f'task {task.name}: only {pool.prompts.shape[0]} of grpo.num_prompts='
-                    f'{config.grpo.num_prompts} problems are not held out for eval; the '
+    raise UserError(f'task {task.name}: only {pool.prompts.shape[0]} of {config.stage}.'
+                    f'num_prompts={num} problems are not held out for eval; the '
                     'task has too few distinct problems (raise its difficulty)')
   return jax.tree.map(lambda x: x[:n], pool)
 

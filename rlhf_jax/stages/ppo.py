@@ -15,6 +15,12 @@ rollouts (proxy and gold reward, sequence KL to the reference, KL coefficient, l
 EOS and harm rates) and `ppo/*` on the update (losses, entropy, clip fraction, approx KL,
 value explained variance); at eval steps `policy/*` on fixed prompts (stages/policy_eval.py)
 with the reward model's score of the same samples as policy/proxy_reward.
+
+With ppo.reward='task' (configs/ppo.py:task_tiny) PPO runs against a verifier instead, as
+GRPO does (stages/grpo.py): the rollout prompts are the `task` block's training problems
+(GRPO's pool, held-out eval problems removed), the score is task.verify (1 right, 0
+wrong; rl/pass_rate), no reward model is loaded (ppo.rm_run is ignored), and the eval is
+GRPO's eval/* (stages/task_eval.py: pass@k, maj@k on the same held-out problems).
 """
 import functools
 import os
@@ -26,14 +32,15 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding
+from rlhf_jax import sharding, tasks
 from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import policy_value
-from rlhf_jax.stages import from_run, reward_norm
+from rlhf_jax.stages import from_run, grpo, reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
+from rlhf_jax.stages.task_eval import TaskEvaluator
 from rlhf_jax.train import loop, ppo_step, ppo_update, runs
 from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
 
@@ -42,8 +49,13 @@ def resolve(config) -> None:
   """Model and world from init.run; with a reward model, the gold reward and annotator
   blocks from its run (the truth its labels came from), after checking it learned on the
   same world. init.step and ppo.rm_step = -1 are pinned to the steps newest now (as
-  from_run.resolve says why)."""
+  from_run.resolve says why). With a task, its sizes are checked against that world."""
+  if config.ppo.reward == 'task' and jax.process_count() > 1:  # as stages/grpo.py says why
+    raise UserError(f"ppo.reward='task' runs in one process only (this run has "
+                    f'{jax.process_count()}); use one host with all its devices')
   from_run.resolve(config)
+  if config.ppo.reward == 'task':
+    tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
   if config.ppo.reward != 'rm':
     return
   rm = runs.read_config(os.path.abspath(config.ppo.rm_run), role='ppo.rm_run')
@@ -100,8 +112,11 @@ class Learner:
 
 def run(config, *, workdir: str) -> None:
   setup = FromRun(config, rows_per_step=config.train.batch_size)
-  config_lib.write_or_check(config, workdir)
   p = config.ppo
+  task = None
+  if p.reward == 'task':  # a bad task file fails here, before DIR is written
+    task = grpo.make_task(config, setup, max_new_tokens=p.max_new_tokens)
+  config_lib.write_or_check(config, workdir)
   mesh, replicated = setup.mesh, sharding.replicated(setup.mesh)
   learner = Learner(config, setup)
   rm_model, rm_params, rm_shardings = None, None, None
@@ -120,22 +135,39 @@ def run(config, *, workdir: str) -> None:
       gold=jax.tree.map(lambda _: replicated, setup.world.gold))
   frozen = jax.device_put(frozen, frozen_shardings)
 
-  prompts, lengths = prompt_pool(config, setup.world, setup.dp)
-  make_batch = lambda rows, valid: ppo_step.PromptBatch(prompts=prompts[rows],
-                                                        prompt_lengths=lengths[rows])
-  source = RowSource(train=np.arange(len(prompts)), held_out=None,
+  policy_shardings = learner.shardings.params['policy']
+  if task is None:
+    pool = ppo_step.PromptBatch(*prompt_pool(config, setup.world, setup.dp))
+    prompt_len = p.prompt_len
+  else:
+    evaluator = TaskEvaluator(task=task, seed=config.world.seed, num_prompts=p.eval_prompts,
+                              samples=p.eval_samples, max_new_tokens=p.max_new_tokens,
+                              model=setup.init.model, mesh=mesh, mesh_config=config.mesh,
+                              param_shardings=policy_shardings,
+                              ref_params=setup.init.params, dp=setup.dp)
+    problems = grpo.prompt_pool(config, task, held_out=evaluator.batch, dp=setup.dp)
+    pool = ppo_step.PromptBatch(prompts=problems.prompts,
+                                prompt_lengths=problems.prompt_lengths,
+                                answers=problems.answers,
+                                answer_lengths=problems.answer_lengths)
+    prompt_len = task.prompt_len
+  make_batch = lambda rows, valid: jax.tree.map(lambda x: x[rows], pool)
+  source = RowSource(train=np.arange(len(pool.prompts)), held_out=None,
                      batch_size=config.train.batch_size, seed=config.seed,
                      make_batch=make_batch, what='ppo prompts')
-  batch_shardings = ppo_step.PromptBatch(prompts=setup.batch_sharding,
-                                         prompt_lengths=sharding.batch_tree_sharding(
-                                             mesh, config.mesh, lengths))
+  rows_sharding = sharding.batch_tree_sharding(mesh, config.mesh, pool.prompt_lengths)
+  batch_shardings = ppo_step.PromptBatch(
+      prompts=setup.batch_sharding, prompt_lengths=rows_sharding,
+      answers=None if task is None else setup.batch_sharding,
+      answer_lengths=None if task is None else rows_sharding)
   step_config = ppo_step.StepConfig(
       reward=p.reward, no_eos_penalty=p.no_eos_penalty, kl_control=p.kl_control,
       kl_target=p.kl_target, kl_horizon=p.kl_horizon, max_new_tokens=p.max_new_tokens,
       ppo=ppo_update.PPOConfig.from_config(p))
   step = jax.jit(functools.partial(ppo_step.train_step, model=learner.model,
                                    lm=setup.init.model, rm_model=rm_model, tx=learner.tx,
-                                   schedule=learner.schedule, config=step_config),
+                                   schedule=learner.schedule, config=step_config,
+                                   task=task),
                  in_shardings=(learner.shardings, frozen_shardings, batch_shardings),
                  out_shardings=(learner.shardings, replicated), donate_argnums=(0,))
   put = lambda b: jax.device_put(b, batch_shardings)
@@ -144,17 +176,18 @@ def run(config, *, workdir: str) -> None:
   if p.reward == 'rm':
     score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm_model))
     proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_norm, *rollout)
-  policy = PolicyEvaluator(config=config, world=setup.world, model=setup.init.model,
-                           mesh=mesh, mesh_config=config.mesh,
-                           param_shardings=learner.shardings.params['policy'],
-                           ref_params=setup.init.params, dp=setup.dp, proxy=proxy)
-  static = {'rl/prompt_pool': len(prompts),
+  if task is None:
+    evaluator = PolicyEvaluator(config=config, world=setup.world, model=setup.init.model,
+                                mesh=mesh, mesh_config=config.mesh,
+                                param_shardings=policy_shardings,
+                                ref_params=setup.init.params, dp=setup.dp, proxy=proxy)
+  static = {'rl/prompt_pool': len(pool.prompts),
             'ppo/updates_per_step': p.epochs * p.minibatches}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
-      tokens_per_step=config.train.batch_size * (p.prompt_len + p.max_new_tokens))
+      tokens_per_step=config.train.batch_size * (prompt_len + p.max_new_tokens))
   with sharding.activate(mesh, config.mesh):
     loop.run(spec=spec, state=learner.state, state_shardings=learner.shardings,
              step=lambda state, batch: step(state, frozen, batch), source=source,
-             put_batch=put, evaluate=lambda state: policy(state.params['policy']),
+             put_batch=put, evaluate=lambda state: evaluator(state.params['policy']),
              static_metrics=static)

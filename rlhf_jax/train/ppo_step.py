@@ -1,8 +1,8 @@
 """One PPO iteration on a language model as a single pure function of (state, frozen,
-prompts): sample responses with the KV-cached sampler, score them (reward model or gold,
-plus a penalty for running out of tokens without EOS), take the reference's log-probs,
-then ppo_update.update. Jitted once, the rollout and the update run on the same mesh with
-no host round trip in between.
+prompts): sample responses with the KV-cached sampler, score them (reward model, gold or
+a task's verifier, plus a penalty for running out of tokens without EOS), take the
+reference's log-probs, then ppo_update.update. Jitted once, the rollout and the update run
+on the same mesh with no host round trip in between.
 """
 import dataclasses
 
@@ -28,9 +28,13 @@ class PPOState(TrainState):
 
 @flax.struct.dataclass
 class PromptBatch:
-  """prompts: [B, P] int32 left-padded; prompt_lengths: [B] int32."""
+  """prompts: [B, P] int32 left-padded; prompt_lengths: [B] int32. With reward='task' also
+  the problems' answers: answers [B, A] int32 (PAD after the answer), answer_lengths [B]
+  int32; None otherwise (no leaves, so the 'rm' and 'gold' steps trace as before)."""
   prompts: np.ndarray
   prompt_lengths: np.ndarray
+  answers: np.ndarray | None = None
+  answer_lengths: np.ndarray | None = None
 
 
 @flax.struct.dataclass
@@ -55,7 +59,7 @@ class Frozen:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  reward: str                  # 'rm' | 'gold'
+  reward: str                  # 'rm' | 'gold' | 'task' (the task's verifier)
   no_eos_penalty: float
   kl_control: str
   kl_target: float
@@ -100,9 +104,10 @@ def make_apply(model, *, prompt_len: int):
 
 
 def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm, rm_model,
-               tx, schedule, config: StepConfig):
+               tx, schedule, config: StepConfig, task=None):
   """model: the PolicyValue learner; lm: the bare Transformer (the policy and reference
-  sample and score with it); rm_model: the reward ensemble (None for gold)."""
+  sample and score with it); rm_model: the reward ensemble (None for gold and task);
+  task: the rlhf_jax.tasks Task whose verifier scores the responses (reward='task')."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_sample, k_update = jax.random.split(key)
   prompts, lengths = batch.prompts, batch.prompt_lengths
@@ -118,6 +123,8 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
                                 responses=response, response_mask=mask)
   if config.reward == 'gold':
     proxy = gold
+  elif config.reward == 'task':
+    proxy = task.verify(batch.answers, batch.answer_lengths, response, mask)
   else:
     proxy = proxy_reward(frozen.rm_params, frozen.rm_norm, prompts, lengths, response, mask,
                          rm_model=rm_model)
@@ -141,6 +148,8 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
       'rl/harm_rate': harmful.mean(),
       'train/lr': schedule(updates_done),
   })
+  if config.reward == 'task':  # named as GRPO's step names it, for comparison
+    metrics['rl/pass_rate'] = proxy.mean()
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        kl_coef=kl_coef), metrics
 
