@@ -19,8 +19,9 @@ the method:
 
 Variants:
   tiny        sum_mod over the tiny world vocab: 16 problems x 8 samples per step,
-              100 steps. Measured (one run, from sft.py:task_tiny): held-out pass@1
-              0.127 -> 0.134, no significant gain yet (docs/verifiable-rl.md).
+              100 steps, about 2 minutes on a 2-core CPU. Measured (one run, from
+              sft.py:task_tiny): held-out pass@1 0.171 +- 0.013 -> 0.554 +- 0.033,
+              greedy 0.31 -> 0.64, pass@8 0.74 -> 0.88 (docs/verifiable-rl.md).
   tiny_dapo   the same with DAPO's choices: token loss, clip 0.2 / 0.28, dynamic
               sampling, no KL. Expected: not measured yet; no result is claimed.
   tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): fsdp 16, 16 samples per problem,
@@ -62,7 +63,7 @@ def get_config(arg: str = 'tiny'):
   config.init.run = 'runs/sft_task_tiny'
   config.task = task_block()
   config.grpo = grpo_block()
-  config.optim.update(lr=3e-4, warmup_steps=5, weight_decay=0.0)
+  config.optim.update(lr=1e-3, warmup_steps=5, weight_decay=0.0)
   config.train.update(steps=100, batch_size=16, log_every=10, eval_every=25, ckpt_every=25)
   if arg == 'tiny':
     pass

@@ -13,10 +13,15 @@ Variants:
              Expected (from a default pretrain.py:tiny run): policy/gold_reward rises
              from -0.47 (the pretrained policy, step 0) to 0.34 at step 300, towards
              sft/demo_gold_reward 0.70, at a policy/kl_ref of 0.8 nats (one seed).
-  task_tiny  the warm start for RL against a verifier (configs/grpo.py:tiny): 512 solved
+  task_tiny  the warm start for RL against a verifier (configs/grpo.py:tiny): 2048 solved
              traces of the task in the `task` block (default sum_mod), none of them an
-             eval problem; 200 steps. eval/* reports pass@k on GRPO's held-out problems.
-             Measured (one run): pass@1 0.127, at chance (1/7): not yet a useful start.
+             eval problem; 300 steps at a constant lr 3e-3, stopped part-way on purpose.
+             eval/* reports pass@k on GRPO's held-out problems. Measured (one run, from a
+             default pretrain.py:tiny run): held-out pass@1 0.171 +- 0.013 (chance 1/7),
+             greedy 0.31, pass@8 0.74. The task is learnt abruptly: pass@1 stays at
+             chance to step 275 (token accuracy 0.90), and a run continued past 300
+             reaches 0.9 within 50-100 steps, leaving RL nothing to do; from a start at
+             chance, 100 GRPO steps did not leave chance (docs/verifiable-rl.md).
   small      for a pretrain.py:small run (init.run=runs/pretrain_small).
 
 Any leaf can be overridden: --config.init.run=DIR --config.sft.samples_per_prompt=16.
@@ -43,8 +48,9 @@ def get_config(arg: str = 'tiny'):
     pass
   elif arg == 'task_tiny':  # the warm start of configs/grpo.py:tiny
     config.task = task_block()
-    config.sft.update(num_prompts=512, max_new_tokens=16, eval_prompts=128, eval_samples=8)
-    config.train.update(steps=200, eval_every=100, ckpt_every=100)
+    config.sft.update(num_prompts=2048, max_new_tokens=16, eval_prompts=128, eval_samples=8)
+    config.optim.update(lr=3e-3, end_lr_ratio=1.0)
+    config.train.update(steps=300, eval_every=100, ckpt_every=100)
   elif arg == 'small':
     config.init.run = 'runs/pretrain_small'
     config.sft.update(num_prompts=8192, prompt_len=32, max_new_tokens=128)
