@@ -23,7 +23,9 @@ Variants:
               from that file, and as many rollouts per step as it has (train.batch_size
               x group_size, one response per problem here); no reward model, no EOS
               penalty (the verifier scores a response without EOS 0). Its eval/* are
-              GRPO's, on the same held-out problems. Expected: not measured yet.
+              GRPO's, on the same held-out problems. Measured (one run, from sft.py:
+              task_tiny): held-out pass@1 0.171 -> 0.900 +- 0.019 in 100 steps, about 3
+              minutes on a 2-core CPU.
   small       for sft.py:small and reward_model.py:small runs.
 
 Any leaf can be overridden: --config.ppo.kl_coef=0.1 --config.ppo.value=critic.
