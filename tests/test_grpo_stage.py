@@ -41,6 +41,7 @@ def _grpo_args(workdir, warm_start):
           '--config.grpo.num_prompts=512', *(e.format('grpo') for e in EVAL))
 
 
+@pytest.mark.slow
 def test_grpo_continues_the_warm_start_and_resumes(warm_start, run_cli, tmp_path):
   workdir = tmp_path / 'grpo'
   args = _grpo_args(workdir, warm_start)
