@@ -17,7 +17,8 @@ the held-out problems and the eval's sampling key depend on the world seed only,
 is the same policy measured the same way in every run (its interval is 0).
 
 Methods: grpo, dr_grpo, rloo and reinforce_pp are configs/grpo.py:tiny with grpo.advantage
-set; ppo is configs/ppo.py:task_tiny (the same task, pool, held-out problems, new tokens
+set (dr_grpo also with grpo.loss_agg=constant: no length normalisation, as published);
+ppo is configs/ppo.py:task_tiny (the same task, pool, held-out problems, new tokens
 and rollouts per step). Each run is `python -m rlhf_jax.main` in OUT/<method>/seed<k>, its
 output appended to OUT/<method>/seed<k>.log, so rerunning the same command resumes stopped
 runs and only reloads finished ones (a directory holding a run of other settings stops the
@@ -178,6 +179,8 @@ def rl_run(args, *, method: str, seed: int, sft: str, workdir: str,
   overrides = [f'--config.init.run={sft}', f'--config.seed={seed}']
   if method != 'ppo':
     overrides.append(f'--config.grpo.advantage={method}')
+  if method == 'dr_grpo':  # Dr.GRPO drops the length normalisation too, not only the std
+    overrides.append('--config.grpo.loss_agg=constant')
   if args.steps is not None:
     overrides.append(f'--config.train.steps={args.steps}')
   overrides += [*eval_overrides(args, block), *routed_extra(args, block), *last]
