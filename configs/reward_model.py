@@ -12,12 +12,19 @@ Variants:
              (annotator temperature 0.1, a quarter of them in the minority group).
   tiny_ensemble  the same with 4 bootstrapped members (rm/ensemble_std > 0).
   small      for an sft.py:small run.
+  task_tiny  an outcome reward model, a learned verifier (rm.objective='outcome'): from
+             the GRPO warm start (sft.py:task_tiny), 4 samples of it to each of 512
+             problems of grpo.py:tiny's training pool, labelled 1/0 by the task's
+             verifier, BCE on the head's score (sigmoid: P(correct)); held-out orm/* on
+             8 samples of each of GRPO's 128 eval problems. The task, pool, new tokens
+             and eval sizes are read from configs/grpo.py:tiny at build time.
+             Measured: see docs/verifiable-rl.md ("A learned verifier").
 
 Any leaf can be overridden: --config.annotators.temperature=0 --config.rm.ensemble=4.
 """
 import ml_collections
 
-from rlhf_jax.config import feedback_config, prefs_block
+from rlhf_jax.config import feedback_config, load_named, prefs_block
 
 
 def get_config(arg: str = 'tiny'):
@@ -28,6 +35,8 @@ def get_config(arg: str = 'tiny'):
       ensemble=1,              # K members, vmapped
       bootstrap=True,          # members weigh pairs by Poisson(1) draws (K > 1 only)
       pooling='mean',          # 'mean' over response tokens' hidden states | 'last' token's
+      objective='pairs',       # 'pairs': Bradley-Terry on preferences | 'outcome': BCE on a
+                               # task verifier's 1/0 labels (needs task and outcome blocks)
   ))
   config.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.0)
   config.train.update(steps=400, batch_size=64, log_every=25, eval_every=100, ckpt_every=100)
@@ -35,6 +44,24 @@ def get_config(arg: str = 'tiny'):
     pass
   elif arg == 'tiny_ensemble':
     config.rm.ensemble = 4
+  elif arg == 'task_tiny':
+    grpo = load_named('grpo', 'tiny')  # read at build time, as ppo.py:task_tiny does
+    g = grpo.grpo
+    config.init.run = grpo.init.run
+    config.task = ml_collections.ConfigDict(grpo.task.to_dict())
+    config.rm.objective = 'outcome'
+    config.outcome = ml_collections.ConfigDict(dict(
+        pool_prompts=g.num_prompts,  # GRPO's training pool (same seed: the same problems)
+        num_problems=512,            # its first problems the ORM learns on
+        samples_per_problem=4,       # responses of the init policy to each, verifier-labelled
+        max_new_tokens=g.max_new_tokens,
+        temperature=1.0,
+        eval_prompts=g.eval_prompts,  # GRPO's held-out problems (never trained on)
+        eval_samples=g.eval_samples,  # responses to each: orm/* and orm/bon@k
+    ))
+    del config['prefs']  # no preference pairs
+    config.train.update(steps=300, batch_size=64, log_every=25, eval_every=100,
+                        ckpt_every=100)
   elif arg == 'small':
     config.init.run = 'runs/sft_small'
     config.prefs.update(num_prompts=4096, prompt_len=32, max_new_tokens=128)
@@ -43,5 +70,5 @@ def get_config(arg: str = 'tiny'):
     config.optim.update(lr=1e-4, warmup_steps=100)
   else:
     raise ValueError(f'unknown variant {arg!r} of configs/reward_model.py; '
-                     'choose tiny, tiny_ensemble or small')
+                     'choose tiny, tiny_ensemble, task_tiny or small')
   return config

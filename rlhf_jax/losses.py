@@ -28,6 +28,13 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array, label=None) -> jax.Arr
   return -(label * jax.nn.log_sigmoid(margin) + (1 - label) * jax.nn.log_sigmoid(-margin))
 
 
+def outcome_bce(scores: jax.Array, label: jax.Array) -> jax.Array:
+  """Per-response -(y log sigmoid(s) + (1-y) log sigmoid(-s)): an outcome reward model's
+  score s as the logit of P(correct), against the verifier's label y in {0, 1} (or a soft
+  one); any shape, elementwise. Its gradient in s is sigmoid(s) - y."""
+  return -(label * jax.nn.log_sigmoid(scores) + (1 - label) * jax.nn.log_sigmoid(-scores))
+
+
 def _policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
   """h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), sequence log-probs."""
   return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)

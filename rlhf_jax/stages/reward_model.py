@@ -13,6 +13,13 @@ them: it centres on samples of its own reference policy (stages/ppo.py).
 
 The optimiser clips each member's gradient by its own norm (runs.optimizer), so members
 train as independent models.
+
+With rm.objective='outcome' (configs/reward_model.py:task_tiny) the same head becomes an
+outcome reward model, a learned verifier: it trains with binary cross-entropy on the init
+policy's responses to a task's problems, each labelled 1/0 by the task's verifier
+(stages/outcome_data.py), its score the logit of P(correct); held-out orm/* metrics
+(accuracy, false-positive and false-negative rates, AUC) grade it against the verifier.
+No reward_norm.json is written: GRPO (grpo.reward='orm') uses P(correct) as it is.
 """
 import functools
 import json
@@ -24,13 +31,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding
+from rlhf_jax import sharding, tasks
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
+from rlhf_jax.errors import UserError
 from rlhf_jax.models import reward_model
-from rlhf_jax.stages import preference_data, reward_eval
-from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
+from rlhf_jax.stages import from_run, grpo, outcome_data, preference_data, reward_eval
+from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.train import loop, reward_step
 from rlhf_jax.train.state import state_from_params
+
+
+OBJECTIVES = ('pairs', 'outcome')  # Bradley-Terry on preference pairs | BCE on verifier labels
+
+
+def objective(config) -> str:
+  """rm.objective; a run recorded before the field existed trained on pairs."""
+  return config.rm.get('objective', 'pairs')
+
+
+def resolve(config) -> None:
+  """The objective's checks; then model and world from init.run (from_run.resolve), and a
+  task's sizes against that world."""
+  if objective(config) not in OBJECTIVES:
+    raise UserError(f'rm.objective={objective(config)!r} is not one of {OBJECTIVES}')
+  if objective(config) == 'outcome':
+    outcome_data.validate(config)
+  from_run.resolve(config)
+  if objective(config) == 'outcome':
+    tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
 
 
 class RewardEvaluator:
@@ -77,6 +105,12 @@ def build(config, setup: FromRun, *, workdir: str, given=None):
                      seed=config.seed, make_batch=functools.partial(preference_data.pair_rows,
                                                                     pairs),
                      what=f'preference pairs of {workdir}')
+  model, state, shardings = init_state(config, setup)
+  return model, state, shardings, source, pairs
+
+
+def init_state(config, setup: FromRun):
+  """(model, state, shardings): the ensemble at step 0, trunks from the init run."""
   model = reward_model.ensemble(setup.init.model.cfg, config.rm.ensemble, config.rm.pooling)
   shardings = setup.shardings(reward_model.init_params(model))
 
@@ -93,10 +127,12 @@ def build(config, setup: FromRun, *, workdir: str, given=None):
     params = jax.jit(start, out_shardings=shardings.params)(
         jax.random.wrap_key_data(setup.rng), setup.init.params)
     state = state_from_params(params, tx=setup.tx, rng=setup.rng, shardings=shardings)
-  return model, state, shardings, source, pairs
+  return model, state, shardings
 
 
 def run(config, *, workdir: str) -> None:
+  if objective(config) == 'outcome':
+    return run_outcome(config, workdir=workdir)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
   given = preference_data.read_given(config)  # before DIR is written: a wrong set leaves it
   config_lib.write_or_check(config, workdir)
@@ -129,3 +165,37 @@ def run(config, *, workdir: str) -> None:
     with open(path + '.tmp', 'w') as f:
       json.dump({'step': int(jax.device_get(state.step)), **norm}, f, indent=2)
     os.replace(path + '.tmp', path)
+
+
+def run_outcome(config, *, workdir: str) -> None:
+  """The outcome reward model: BCE on verifier-labelled responses (stages/outcome_data)."""
+  o = config.outcome
+  setup = FromRun(config, rows_per_step=config.train.batch_size)
+  task = grpo.make_task(config, setup, max_new_tokens=o.max_new_tokens)
+  config_lib.write_or_check(config, workdir)
+  train, held = outcome_data.load_or_make(config, setup, task, workdir=workdir)
+  model, state, shardings = init_state(config, setup)
+  n = train.label.shape[0]
+  source = RowSource(train=np.arange(n), held_out=None, batch_size=config.train.batch_size,
+                     seed=config.seed, make_batch=train.batch,
+                     what=f'verifier-labelled responses of {workdir}')
+  example = train.batch(np.arange(config.train.batch_size) % n,
+                        np.ones(config.train.batch_size, bool))
+  batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
+  step = functools.partial(reward_step.outcome_train_step, model=model, tx=setup.tx,
+                           schedule=setup.schedule,
+                           bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
+  step = jax.jit(step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+  evaluate = outcome_data.OutcomeEvaluator(held=held, model=model, samples=o.eval_samples)
+  static = {'orm/train_responses': n, 'orm/train_base_rate': float(train.label.mean()),
+            'rm/ensemble': config.rm.ensemble}
+  spec = loop.LoopSpec.from_config(
+      config, workdir=workdir,
+      tokens_per_step=config.train.batch_size * (train.prompts.shape[1] +
+                                                 train.response.shape[1]))
+  with sharding.activate(setup.mesh, config.mesh):
+    loop.run(spec=spec, state=state, state_shardings=shardings, step=step, source=source,
+             put_batch=lambda b: jax.device_put(b, batch_shardings), evaluate=evaluate,
+             static_metrics=static)

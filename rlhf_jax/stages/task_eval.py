@@ -11,6 +11,14 @@ temperature 1:
   eval/response_length   mean response tokens (EOS included)
   eval/kl_ref            mean sequence log pi - log ref of the samples (KL to the reference)
 
+Given an outcome reward model (`orm`: a learned verifier, configs/reward_model.py:
+task_tiny), also test-time best-of-n under it:
+
+  eval/orm_bon@k         for the same k: the true correctness of the sample the ORM scores
+                         highest among each problem's first k (the first on ties), beside
+                         pass@k (best-of-k under the true verifier) and maj@k
+  eval/orm_score         the ORM's mean P(correct) of the samples
+
 The problems and the sampling key depend on the task config and the world seed only, so
 every run on the same task is scored on the same problems.
 """
@@ -18,7 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import sampling
-from rlhf_jax.analysis import verifier_metrics
+from rlhf_jax.analysis import orm_metrics, verifier_metrics
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -31,6 +39,12 @@ def powers_of_two(n: int) -> list[int]:
 
 def _base_key(seed: int):
   return jax.random.fold_in(jax.random.key(seed), 0x7A5C)
+
+
+def eval_key(seed: int):
+  """The key the eval samples are drawn with (also the ORM stage's held-out responses',
+  so that they are the very samples a warm start's eval grades)."""
+  return jax.random.fold_in(_base_key(seed), 1)
 
 
 def held_out_problems(task, *, seed: int, num_prompts: int, dp: int):
@@ -50,10 +64,12 @@ def without_held_out(batch, held_out):
 class TaskEvaluator:
 
   def __init__(self, *, task, seed: int, num_prompts: int, samples: int, max_new_tokens: int,
-               model, mesh, mesh_config, param_shardings, ref_params, dp: int):
+               model, mesh, mesh_config, param_shardings, ref_params, dp: int, orm=None):
+    """orm: None, or (responses' prompts, prompt_lengths, response, mask) -> [N] host
+    P(correct) of a learned verifier (stages/outcome_data.py OutcomeScorer)."""
     self.batch = held_out_problems(task, seed=seed, num_prompts=num_prompts, dp=dp)
-    self.key = jax.random.fold_in(_base_key(seed), 1)
-    self.task, self.samples, self.ref_params = task, samples, ref_params
+    self.key = eval_key(seed)
+    self.task, self.samples, self.ref_params, self.orm = task, samples, ref_params, orm
     make = lambda greedy: sampling.Sampler(
         model=model, config=sampling.SampleConfig(max_new_tokens=max_new_tokens,
                                                   greedy=greedy),
@@ -84,6 +100,12 @@ class TaskEvaluator:
       metrics[f'eval/pass@{k}'] = float(np.mean(verifier_metrics.pass_at_k(n, c, k)))
       metrics[f'eval/maj@{k}'] = float(np.mean(verifier_metrics.maj_at_k(
           stated.reshape(num, n, -1), found.reshape(num, n), per_problem > 0.5, k)))
+    if self.orm is not None:
+      scores = self.orm(rep(b.prompts), rep(b.prompt_lengths), out.response, out.mask)
+      for k in powers_of_two(n):
+        metrics[f'eval/orm_bon@{k}'] = float(np.mean(orm_metrics.best_of_k(
+            scores.reshape(num, n), per_problem > 0.5, k)))
+      metrics['eval/orm_score'] = float(np.mean(scores))
     pass1 = per_problem.mean(axis=1)
     metrics['eval/pass@1_se'] = float(pass1.std(ddof=1) / np.sqrt(num)) if num > 1 else 0.0
     greedy = self.greedy.sample_in_chunks(params, np.asarray(b.prompts),

@@ -7,7 +7,13 @@ Poisson(1) draw (the online bootstrap), so the members fit different resamples o
 and their disagreement means something. The members are independent models: the stage's
 optimiser clips each member's gradient by its own norm (train/state.py make_optimizer's
 `members`), and `train/grad_norm` is the largest member's norm before clipping.
+
+An outcome reward model (rm.objective='outcome', `outcome_train_step`) is the same head
+trained instead with binary cross-entropy on single responses labelled 1/0 by a task's
+verifier: its score is the logit of P(correct), and an ensemble's P(correct) is the
+mean of its members' sigmoids (`outcome_probability`).
 """
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -69,6 +75,66 @@ def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, boot
       'train/accuracy': ((margin > 0) * real).sum(axis=1).mean(),
       'train/margin': (margin * real).sum(axis=1).mean(),
       # The largest member's: above optim.clip_norm, at least that member was clipped.
+      'train/grad_norm': member_norms(grads).max(),
+      'train/lr': schedule(state.step),
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+@flax.struct.dataclass
+class OutcomeBatch:
+  """Responses with the verifier's labels: prompts [B, P] left-padded, prompt_lengths [B],
+  response [B, R], mask [B, R] (1 up to EOS), label [B] float32 1/0, weight [B] float32
+  (0 on padding rows)."""
+  prompts: jax.Array
+  prompt_lengths: jax.Array
+  response: jax.Array
+  mask: jax.Array
+  label: jax.Array
+  weight: jax.Array
+
+
+def outcome_scores(params, prompts, prompt_lengths, response, mask, *, model):
+  """Member scores (logits of P(correct)) [K, B]."""
+  return model.apply({'params': params},
+                     *response_sequences(prompts, prompt_lengths, response, mask))
+
+
+def outcome_probability(params, prompts, prompt_lengths, response, mask, *, model):
+  """[B] float32: the ensemble's P(correct), the mean of its members' sigmoids."""
+  scores = outcome_scores(params, prompts, prompt_lengths, response, mask, model=model)
+  return jax.nn.sigmoid(scores).mean(axis=0)
+
+
+def outcome_loss(scores, label, weight):
+  """Per-member weighted mean BCE [K] of scores [K, B] against label [B] and weight
+  [K, B] (or [B])."""
+  weight = jnp.broadcast_to(weight, scores.shape)
+  return ((losses.outcome_bce(scores, label) * weight).sum(axis=1) /
+          jnp.maximum(weight.sum(axis=1), 1.0))
+
+
+def outcome_train_step(state: TrainState, batch: OutcomeBatch, *, model, tx, schedule,
+                       bootstrap: bool):
+  """One BCE update of all members, as `train_step` does for pairs (same bootstrap)."""
+  def loss_fn(params):
+    scores = outcome_scores(params, batch.prompts, batch.prompt_lengths, batch.response,
+                            batch.mask, model=model)
+    weight = jnp.broadcast_to(batch.weight, scores.shape)
+    if bootstrap:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      weight = weight * jax.random.poisson(key, 1.0, scores.shape).astype(jnp.float32)
+    per_member = outcome_loss(scores, batch.label, weight)
+    return per_member.sum(), (scores, per_member)
+
+  (_, (scores, per_member)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  real = batch.weight / jnp.maximum(batch.weight.sum(), 1.0)
+  metrics = {
+      'train/loss': per_member.mean(),
+      'train/accuracy': (((scores > 0) == (batch.label > 0.5)) * real).sum(axis=1).mean(),
+      'train/label_rate': (batch.label * real).sum(),
       'train/grad_norm': member_norms(grads).max(),
       'train/lr': schedule(state.step),
   }
