@@ -24,6 +24,13 @@ Variants:
               greedy 0.31 -> 0.64, pass@8 0.74 -> 0.88 (docs/verifiable-rl.md).
   tiny_dapo   the same with DAPO's choices: token loss, clip 0.2 / 0.28, dynamic
               sampling, no KL. Expected: not measured yet; no result is claimed.
+  tiny_orm    tiny against a learned verifier (grpo.reward='orm'): the training score is
+              the P(correct) of the outcome reward model of grpo.rm_run
+              (reward_model.py:task_tiny from the same warm start), logged as
+              rl/orm_score; rl/pass_rate and eval/* stay the true verifier's, and the eval
+              adds eval/orm_bon@k. Only this variant has the reward / rm_run / rm_step
+              fields (the default block is unchanged, so runs made before them resume).
+              Measured: see docs/verifiable-rl.md ("A learned verifier").
   tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): fsdp 16, 16 samples per problem,
               256 new tokens, bf16 sampling with TIS; the model is whatever init.run
               holds. Not run here: the stage runs in one process only for now (it refuses
@@ -69,6 +76,10 @@ def get_config(arg: str = 'tiny'):
     pass
   elif arg == 'tiny_dapo':
     config.grpo.update(loss_agg='token', clip_high=0.28, dynamic_sampling=True, kl='off')
+  elif arg == 'tiny_orm':
+    config.grpo.reward = 'orm'       # 'verifier' (task.verify) | 'orm' (a learned verifier)
+    config.grpo.rm_run = 'runs/orm_task_tiny'  # rm.objective='outcome' on the same task
+    config.grpo.rm_step = -1         # its checkpoint; -1: the newest (pinned at resolve)
   elif arg == 'tpu_v5e_16':
     config.init.run = 'runs/sft_task_tpu'
     config.grpo.update(group_size=16, max_new_tokens=256, sample_dtype='bfloat16',
@@ -78,5 +89,5 @@ def get_config(arg: str = 'tiny'):
     config.optim.update(lr=1e-6)
   else:
     raise ValueError(f'unknown variant {arg!r} of configs/grpo.py; '
-                     'choose tiny, tiny_dapo or tpu_v5e_16')
+                     'choose tiny, tiny_dapo, tiny_orm or tpu_v5e_16')
   return config

@@ -13,7 +13,7 @@ Variants:
   tiny_ensemble  the same with 4 bootstrapped members (rm/ensemble_std > 0).
   small      for an sft.py:small run.
   task_tiny  an outcome reward model, a learned verifier (rm.objective='outcome'): from
-             the GRPO warm start (sft.py:task_tiny), 4 samples of it to each of 512
+             the GRPO warm start (sft.py:task_tiny), 4 samples of it to each of 3900
              problems of grpo.py:tiny's training pool, labelled 1/0 by the task's
              verifier, BCE on the head's score (sigmoid: P(correct)); held-out orm/* on
              8 samples of each of GRPO's 128 eval problems. The task, pool, new tokens
@@ -52,7 +52,7 @@ def get_config(arg: str = 'tiny'):
     config.rm.objective = 'outcome'
     config.outcome = ml_collections.ConfigDict(dict(
         pool_prompts=g.num_prompts,  # GRPO's training pool (same seed: the same problems)
-        num_problems=512,            # its first problems the ORM learns on
+        num_problems=3900,           # its first problems the ORM learns on (nearly all)
         samples_per_problem=4,       # responses of the init policy to each, verifier-labelled
         max_new_tokens=g.max_new_tokens,
         temperature=1.0,
@@ -60,8 +60,8 @@ def get_config(arg: str = 'tiny'):
         eval_samples=g.eval_samples,  # responses to each: orm/* and orm/bon@k
     ))
     del config['prefs']  # no preference pairs
-    config.train.update(steps=300, batch_size=64, log_every=25, eval_every=100,
-                        ckpt_every=100)
+    config.train.update(steps=600, batch_size=64, log_every=25, eval_every=150,
+                        ckpt_every=150)
   elif arg == 'small':
     config.init.run = 'runs/sft_small'
     config.prefs.update(num_prompts=4096, prompt_len=32, max_new_tokens=128)

@@ -10,8 +10,15 @@ Metrics per step: `rl/*` on the rollouts (pass rate, KL to the reference, length
 `grpo/*` on the update (loss, clip fractions, zero-variance groups) and `mismatch/*`
 (sampler vs trainer log-probs); at eval steps `eval/*` (stages/task_eval.py: pass@k, maj@k
 on held-out problems, none of which is in the training pool).
+
+With grpo.reward='orm' (configs/grpo.py:tiny_orm) the training score is a learned
+verifier's: the P(correct) of the outcome reward model of grpo.rm_run (a reward_model run
+with rm.objective='outcome' on the same task and world; its checkpoint grpo.rm_step pinned
+at resolve), logged as rl/orm_score; rl/pass_rate and eval/* stay the true verifier's, and
+the eval adds eval/orm_bon@k (best-of-k under the ORM). Proxy up, true pass rate where?
 """
 import functools
+import os
 
 import jax
 import numpy as np
@@ -20,10 +27,17 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import sharding, tasks
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
-from rlhf_jax.stages import from_run, task_eval
+from rlhf_jax.stages import from_run, outcome_data, task_eval
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.task_eval import TaskEvaluator
-from rlhf_jax.train import group_advantages, grpo_step, grpo_update, loop
+from rlhf_jax.train import group_advantages, grpo_step, grpo_update, loop, runs
+
+REWARDS = ('verifier', 'orm')
+
+
+def reward(config) -> str:
+  """grpo.reward; configs without the field (every run before it) score by the verifier."""
+  return config.grpo.get('reward', 'verifier')
 
 SAMPLE_DTYPES = ('float32', 'bfloat16')
 
@@ -57,6 +71,24 @@ def validate(config) -> None:
   if g.num_prompts < config.train.batch_size:
     raise UserError(f'grpo.num_prompts={g.num_prompts} is smaller than one batch of '
                     f'{config.train.batch_size} prompts')
+  if reward(config) not in REWARDS:
+    raise UserError(f'grpo.reward={reward(config)!r} is not one of {REWARDS}')
+  if reward(config) == 'orm' and not g.get('rm_run'):
+    raise UserError("grpo.reward='orm' needs grpo.rm_run, an outcome reward model run "
+                    "(configs/reward_model.py:task_tiny); configs/grpo.py:tiny_orm has it")
+
+
+def _orm_config(config):
+  """grpo.rm_run's config, checked to be an outcome reward model's."""
+  rm = runs.read_config(os.path.abspath(config.grpo.rm_run), role='grpo.rm_run')
+  if rm.get('stage') != 'reward_model':
+    raise UserError(f'grpo.rm_run {config.grpo.rm_run} is a {rm.get("stage")!r} run, not a '
+                    'reward_model run')
+  if rm.rm.get('objective', 'pairs') != 'outcome':
+    raise UserError(f'grpo.rm_run {config.grpo.rm_run} is a Bradley-Terry reward model '
+                    "(rm.objective='pairs'), not an outcome reward model of a verifier's "
+                    "labels (rm.objective='outcome', configs/reward_model.py:task_tiny)")
+  return rm
 
 
 def resolve(config) -> None:
@@ -66,8 +98,16 @@ def resolve(config) -> None:
     raise UserError(f'stage grpo runs in one process only (this run has '
                     f'{jax.process_count()}); use one host with all its devices')
   validate(config)
+  rm = _orm_config(config) if reward(config) == 'orm' else None
   from_run.resolve(config)
   tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
+  if rm is None:
+    return
+  if rm.world.to_dict() != config.world.to_dict() or rm.task.to_dict() != config.task.to_dict():
+    raise UserError(f'grpo.rm_run {config.grpo.rm_run} learned on another world or task '
+                    f'than this run (init.run {config.init.run}, task {config.task.name})')
+  config.grpo.rm_step = runs.checkpoint_step(config.grpo.rm_run, step=config.grpo.rm_step,
+                                             role='grpo.rm_run')
 
 
 def make_task(config, setup: FromRun, *, max_new_tokens: int):
@@ -80,17 +120,20 @@ def make_task(config, setup: FromRun, *, max_new_tokens: int):
   return task
 
 
-def prompt_pool(config, task, *, held_out, dp: int):
+def prompt_pool(config, task, *, held_out, dp: int, field: str | None = None):
   """The training problems, fixed by config.seed, with every held-out problem removed
   (so eval/* measures generalisation, not recall); a multiple of dp rows. The size is
-  <stage>.num_prompts (grpo's, or ppo's with ppo.reward='task': the same pool)."""
+  the config's `field`, <stage>.num_prompts unless given (grpo's, or ppo's with
+  ppo.reward='task': the same pool; the outcome RM's outcome.pool_prompts)."""
   key = jax.random.fold_in(jax.random.key(config.seed), 0x6790)
-  num = config[config.stage].num_prompts
+  field = field or f'{config.stage}.num_prompts'
+  block, name = field.split('.')
+  num = config[block][name]
   pool = task_eval.without_held_out(task.make_prompts(key=key, num=num), held_out)
   n = pool.prompts.shape[0] // dp * dp
   if n < config.train.batch_size:
-    raise UserError(f'task {task.name}: only {pool.prompts.shape[0]} of {config.stage}.'
-                    f'num_prompts={num} problems are not held out for eval; the '
+    raise UserError(f'task {task.name}: only {pool.prompts.shape[0]} of {field}='
+                    f'{num} problems are not held out for eval; the '
                     'task has too few distinct problems (raise its difficulty)')
   return jax.tree.map(lambda x: x[:n], pool)
 
@@ -100,7 +143,8 @@ def step_config(config) -> grpo_step.StepConfig:
   return grpo_step.StepConfig(
       group_size=g.group_size, advantage=g.advantage, dynamic_sampling=g.dynamic_sampling,
       max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-      sample_dtype=g.sample_dtype, update=grpo_update.GRPOConfig.from_config(g))
+      sample_dtype=g.sample_dtype, update=grpo_update.GRPOConfig.from_config(g),
+      reward=reward(config))
 
 
 def run(config, *, workdir: str) -> None:
@@ -111,11 +155,17 @@ def run(config, *, workdir: str) -> None:
   config_lib.write_or_check(config, workdir)
   lm = setup.init.model
   state, shardings = setup.lm_state(setup.init.params)
+  rm = None
+  if reward(config) == 'orm':
+    rm = runs.load_reward_model(g.rm_run, mesh=setup.mesh, mesh_config=config.mesh,
+                                step=g.rm_step, role='grpo.rm_run')
   evaluator = TaskEvaluator(task=task, seed=config.world.seed, num_prompts=g.eval_prompts,
                             samples=g.eval_samples, max_new_tokens=g.max_new_tokens,
                             model=lm, mesh=setup.mesh, mesh_config=config.mesh,
                             param_shardings=shardings.params, ref_params=setup.init.params,
-                            dp=setup.dp)
+                            dp=setup.dp,
+                            orm=rm and outcome_data.OutcomeScorer(model=rm.model,
+                                                                  params=rm.params))
   pool = prompt_pool(config, task, held_out=evaluator.batch, dp=setup.dp)
   make_batch = lambda rows, valid: grpo_step.TaskPrompts(
       prompts=pool.prompts[rows], prompt_lengths=pool.prompt_lengths[rows],
@@ -128,11 +178,14 @@ def run(config, *, workdir: str) -> None:
                                           prompt_lengths=rows_sharding,
                                           answers=setup.batch_sharding,
                                           answer_lengths=rows_sharding)
-  frozen_shardings = grpo_step.Frozen(ref_params=setup.init.param_shardings)
-  frozen = jax.device_put(grpo_step.Frozen(ref_params=setup.init.params), frozen_shardings)
+  frozen_shardings = grpo_step.Frozen(ref_params=setup.init.param_shardings,
+                                      rm_params=rm and rm.param_shardings)
+  frozen = jax.device_put(grpo_step.Frozen(ref_params=setup.init.params,
+                                           rm_params=rm and rm.params), frozen_shardings)
   replicated = sharding.replicated(setup.mesh)
   step = jax.jit(functools.partial(grpo_step.train_step, lm=lm, task=task, tx=setup.tx,
-                                   schedule=setup.schedule, config=step_config(config)),
+                                   schedule=setup.schedule, config=step_config(config),
+                                   rm_model=rm and rm.model),
                  in_shardings=(shardings, frozen_shardings, batch_shardings),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
   static = {'rl/prompt_pool': pool.prompts.shape[0],

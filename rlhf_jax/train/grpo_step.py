@@ -7,6 +7,11 @@ trip.
 The sampler may run in bfloat16 (`sample_dtype`) while the trainer recomputes the old
 log-probs in the model's own dtype; the gap between the two is logged (`mismatch/*`) and
 truncated importance sampling (`tis_cap`) corrects for it in the update.
+
+With reward='orm' the training score is a learned verifier's instead (an outcome reward
+model, frozen): its P(correct) of each response, in [0, 1] like the verifier's 1/0, so
+that the advantages keep a ranking within groups the ORM judges alike; rl/pass_rate stays
+the true verifier's rate on the same rollouts and rl/orm_score logs the proxy.
 """
 import dataclasses
 
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 from rlhf_jax import losses, sampling
 from rlhf_jax.analysis import verifier_metrics
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.train import group_advantages, grpo_update
+from rlhf_jax.train import group_advantages, grpo_update, reward_step
 from rlhf_jax.train.ppo_step import sequence_inputs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.world import language
@@ -35,8 +40,10 @@ class TaskPrompts:
 
 @flax.struct.dataclass
 class Frozen:
-  """ref_params: the reference policy's (the init run's) params."""
+  """ref_params: the reference policy's (the init run's) params; rm_params: the outcome
+  reward model's (reward='orm'; else None)."""
   ref_params: object
+  rm_params: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,7 @@ class StepConfig:
   temperature: float
   sample_dtype: str          # 'float32' | 'bfloat16': the sampler's compute dtype
   update: grpo_update.GRPOConfig
+  reward: str = 'verifier'   # 'verifier': task.verify | 'orm': the ORM's P(correct)
 
 
 def sampling_model(lm: Transformer, sample_dtype: str) -> Transformer:
@@ -68,8 +76,9 @@ def make_apply(model: Transformer, *, prompt_len: int):
 
 
 def rollout_scores(state_params, frozen: Frozen, batch: TaskPrompts, key, *, lm: Transformer,
-                   task, config: StepConfig):
-  """Samples G responses per prompt and scores them. Returns (GroupRollout, metrics)."""
+                   task, config: StepConfig, rm_model=None):
+  """Samples G responses per prompt and scores them. Returns (GroupRollout, metrics).
+  rm_model: the outcome reward ensemble (reward='orm')."""
   g = config.group_size
   rows = batch.prompts.shape[0] * g
   rep = lambda x: jnp.repeat(x, g, axis=0)
@@ -86,9 +95,13 @@ def rollout_scores(state_params, frozen: Frozen, batch: TaskPrompts, key, *, lm:
   logp = logp * mask
   ref_logp = sampling.score(frozen.ref_params, prompts, lengths, response, model=lm) * mask
   correct = task.verify(answers, answer_lengths, response, mask)
+  proxy = correct
+  if config.reward == 'orm':
+    proxy = reward_step.outcome_probability(frozen.rm_params, prompts, lengths, response,
+                                            mask, model=rm_model)
   seq_kl = ((logp - ref_logp) * mask).sum(axis=1)
   u = config.update
-  score = correct - u.kl_coef * seq_kl if u.kl == 'reward' else correct
+  score = proxy - u.kl_coef * seq_kl if u.kl == 'reward' else proxy
   valid = jnp.ones((rows,), jnp.float32)
   flat = group_advantages.zero_variance(score, groups, valid,
                                         num_groups=batch.prompts.shape[0])
@@ -112,16 +125,19 @@ def rollout_scores(state_params, frozen: Frozen, batch: TaskPrompts, key, *, lm:
       'grpo/valid_fraction': valid.mean(),
       **{f'mismatch/{k}': v for k, v in mismatch.items()},
   }
+  if config.reward == 'orm':
+    metrics['rl/orm_score'] = proxy.mean()
   return rollout, metrics
 
 
 def train_step(state: TrainState, frozen: Frozen, batch: TaskPrompts, *, lm: Transformer,
-               task, tx, schedule, config: StepConfig):
-  """lm: the policy's Transformer (the reference shares it); task: a rlhf_jax.tasks Task."""
+               task, tx, schedule, config: StepConfig, rm_model=None):
+  """lm: the policy's Transformer (the reference shares it); task: a rlhf_jax.tasks Task;
+  rm_model: the outcome reward ensemble (reward='orm')."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_sample, k_update = jax.random.split(key)
   rollout, metrics = rollout_scores(state.params, frozen, batch, k_sample, lm=lm, task=task,
-                                    config=config)
+                                    config=config, rm_model=rm_model)
   apply_fn = make_apply(lm, prompt_len=batch.prompts.shape[1])
   params, opt_state, update_metrics = grpo_update.update(
       state.params, state.opt_state, rollout, k_update, apply_fn=apply_fn, tx=tx,

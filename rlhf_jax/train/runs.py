@@ -23,7 +23,8 @@ from rlhf_jax.train.state import abstract_sharded, make_optimizer
 
 
 # The field that picks the checkpoint of the run a role names (-1 or unset: the newest).
-_STEP_FIELDS = {'init.run': 'init.step', 'ppo.rm_run': 'ppo.rm_step', '--workdir': '--step'}
+_STEP_FIELDS = {'init.run': 'init.step', 'ppo.rm_run': 'ppo.rm_step',
+                'grpo.rm_run': 'grpo.rm_step', '--workdir': '--step'}
 
 
 @dataclasses.dataclass(frozen=True)
