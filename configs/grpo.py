@@ -30,7 +30,10 @@ Variants:
               rl/orm_score; rl/pass_rate and eval/* stay the true verifier's, and the eval
               adds eval/orm_bon@k. Only this variant has the reward / rm_run / rm_step
               fields (the default block is unchanged, so runs made before them resume).
-              Measured: see docs/verifiable-rl.md ("A learned verifier").
+              Measured (one run, from sft.py:task_tiny, ORM reward_model.py:task_tiny;
+              83 s): eval/orm_score 0.168 -> 0.425 while held-out pass@1 0.171 -> 0.153
+              and pass@8 0.742 -> 0.172 in 100 steps (over-optimisation; tiny with the
+              true verifier: 0.171 -> 0.554).
   tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): fsdp 16, 16 samples per problem,
               256 new tokens, bf16 sampling with TIS; the model is whatever init.run
               holds. Not run here: the stage runs in one process only for now (it refuses

@@ -18,7 +18,10 @@ Variants:
              verifier, BCE on the head's score (sigmoid: P(correct)); held-out orm/* on
              8 samples of each of GRPO's 128 eval problems. The task, pool, new tokens
              and eval sizes are read from configs/grpo.py:tiny at build time.
-             Measured: see docs/verifiable-rl.md ("A learned verifier").
+             600 steps; 65 s on a 2-core CPU. Measured (one run, from sft.py:task_tiny):
+             held-out accuracy 0.829 (= 1 - base rate 0.171: it never judges a response
+             right), false-positive rate 0.000, false-negative rate 1.000, AUC 0.614
+             (docs/verifiable-rl.md, "A learned verifier").
 
 Any leaf can be overridden: --config.annotators.temperature=0 --config.rm.ensemble=4.
 """
