@@ -34,6 +34,10 @@ Variants:
               83 s): eval/orm_score 0.168 -> 0.425 while held-out pass@1 0.171 -> 0.153
               and pass@8 0.742 -> 0.172 in 100 steps (over-optimisation; tiny with the
               true verifier: 0.171 -> 0.554).
+  small       for sft.py:task_small (a pretrain.py:small model): sum_mod of 12 values
+              mod 97, 32 problems x 16 samples per step, 32 new tokens, 500 steps. Not
+              run here (its pretraining takes 1.5 hours on this CPU); no result is
+              claimed.
   tpu_v5e_16  a pod-slice shape (v5e-16, 16 chips): fsdp 16, 16 samples per problem,
               256 new tokens, bf16 sampling with TIS; the model is whatever init.run
               holds. Not run here: the stage runs in one process only for now (it refuses
@@ -83,6 +87,12 @@ def get_config(arg: str = 'tiny'):
     config.grpo.reward = 'orm'       # 'verifier' (task.verify) | 'orm' (a learned verifier)
     config.grpo.rm_run = 'runs/orm_task_tiny'  # rm.objective='outcome' on the same task
     config.grpo.rm_step = -1         # its checkpoint; -1: the newest (pinned at resolve)
+  elif arg == 'small':
+    config.init.run = 'runs/sft_task_small'
+    config.task.update(num_operands=12, modulus=97)
+    config.grpo.update(group_size=16, max_new_tokens=32, eval_prompts=256, eval_samples=16)
+    config.train.update(steps=500, batch_size=32, log_every=10, eval_every=50, ckpt_every=50)
+    config.optim.update(lr=1e-4)
   elif arg == 'tpu_v5e_16':
     config.init.run = 'runs/sft_task_tpu'
     config.grpo.update(group_size=16, max_new_tokens=256, sample_dtype='bfloat16',
@@ -92,5 +102,5 @@ def get_config(arg: str = 'tiny'):
     config.optim.update(lr=1e-6)
   else:
     raise ValueError(f'unknown variant {arg!r} of configs/grpo.py; '
-                     'choose tiny, tiny_dapo, tiny_orm or tpu_v5e_16')
+                     'choose tiny, tiny_dapo, tiny_orm, small or tpu_v5e_16')
   return config
