@@ -61,6 +61,12 @@ def test_rates_auc_and_best_of_k_match_a_python_count():
   assert out['orm/false_negative_rate'] == sum(not said[i] for i in right) / len(right)  # 2/4
   assert out['orm/accuracy'] == sum(s == (y == 1) for s, y in zip(said, label)) / 8
   assert out['orm/base_rate'] == 0.5
+  # Accepting the 4 highest (0.9, 0.8 and the tied 0.6s: ties at the cut go in): of the
+  # wrong ones (0.2, 0.6, 0.8, 0.1) the 0.6 and 0.8 are accepted.
+  cut = sorted(prob, reverse=True)[3]
+  accepted = [p >= cut for p in prob]
+  assert out['orm/false_positive_rate_at_base_rate'] == sum(accepted[i] for i in wrong) / 4
+  assert out['orm/false_positive_rate_at_base_rate'] == 0.5
   pairs = [(prob[i] > prob[j]) + 0.5 * (prob[i] == prob[j]) for i in right for j in wrong]
   assert out['orm/auc'] == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
   expected_loss = -sum(math.log(p) if y else math.log(1 - p) for p, y in zip(prob, label)) / 8

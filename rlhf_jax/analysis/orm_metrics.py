@@ -3,7 +3,10 @@
 `classification` grades P(correct) against the verifier's labels at the threshold 1/2
 (score > 0 for one member): accuracy, false-positive rate P(judged right | wrong),
 false-negative rate P(judged wrong | right), AUC (the chance that a right response
-outscores a wrong one, ties half) and the base rate of right responses. `best_of_k` is
+outscores a wrong one, ties half) and the base rate of right responses. An ORM trained on
+a skewed base rate may never cross 1/2 (FP rate 0, FN rate 1), so the false-positive rate
+is also given where it accepts as many responses as are right: the top base-rate share of
+scores (`orm/false_positive_rate_at_base_rate`, ties at the cut accepted). `best_of_k` is
 test-time best-of-n under the learned verifier.
 """
 import numpy as np
@@ -25,10 +28,21 @@ def classification(prob, label) -> dict:
       'orm/false_negative_rate': rate(~said & right, right),
       'orm/auc': auc(prob, right),
       'orm/base_rate': float(right.mean()),
+      'orm/false_positive_rate_at_base_rate': rate(top_share(prob, right.mean()) & wrong,
+                                                   wrong),
       'orm/judged_right_rate': float(said.mean()),
       'orm/loss': float(loss.mean()),
       'orm/responses': int(prob.shape[0]),
   }
+
+
+def top_share(scores, share: float) -> np.ndarray:
+  """[N] bool: the scores at or above the round(share x N)-th highest (none for 0)."""
+  scores = np.asarray(scores, np.float64)
+  n = int(round(share * scores.shape[0]))
+  if n == 0:
+    return np.zeros(scores.shape, bool)
+  return scores >= np.sort(scores)[::-1][n - 1]
 
 
 def auc(scores, positive) -> float:
