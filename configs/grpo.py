@@ -28,10 +28,8 @@ Variants:
               the P(correct) of the outcome reward model of grpo.rm_run
               (reward_model.py:task_tiny from the same warm start), logged as
               rl/orm_score; rl/pass_rate and eval/* stay the true verifier's, and the eval
-              adds eval/orm_bon@k. Only this variant has the reward / rm_run / rm_step
-              fields (the default block is unchanged, so runs made before them resume).
-              Measured (one run, from sft.py:task_tiny, ORM reward_model.py:task_tiny;
-              83 s): eval/orm_score 0.168 -> 0.425 while held-out pass@1 0.171 -> 0.153
+              adds eval/orm_bon@k. Measured (one run, from sft.py:task_tiny, with the ORM
+              of reward_model.py:task_tiny; 83 s): eval/orm_score 0.168 -> 0.425 while held-out pass@1 0.171 -> 0.153
               and pass@8 0.742 -> 0.172 in 100 steps (over-optimisation; tiny with the
               true verifier: 0.171 -> 0.554).
   small       for sft.py:task_small (a pretrain.py:small model): sum_mod of 12 values
@@ -69,6 +67,9 @@ def grpo_block() -> ml_collections.ConfigDict:
       tis_cap=0.0,             # truncated importance sampling cap (0: off)
       eval_prompts=128,        # held-out problems for eval/pass@k (never trained on)
       eval_samples=8,          # n samples each: pass@k and maj@k for k = 1, 2, 4, .., n
+      reward='verifier',       # 'verifier' (task.verify) | 'orm' (a learned verifier)
+      rm_run='',               # reward='orm': an rm.objective='outcome' run on the same task
+      rm_step=-1,              # its checkpoint; -1: the newest (pinned at resolve)
   ))
 
 
@@ -84,9 +85,7 @@ def get_config(arg: str = 'tiny'):
   elif arg == 'tiny_dapo':
     config.grpo.update(loss_agg='token', clip_high=0.28, dynamic_sampling=True, kl='off')
   elif arg == 'tiny_orm':
-    config.grpo.reward = 'orm'       # 'verifier' (task.verify) | 'orm' (a learned verifier)
-    config.grpo.rm_run = 'runs/orm_task_tiny'  # rm.objective='outcome' on the same task
-    config.grpo.rm_step = -1         # its checkpoint; -1: the newest (pinned at resolve)
+    config.grpo.update(reward='orm', rm_run='runs/orm_task_tiny')
   elif arg == 'small':
     config.init.run = 'runs/sft_task_small'
     config.task.update(num_operands=12, modulus=97)
