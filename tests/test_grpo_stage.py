@@ -103,28 +103,3 @@ def test_bad_settings_are_one_error_line(chain, run_cli, tmp_path, override, men
                    f'--config.init.run={chain["pretrain"]}', override)
   assert_one_error_line(result, mentions=(mention,))
   assert not workdir.exists()
-
-
-def test_two_processes_are_refused_with_one_error_line(tmp_path):
-  """GRPO runs in one process only for now: a 2-process run stops before any compute."""
-  import subprocess
-  import sys
-  from conftest import REPO, cli_env
-  from test_multihost import free_port
-  port, workdir = free_port(), tmp_path / 'grpo'
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'rlhf_jax.main', '--config=configs/grpo.py:tiny',
-       f'--workdir={workdir}', f'--config.init.run={tmp_path / "unused"}',
-       f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=REPO, env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
-    for p in procs:
-      _, err = p.communicate(timeout=120)
-      assert p.returncode == 2, err[-3000:]
-      lines = err.splitlines()
-      assert len(lines) == 1 and lines[0].startswith('error: stage grpo runs in one process'), err
-  finally:
-    for p in procs:
-      p.kill()
-  assert not workdir.exists()

@@ -1,7 +1,7 @@
 """Multi-controller runs on this machine: 2 processes x 4 CPU devices (JAX's gloo collectives
 between them) give the losses of 1 process x 8 devices, only process 0 writes, and the
 2-process run resumes from its checkpoint (every process restoring its data position) to
-the same metrics, also when its newest checkpoint is damaged."""
+the same metrics, here when its newest checkpoint is damaged."""
 import json
 import shutil
 import socket
@@ -65,15 +65,11 @@ def test_two_processes_equal_one_and_resume(tmp_path):
   # Only process 0 writes: one metrics file, one event file, one line per logged step.
   assert len(list(two.glob('events.out.tfevents.*'))) == 1
 
-  # Stopped after step 3: both processes restore the state and the data position.
-  resumed = tmp_path / 'resumed'
-  shutil.copytree(two, resumed)
-  shutil.rmtree(resumed / 'checkpoints' / '6')
-  run_processes(resumed, processes=2, devices=4)
-  assert records(resumed) == b
-
   # Its newest checkpoint damaged: both processes fail to restore it and agree to resume
-  # from step 3; process 0 alone moves it aside and says so.
+  # from step 3; process 0 alone moves it aside and says so. Then both restore the state and
+  # the data position of step 3, as a run stopped after step 3 would (Checkpointer.
+  # restore_newest tries step 6, then restores step 3 by the same call), to the same
+  # metrics: one 2-process rerun for both claims.
   damaged = tmp_path / 'damaged'
   shutil.copytree(two, damaged)
   data = [p for p in (damaged / 'checkpoints' / '6' / 'state').rglob('*')
@@ -96,3 +92,31 @@ def test_bad_process_flags(run_cli, tmp_path):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and '--coordinator' in lines[0]
+
+
+@pytest.mark.parametrize('config', [  # each ~6 s: one in the quick tier
+    'configs/sft.py:tiny', pytest.param('configs/grpo.py:tiny', marks=pytest.mark.slow),
+    pytest.param('configs/selfplay.py:tic_tac_toe', marks=pytest.mark.slow)])
+def test_stages_not_yet_multi_process_are_refused_with_one_error_line(tmp_path, config):
+  """Only pretraining runs on several processes so far (stages/dispatch.MULTI_PROCESS): a
+  2-process run of any other stage stops before any compute, in every process, with one
+  error line, and leaves no workdir."""
+  port, workdir = free_port(), tmp_path / 'run'
+  stage = config.split('/')[1].split('.')[0]
+  init = [] if stage == 'selfplay' else [f'--config.init.run={tmp_path / "unused"}']
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'rlhf_jax.main', f'--config={config}', f'--workdir={workdir}',
+       *init, f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=120)
+      assert p.returncode == 2, err[-3000:]
+      lines = err.splitlines()
+      assert len(lines) == 1 and lines[0].startswith(
+          f'error: stage {stage} runs in one process only (this run has 2'), err
+  finally:
+    for p in procs:
+      p.kill()
+  assert not workdir.exists()

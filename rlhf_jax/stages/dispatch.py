@@ -19,6 +19,12 @@ STAGES = {
     'selfplay': 'rlhf_jax.loops.selfplay',
 }
 
+# The stages that run on several processes (one GSPMD program over every host's devices),
+# tested against one process in tests/test_multihost.py. The others read batch-sharded
+# outputs on the host or write files from every process (issue 18), so a multi-process
+# run of them is refused before any compute rather than run wrong.
+MULTI_PROCESS = ('pretrain',)
+
 
 def prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(workdir)
@@ -62,6 +68,7 @@ def run(config, workdir: str) -> None:
   (or resumes) in `workdir`."""
   stage = module(config)
   config_lib.validate(config)
+  check_processes(config.stage)
   if hasattr(stage, 'resolve'):  # fills fields from the earlier run it starts from
     stage.resolve(config)
   before = _fresh_paths(workdir)
@@ -72,6 +79,14 @@ def run(config, workdir: str) -> None:
   except UserError:
     _remove_if_nothing_computed(workdir, before)
     raise
+
+
+def check_processes(stage: str) -> None:
+  import jax
+  if jax.process_count() > 1 and stage not in MULTI_PROCESS:
+    raise UserError(f'stage {stage} runs in one process only (this run has '
+                    f'{jax.process_count()}; only {", ".join(MULTI_PROCESS)} runs on several); '
+                    'use one host with all its devices')
 
 
 def _fresh_paths(workdir: str) -> set | None:

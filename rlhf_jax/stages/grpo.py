@@ -94,9 +94,6 @@ def _orm_config(config):
 def resolve(config) -> None:
   """The grpo block's checks; model and world from init.run (init.step = -1 pinned to the
   newest, as from_run.resolve says why); then the task's sizes against that world."""
-  if jax.process_count() > 1:  # its eval and pool read batch-sharded arrays on the host
-    raise UserError(f'stage grpo runs in one process only (this run has '
-                    f'{jax.process_count()}); use one host with all its devices')
   validate(config)
   rm = _orm_config(config) if reward(config) == 'orm' else None
   from_run.resolve(config)

@@ -50,9 +50,6 @@ def resolve(config) -> None:
   blocks from its run (the truth its labels came from), after checking it learned on the
   same world. init.step and ppo.rm_step = -1 are pinned to the steps newest now (as
   from_run.resolve says why). With a task, its sizes are checked against that world."""
-  if config.ppo.reward == 'task' and jax.process_count() > 1:  # as stages/grpo.py says why
-    raise UserError(f"ppo.reward='task' runs in one process only (this run has "
-                    f'{jax.process_count()}); use one host with all its devices')
   from_run.resolve(config)
   if config.ppo.reward == 'task':
     tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
