@@ -3,7 +3,7 @@ r"""Runs one config over a grid (or a list) of overrides, one run directory per 
 
   python launch/sweep.py --config=configs/pretrain.py:tiny --root=runs/sweep_lr \
       --sweep 'optim.lr=[1e-3,3e-3]' --sweep 'seed=[0,1,2]' [--set train.steps=100 ...] \
-      [--mode=local|print]
+      [--mode=local|print|slurm|tpu_vm]
   python launch/sweep.py --config=configs/pretrain.py:tiny --root=runs/sweep_pts \
       --list 'optim.lr=1e-3,seed=0' --list 'optim.lr=3e-3,seed=1'
 
@@ -29,6 +29,40 @@ command skips finished runs and reruns the others with the same command; a run s
 mid-way resumes from its newest checkpoint. A different config, --set or set of points on
 an existing ROOT is refused: use another --root. So is a second sweep on a ROOT whose sweep,
 or a run it started, is still going (a lock on ROOT/.sweep.lock that the runs inherit).
+
+Cluster modes: hand each pending point to the cluster's scheduler, then return (they do
+not wait for the jobs; rerun the same command later to learn how they ended).
+  --mode=slurm [--partition=P] [--nodes=N] [--gpus_per_node=G] [--time=T] [--dry-run]
+      one `sbatch --array=I,J,...` of the points not finished, I the point's index in the
+      manifest; the array script ROOT/slurm/array_<k>.sh (a new k per submission, never
+      overwritten) carries launch/slurm_gpu.sh's #SBATCH defaults, and its task I runs
+      `bash launch/slurm_gpu.sh --config=... --workdir=ROOT/<name> --config.K=V ...` (its
+      srun path: one process per node, N nodes per point, default 1), output in
+      ROOT/slurm/sweep-<basename of ROOT>-<job>_<task>.out. Submit from a login node, ROOT
+      on the shared filesystem; PYTHON passes to slurm_gpu.sh through the environment.
+  --mode=tpu_vm --zone=Z --accelerator=TYPE --name_prefix=P [--bucket=B] [--project=X]
+      [--tpu_root=DIR] [--spot] [--queued] [--dry-run]
+      one `launch/tpu_vm.sh --name=P-I ... --workdir=TPU_ROOT/<name>` per pending point,
+      started in the background in its own session (its gcloud lines in
+      ROOT/<name>.tpu_vm.log, the run's output in ROOT/<name>.log); each creates its slice,
+      runs the point and deletes the slice. TPU_ROOT (default ROOT, absolute) is where the
+      workers see ROOT: ROOT must be the same storage here (e.g. --bucket=B, ROOT=/mnt/B/x
+      with gs://B mounted at /mnt/B on this host too), or the rerun cannot see the runs.
+      Every launcher's own checks (its --dry-run) pass before the first one starts.
+  --dry-run prints the exact sbatch command line and array script, or each point's
+  launch/tpu_vm.sh command and its gcloud lines, and submits and writes nothing.
+A submitted point is `submitted` in the manifest, with its job (SLURM job_task id, or TPU
+VM name and launcher pid). Status is learned on the rerun from the run directory: a point
+is finished when the last step in ROOT/<name>/metrics.jsonl reaches the step its
+config.json says a finished run logs last (train.steps; a loop's own last step, as
+rlhf_jax.analysis.compare decides); in these modes that also holds for a point never
+submitted, so a run finished by other means is not submitted again. A SLURM point not
+finished that `squeue` still lists stays submitted; one that ended unfinished is submitted
+again and resumes from its newest checkpoint. TPU VM launchers hold ROOT's lock while they
+run, so a rerun before they all ended is refused. A config that gives no length (the
+pipeline loop) never counts as finished here, so it is submitted again (and resumes). The
+last stdout line is {"runs": N, "submitted": s, "finished": k, "queued": q} (q: still held
+by SLURM). --mode=local refuses a ROOT with points still queued on SLURM.
 
 Every override is checked against the config before anything runs (unknown field, a value
 of the wrong type, a point the config validation rejects): bad input ends with one line
@@ -62,7 +96,7 @@ if REPO not in sys.path:
 import ml_collections  # noqa: E402
 
 MANIFEST = 'manifest.json'
-STATUSES = ('pending', 'running', 'finished', 'failed')
+STATUSES = ('pending', 'running', 'finished', 'failed', 'submitted')
 _KEY = re.compile(r'[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
 _NAME_UNSAFE = re.compile(r'[^A-Za-z0-9._+-]')
 _MAX_NAME = 180  # well under the 255 bytes a file name may take, with '.log' appended
@@ -388,6 +422,8 @@ def merge_manifest(*, old: dict, new: dict, root: str) -> dict:
   for run in new['runs']:
     before = status[_canonical(run['overrides'])]
     run['status'], run['returncode'] = before['status'], before.get('returncode')
+    if 'job' in before:  # where a scheduler was given it: the rerun asks it
+      run['job'] = before['job']
   return new
 
 
@@ -473,6 +509,261 @@ def run_all(*, manifest: dict, root: str, lock_fd: int, counts: dict) -> None:
       print(f'{tag}: failed (exit {rc}, {took}){": " + reason if reason else ""}', flush=True)
 
 
+# --- The cluster modes: a SLURM job array, one TPU VM per point -----------------------------
+
+_TPU_NAME = re.compile(r'[a-z]([-a-z0-9]*[a-z0-9])?$')
+_SLURM_WORD = re.compile(r'[A-Za-z0-9_.:,+-]+$')
+
+
+def cluster_options(*, args: argparse.Namespace) -> None:
+  """The options of --mode=slurm / tpu_vm, checked before anything is written or submitted."""
+  slurm = dict(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+               time=args.time)
+  tpu = dict(zone=args.zone, accelerator=args.accelerator, name_prefix=args.name_prefix,
+             bucket=args.bucket, project=args.project, tpu_root=args.tpu_root,
+             spot=args.spot or None, queued=args.queued or None)
+  for mode, options in (('slurm', slurm), ('tpu_vm', tpu)):
+    given = [k for k, v in options.items() if v is not None]
+    if args.mode != mode and given:
+      raise SweepError(f'--{given[0]} is an option of --mode={mode}, not --mode={args.mode}')
+  if args.dry_run and args.mode not in ('slurm', 'tpu_vm'):
+    raise SweepError(f'--dry-run is for --mode=slurm or tpu_vm (--mode={args.mode} '
+                     'prints nothing to submit; --mode=print prints the commands)')
+  if args.mode == 'slurm':
+    for key in ('nodes', 'gpus_per_node'):
+      value = getattr(args, key)
+      if value is not None and (not value.isdigit() or int(value) < 1):
+        raise SweepError(f'--{key}={value}: give a positive whole number')
+    for key in ('partition', 'time'):
+      value = getattr(args, key)
+      if value is not None and not _SLURM_WORD.match(value):
+        raise SweepError(f'--{key}={value!r}: not a SLURM {key}')
+  if args.mode == 'tpu_vm':
+    for key in ('zone', 'accelerator', 'name_prefix'):
+      if not getattr(args, key):
+        raise SweepError(f'--mode=tpu_vm needs --{key}')
+    if not _TPU_NAME.match(args.name_prefix) or len(args.name_prefix) > 50:
+      raise SweepError(f'--name_prefix={args.name_prefix}: use at most 50 lower-case letters, '
+                       'digits and hyphens, starting with a letter')
+    if args.tpu_root is not None and not os.path.isabs(args.tpu_root):
+      raise SweepError(f'--tpu_root={args.tpu_root}: give the absolute path the TPU workers '
+                       'see the root as (e.g. /mnt/BUCKET/sweeps/x)')
+
+
+def _last_logged_step(path: str) -> int | None:
+  """The largest step of metrics.jsonl's whole lines (a last line cut short by a kill is
+  dropped, as a resumed run drops it)."""
+  with open(path) as f:
+    lines = f.read().split('\n')[:-1]  # the text after the last newline is not whole
+  steps = []
+  for line in lines:
+    try:
+      step = json.loads(line).get('step') if line.strip() else None
+    except (ValueError, AttributeError):
+      step = None
+    if isinstance(step, int):
+      steps.append(step)
+  return max(steps) if steps else None
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def run_finished(*, workdir: str) -> bool:
+  """Whether the run directory holds a finished run: its last logged step (metrics.jsonl)
+  reaches the step its config.json says a finished run logs last (train.steps, or the
+  loop's own last step: stages/dispatch.last_logged_step, as rlhf_jax.analysis.compare
+  decides). A config that gives no length never counts as finished here: such a point is
+  submitted again (and resumes)."""
+  config_path = os.path.join(workdir, 'config.json')
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if not (os.path.isfile(config_path) and os.path.isfile(metrics_path)):
+    return False
+  try:
+    with open(config_path) as f:
+      flat = _flatten(json.load(f))
+    last = _last_logged_step(metrics_path)
+  except (OSError, ValueError, AttributeError):
+    return False
+  from rlhf_jax.stages import dispatch  # late: a stage module imports jax
+  expected = dispatch.last_logged_step(flat)
+  return last is not None and expected is not None and last >= expected
+
+
+def _slurm_queued(*, job_ids: set[str]) -> set[str]:
+  """Of the array jobs `job_ids`, the tasks ('JOB_TASK') SLURM still holds, pending or
+  running. One squeue per job: squeue fails as a whole on a job id it forgot."""
+  held = set()
+  for job in sorted(job_ids):
+    argv = ['squeue', '--noheader', '--array', f'--jobs={job}', '--format=%A_%a']
+    try:
+      out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      raise SweepError(f'cannot ask SLURM which submitted points still run '
+                       f'({shlex.join(argv)}: {_one_line(e)})') from None
+    if out.returncode != 0 and 'Invalid job id' not in out.stderr:  # forgotten: it ended
+      raise SweepError(f'{shlex.join(argv)} failed: {_one_line(Exception(out.stderr))}')
+    held |= {line.strip() for line in out.stdout.splitlines() if line.strip()}
+  return held
+
+
+def refresh_submitted(*, manifest: dict, root: str, every: bool) -> None:
+  """Learns the fate of the points handed to a scheduler earlier: finished when the run
+  directory says so, still 'submitted' while SLURM holds the job, else pending again (it
+  ended unfinished: submitted once more, it resumes from its newest checkpoint). TPU VM
+  launchers hold ROOT's lock while they run, so here all of them have ended. With `every`
+  (the cluster modes) a point in any other unfinished state whose run directory holds a
+  finished run is marked finished too, so it is not submitted again; --mode=local leaves
+  those to the CLI, which also rewrites a checkpoint a killed run lost."""
+  if every:
+    for run in manifest['runs']:
+      if (run['status'] in ('pending', 'running', 'failed')
+          and run_finished(workdir=os.path.join(root, run['workdir']))):
+        run['status'], run['returncode'] = 'finished', None
+  submitted = [r for r in manifest['runs'] if r['status'] == 'submitted']
+  queued = _slurm_queued(job_ids={r['job']['id'].split('_')[0] for r in submitted
+                                  if r.get('job', {}).get('scheduler') == 'slurm'
+                                  and not run_finished(workdir=os.path.join(root, r['workdir']))})
+  for run in submitted:
+    if run_finished(workdir=os.path.join(root, run['workdir'])):
+      run['status'] = 'finished'
+    elif run.get('job', {}).get('scheduler') == 'slurm' and run['job']['id'] in queued:
+      pass
+    else:
+      run['status'] = 'pending'
+
+
+def _slurm_header() -> list[str]:
+  """slurm_gpu.sh's #SBATCH defaults (nodes, GPUs, CPUs, time), for the array script; the
+  job name and output are the sweep's."""
+  with open(os.path.join(REPO, 'launch', 'slurm_gpu.sh')) as f:
+    return [l.rstrip('\n') for l in f
+            if l.startswith('#SBATCH') and not l.startswith(('#SBATCH --job-name',
+                                                              '#SBATCH --output'))]
+
+
+def slurm_submission(*, args, manifest: dict, root: str, todo: list[int]) -> tuple[list, str, str]:
+  """(sbatch argv, path of the array script, its text): array task i runs point i's
+  command through launch/slurm_gpu.sh (its srun path: one process per node)."""
+  shown = display_path(path=root)
+  lines = ['#!/usr/bin/env bash', *_slurm_header(),
+           f'# launch/sweep.py --mode=slurm on {shown}: array task i runs point i of',
+           f'# {shown}/{MANIFEST} through launch/slurm_gpu.sh.',
+           'set -euo pipefail', 'cd "$SLURM_SUBMIT_DIR"', 'case $SLURM_ARRAY_TASK_ID in']
+  for i in todo:
+    run = manifest['runs'][i]
+    lines.append(f'  {i}) exec bash launch/slurm_gpu.sh {shlex.join(run["command"][3:])} ;;')
+  lines += ['  *) echo "error: no point for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
+            'esac', '']
+  slurm_dir = os.path.join(root, 'slurm')
+  n = 1
+  while os.path.exists(os.path.join(slurm_dir, f'array_{n}.sh')):
+    n += 1  # never overwrite the script of an earlier submission
+  script = os.path.join(slurm_dir, f'array_{n}.sh')
+  argv = ['sbatch', '--parsable', f'--job-name=sweep-{os.path.basename(root)}',
+          f'--array={",".join(map(str, todo))}', f'--nodes={args.nodes or 1}',
+          *([f'--partition={args.partition}'] if args.partition else []),
+          *([f'--gpus-per-node={args.gpus_per_node}'] if args.gpus_per_node else []),
+          *([f'--time={args.time}'] if args.time else []),
+          f'--output={os.path.join(shown, "slurm", "%x-%A_%a.out")}', display_path(path=script)]
+  return argv, script, '\n'.join(lines)
+
+
+def tpu_launches(*, args, manifest: dict, root: str, todo: list[int]) -> list[tuple[int, list]]:
+  """(point index, launch/tpu_vm.sh argv) per point: TPU VM NAME_PREFIX-<index>, the run in
+  TPU_ROOT/<name> on the workers."""
+  remote = args.tpu_root or os.path.abspath(root)
+  out = []
+  for i in todo:
+    run = manifest['runs'][i]
+    argv = ['bash', 'launch/tpu_vm.sh', f'--name={args.name_prefix}-{i}', f'--zone={args.zone}',
+            f'--accelerator={args.accelerator}',
+            *([f'--project={args.project}'] if args.project else []),
+            *([f'--bucket={args.bucket}'] if args.bucket else []),
+            *(['--spot'] if args.spot else []), *(['--queued'] if args.queued else []),
+            run['command'][3], f'--workdir={os.path.join(remote, run["workdir"])}',
+            f'--log={os.path.join(root, run["name"] + ".log")}',
+            *(['--'] + run['command'][5:] if run['command'][5:] else [])]
+    out.append((i, argv))
+  return out
+
+
+def _tpu_dry_run(*, argv: list) -> list[str]:
+  """The '+ ' lines of the launcher's dry run, or its usage error as a SweepError."""
+  out = subprocess.run([*argv, '--dry-run'] if '--' not in argv else
+                       [*argv[:argv.index('--')], '--dry-run', *argv[argv.index('--'):]],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+  if out.returncode != 0:
+    errors = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+    raise SweepError(f"{argv[2].split('=', 1)[1]}: launch/tpu_vm.sh refuses it: "
+                     f"{(errors or [out.stderr.strip() or 'exit ' + str(out.returncode)])[0]}"
+                     .replace('error: ', ''))
+  return [l for l in out.stdout.splitlines() if l.startswith('+ ')]
+
+
+def submit(*, args, manifest: dict, root: str, lock_fd: int | None) -> dict:
+  """Hands every point not finished and not still queued to the scheduler and returns at
+  once. With --dry-run prints what it would run and writes nothing."""
+  runs = manifest['runs']
+  todo = [i for i, r in enumerate(runs) if r['status'] not in ('finished', 'submitted')]
+  counts = dict(runs=len(runs), submitted=len(todo),
+                finished=sum(r['status'] == 'finished' for r in runs),
+                queued=sum(r['status'] == 'submitted' for r in runs))
+  if not todo:
+    return counts
+  if args.mode == 'slurm':
+    argv, script, text = slurm_submission(args=args, manifest=manifest, root=root, todo=todo)
+    if args.dry_run:
+      print(f'+ {shlex.join(argv)}')
+      print(f'# {display_path(path=script)}:')
+      print(text, end='')
+      return counts
+    os.makedirs(os.path.dirname(script), exist_ok=True)
+    with open(script, 'x') as f:
+      f.write(text)
+    try:
+      out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    except OSError as e:
+      raise SweepError(f'cannot run sbatch ({e.strerror or e})') from None
+    job = out.stdout.strip().split(';')[0]
+    if out.returncode != 0 or not job.isdigit():
+      raise SweepError(f'sbatch refused the array: {_one_line(Exception(out.stderr or out.stdout))}')
+    for i in todo:
+      runs[i].update(status='submitted', returncode=None,
+                     job=dict(scheduler='slurm', id=f'{job}_{i}', script=display_path(path=script)))
+    write_manifest(root=root, manifest=manifest)
+    print(f'submitted SLURM array job {job}: tasks {",".join(map(str, todo))}', flush=True)
+    return counts
+  launches = tpu_launches(args=args, manifest=manifest, root=root, todo=todo)
+  printed = [(i, argv, _tpu_dry_run(argv=argv)) for i, argv in launches]  # every check first
+  if args.dry_run:
+    for i, argv, lines in printed:
+      print(f'# {runs[i]["name"]}: {shlex.join(argv)}')
+      print('\n'.join(lines))
+    return counts
+  for i, argv, _ in printed:
+    log = open(os.path.join(root, runs[i]['name'] + '.tpu_vm.log'), 'a')
+    # Its own session, so the sweep returns and a Ctrl-C here does not reach it; it holds
+    # ROOT's lock until the slice is deleted.
+    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, pass_fds=(lock_fd,),
+                            start_new_session=True)
+    log.close()
+    runs[i].update(status='submitted', returncode=None,
+                   job=dict(scheduler='tpu_vm', name=argv[2].split('=', 1)[1], pid=proc.pid))
+    write_manifest(root=root, manifest=manifest)
+    print(f'submitted {runs[i]["name"]}: TPU VM {runs[i]["job"]["name"]} '
+          f'(launch/tpu_vm.sh pid {proc.pid})', flush=True)
+  return counts
+
+
 # --- Entry point ----------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -492,8 +783,25 @@ def _flags() -> argparse.ArgumentParser:
                  help='one point (repeatable; instead of --sweep)')
   p.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
                  help='an override of every point (repeatable)')
-  p.add_argument('--mode', choices=('local', 'print'), default='local',
-                 help='local: run the points here, one after another; print: print their commands')
+  p.add_argument('--mode', choices=('local', 'print', 'slurm', 'tpu_vm'), default='local',
+                 help='local: run the points here, one after another; print: print their '
+                 'commands; slurm: submit a job array; tpu_vm: one TPU VM per point')
+  p.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
+                 help='slurm, tpu_vm: print the sbatch / gcloud commands, submit nothing')
+  slurm = p.add_argument_group('--mode=slurm (passed to sbatch)')
+  slurm.add_argument('--partition')
+  slurm.add_argument('--nodes', help='nodes per point (default 1)')
+  slurm.add_argument('--gpus_per_node')
+  slurm.add_argument('--time')
+  tpu = p.add_argument_group('--mode=tpu_vm (passed to launch/tpu_vm.sh)')
+  tpu.add_argument('--zone')
+  tpu.add_argument('--accelerator', help='e.g. v4-32, the slice of every point')
+  tpu.add_argument('--name_prefix', help='TPU VM of point i: NAME_PREFIX-i')
+  tpu.add_argument('--bucket')
+  tpu.add_argument('--project')
+  tpu.add_argument('--tpu_root', help='where the workers see ROOT (default: ROOT, absolute)')
+  tpu.add_argument('--spot', action='store_true')
+  tpu.add_argument('--queued', action='store_true')
   return p
 
 
@@ -555,6 +863,7 @@ def plan(*, args: argparse.Namespace) -> tuple[str, dict, list[Point]]:
 def main(*, argv: list[str] | None = None) -> int:
   args = _flags().parse_args(argv)
   try:
+    cluster_options(args=args)
     config_spec, sets, points = plan(args=args)
     if args.mode == 'print':
       for point in points:
@@ -565,6 +874,15 @@ def main(*, argv: list[str] | None = None) -> int:
     root = os.path.abspath(args.root)
     manifest = new_manifest(config_spec=config_spec, root=root, sets=sets, points=points,
                             python=sys.executable)
+    if args.dry_run:  # reads ROOT, writes nothing
+      old = read_manifest(root=root) if os.path.isdir(root) else None
+      if old is not None:
+        manifest = merge_manifest(old=old, new=manifest, root=root)
+      refresh_submitted(manifest=manifest, root=root,
+                        every=args.mode in ('slurm', 'tpu_vm'))
+      print(json.dumps(submit(args=args, manifest=manifest, root=root, lock_fd=None)),
+            flush=True)
+      return 0
     try:
       os.makedirs(root, exist_ok=True)
     except OSError as e:
@@ -573,7 +891,20 @@ def main(*, argv: list[str] | None = None) -> int:
     old = read_manifest(root=root)
     if old is not None:
       manifest = merge_manifest(old=old, new=manifest, root=root)
+    refresh_submitted(manifest=manifest, root=root,
+                      every=args.mode in ('slurm', 'tpu_vm'))
     write_manifest(root=root, manifest=manifest)
+    if args.mode in ('slurm', 'tpu_vm'):
+      try:
+        counts = submit(args=args, manifest=manifest, root=root, lock_fd=lock_fd)
+      finally:  # TPU VM launchers keep their inherited copy of the lock while they run
+        os.close(lock_fd)
+      print(json.dumps(counts), flush=True)
+      return 0
+    queued = [r['name'] for r in manifest['runs'] if r['status'] == 'submitted']
+    if queued:
+      raise SweepError(f"{len(queued)} points are still queued or running on SLURM "
+                       f"({', '.join(queued)}); wait for them or scancel them")
   except SweepError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
