@@ -734,7 +734,8 @@ def submit(*, args, manifest: dict, root: str, lock_fd: int | None) -> dict:
       raise SweepError(f'cannot run sbatch ({e.strerror or e})') from None
     job = out.stdout.strip().split(';')[0]
     if out.returncode != 0 or not job.isdigit():
-      raise SweepError(f'sbatch refused the array: {_one_line(Exception(out.stderr or out.stdout))}')
+      said = _one_line(Exception(out.stderr or out.stdout))
+      raise SweepError(f'sbatch refused the array: {said}')
     for i in todo:
       runs[i].update(status='submitted', returncode=None,
                      job=dict(scheduler='slurm', id=f'{job}_{i}', script=display_path(path=script)))

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import stat
+import subprocess
 import sys
 import time
 
@@ -31,6 +32,8 @@ if name == 'sbatch':
   record['script'] = open(sys.argv[-1]).read()
 with open(os.environ['FAKE_LOG'], 'a') as f:
   f.write(json.dumps(record) + '\n')
+if name == 'sbatch' and os.environ.get('FAKE_REFUSE'):
+  sys.exit(print('sbatch: error: invalid partition specified: gpu', file=sys.stderr) or 1)
 if name == 'sbatch':
   print(os.environ.get('FAKE_JOB', '4242') + ';cluster1')
 if name == 'squeue':
@@ -67,7 +70,7 @@ def fake(tmp_path, lib, monkeypatch, capsys):
   monkeypatch.setenv('TMPDIR', str(tmp_path))
 
   def sweep(*args, **env):
-    for key in ('FAKE_QUEUE', 'FAKE_JOB'):
+    for key in ('FAKE_QUEUE', 'FAKE_JOB', 'FAKE_REFUSE'):
       monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
       monkeypatch.setenv(key, value)
@@ -169,6 +172,51 @@ def test_slurm_submits_one_array_of_the_unfinished_points_and_learns_their_end(f
   assert len(calls('sbatch')) == 2
   assert summary(done) == {'runs': 3, 'submitted': 0, 'finished': 3, 'queued': 0}
   assert {s for s, _ in statuses(root).values()} == {'finished'}
+
+
+def test_slurm_refusal_is_one_error_line_and_leaves_the_points_pending(fake, tmp_path):
+  sweep, calls = fake
+  root = tmp_path / 'grid'
+  result = sweep(f'--root={root}', *GRID, *SLURM, FAKE_REFUSE='1')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      'error: sbatch refused the array: sbatch: error: invalid partition specified: gpu']
+  assert statuses(root) == {f'seed_{i}': ('pending', None) for i in range(3)}
+  again = sweep(f'--root={root}', *GRID, *SLURM)  # the fixed rerun submits all three
+  assert again.returncode == 0, again.stderr
+  assert calls('sbatch')[-1]['argv'] == sbatch_argv(root, 2, '0,1,2')
+
+
+def test_slurm_array_task_runs_its_point_through_slurm_gpu_sh(fake, tmp_path):
+  """The array script as SLURM runs it (task 2 of a 2-node job), with fake srun, scontrol
+  and python: every node's process gets point 2's command, the coordinator and its id."""
+  sweep, _ = fake
+  root = tmp_path / 'grid'
+  assert sweep(f'--root={root}', *GRID, *SLURM).returncode == 0
+  bin_dir = tmp_path / 'bin'
+  for name, text in (
+      ('srun', '#!/usr/bin/env bash\n[ "$1" = --kill-on-bad-exit=1 ] && shift\n'
+               'for i in $(seq 0 $((SLURM_NTASKS - 1))); do SLURM_PROCID=$i "$@" || exit; done\n'),
+      ('scontrol', '#!/bin/sh\necho n1\necho n2\n'),
+      ('fakepython',
+       f'#!{sys.executable}\nimport json, sys\nprint("ARGV", json.dumps(sys.argv[1:]))\n')):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  env.update(SLURM_SUBMIT_DIR=REPO, SLURM_JOB_NODELIST='n[1-2]', SLURM_NTASKS='2',
+             SLURM_JOB_ID='77', PYTHON='fakepython')
+  script = str(root / 'slurm' / 'array_1.sh')
+  ran = subprocess.run(['bash', script], env={**env, 'SLURM_ARRAY_TASK_ID': '2'}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=30)
+  assert ran.returncode == 0, ran.stderr
+  argvs = [json.loads(l[5:]) for l in ran.stdout.splitlines() if l.startswith('ARGV ')]
+  assert argvs == [['-m', 'rlhf_jax.main', '--config=configs/pretrain.py:tiny',
+                    f'--workdir={root}/seed_2', '--config.train.steps=4', '--config.seed=2',
+                    '--coordinator=n1:20077', '--num_processes=2', f'--process_id={i}']
+                   for i in range(2)]
+  none = subprocess.run(['bash', script], env={**env, 'SLURM_ARRAY_TASK_ID': '5'},
+                        capture_output=True, text=True, timeout=30)
+  assert none.returncode == 2 and 'no point for array task 5' in none.stderr
 
 
 TPU = ('--mode=tpu_vm', '--zone=us-central2-b', '--accelerator=v4-32', '--name_prefix=sw',
