@@ -25,13 +25,18 @@ def tiny_config(mesh=(1, 1, 1)):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """The tiny world model after its 300 steps (true KL about 0.04 nats/token)."""
+def trained(chain, tmp_path_factory):
+  """The tiny world model after its 300 steps (true KL about 0.04 nats/token): the
+  session's pretraining run (configs/pretrain.py:tiny as is, one device), restored onto
+  all 8 devices from a copy of its checkpoints (the session's run stays untouched)."""
+  import shutil
   workdir = str(tmp_path_factory.mktemp('tiny'))
-  pretrain.run(tiny_config(mesh=(-1, 1, 1)), workdir=workdir)  # on all 8 devices
-  setup = pretrain.Setup(tiny_config(), workdir=workdir, devices=jax.devices()[:1])
+  shutil.copytree(os.path.join(chain['pretrain'], 'checkpoints'),
+                  os.path.join(workdir, 'checkpoints'))
+  setup = pretrain.Setup(tiny_config(mesh=(-1, 1, 1)), workdir=workdir)
   from rlhf_jax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=3)
+  assert ckpt.latest_step() == 300
   state, _ = ckpt.restore(ckpt.latest_step(), state_shardings=setup.state_shardings,
                           like_state=setup.state)
   ckpt.close()
