@@ -84,11 +84,13 @@ def test_dpo_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
   se = np.hypot(first['policy/gold_reward_se'], last['policy/gold_reward_se'])
   assert last['policy/gold_reward'] > first['policy/gold_reward'] + 3 * se
   assert last['dpo_eval/accuracy'] > 0.5 and last['policy/kl_ref'] > 0
-  # Resume: drop everything after step 100 and rerun the same command.
+  # Resume: drop everything after step 200 (the last middle checkpoint: the shortest rerun
+  # that restores one) and rerun the same command.
   resumed = tmp_path / 'dpo_resumed'
   shutil.copytree(workdir, resumed)
+  assert checkpoint_steps(resumed) == [100, 200, 300]
   for step in checkpoint_steps(resumed):
-    if step > 100:
+    if step > 200:
       shutil.rmtree(resumed / 'checkpoints' / str(step))
   result = run_cli(*args, f'--workdir={resumed}')
   assert result.returncode == 0, result.stderr[-3000:]
