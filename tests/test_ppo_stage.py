@@ -56,10 +56,12 @@ def test_ppo_on_gold_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
   # ppo/approx_kl, ppo/clip_fraction and the loss terms are checked against NumPy on a tiny
   # LM in tests/test_ppo.py (test_update_metrics_and_entropy_bonus_match_numpy).
 
+  # Resumed from step 20, the last middle checkpoint (the shortest rerun that restores one).
   resumed = tmp_path / 'ppo_resumed'
   shutil.copytree(workdir, resumed)
+  assert checkpoint_steps(resumed) == [10, 20, 30]
   for step in checkpoint_steps(resumed):
-    if step > 10:
+    if step > 20:
       shutil.rmtree(resumed / 'checkpoints' / str(step))
   result = run_cli(*args, f'--workdir={resumed}')
   assert result.returncode == 0, result.stderr[-3000:]
