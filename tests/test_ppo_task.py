@@ -26,6 +26,7 @@ from rlhf_jax.world import language
 from rlhf_jax.world import reward as reward_lib
 from rlhf_jax.world.language import EOS_ID
 
+from test_grpo_step import _python_grade
 from test_ppo import LM, tiny_learner
 
 ROWS, NEW, PENALTY = 12, 8, -0.5
@@ -36,19 +37,6 @@ def _task():
   block = ml_collections.ConfigDict(dict(name='sum_mod', partial_credit=0.0, num_operands=3,
                                          modulus=5))
   return tasks.make_task(block, vocab_size=LM['vocab_size'])
-
-
-def _python_grade(task, answer: int, response, mask) -> float:
-  """sum_mod's rule by hand: the one value token after the last marker, then EOS."""
-  tokens = [int(t) for t, m in zip(response, mask) if m > 0]
-  if EOS_ID not in tokens:
-    return 0.0
-  tokens = tokens[:tokens.index(EOS_ID)]
-  marks = [i for i, t in enumerate(tokens) if t == task.marker_id]
-  if not marks or len(tokens) - marks[-1] != 2:
-    return 0.0
-  value = tokens[-1]
-  return float(3 <= value < task.sep_id and value == answer)
 
 
 @pytest.mark.slow  # compiles a whole PPO step (23 s): left out of the quick check
