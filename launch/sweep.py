@@ -550,51 +550,23 @@ def cluster_options(*, args: argparse.Namespace) -> None:
                        'see the root as (e.g. /mnt/BUCKET/sweeps/x)')
 
 
-def _last_logged_step(path: str) -> int | None:
-  """The largest step of metrics.jsonl's whole lines (a last line cut short by a kill is
-  dropped, as a resumed run drops it)."""
-  with open(path) as f:
-    lines = f.read().split('\n')[:-1]  # the text after the last newline is not whole
-  steps = []
-  for line in lines:
-    try:
-      step = json.loads(line).get('step') if line.strip() else None
-    except (ValueError, AttributeError):
-      step = None
-    if isinstance(step, int):
-      steps.append(step)
-  return max(steps) if steps else None
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def run_finished(*, workdir: str) -> bool:
   """Whether the run directory holds a finished run: its last logged step (metrics.jsonl)
   reaches the step its config.json says a finished run logs last (train.steps, or the
   loop's own last step: stages/dispatch.last_logged_step, as rlhf_jax.analysis.compare
   decides). A config that gives no length never counts as finished here: such a point is
   submitted again (and resumes)."""
-  config_path = os.path.join(workdir, 'config.json')
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if not (os.path.isfile(config_path) and os.path.isfile(metrics_path)):
+  if not all(os.path.isfile(os.path.join(workdir, name))
+             for name in ('config.json', 'metrics.jsonl')):
     return False
+  from rlhf_jax.analysis import compare  # late: it imports jax
+  from rlhf_jax.errors import UserError
   try:
-    with open(config_path) as f:
-      flat = _flatten(json.load(f))
-    last = _last_logged_step(metrics_path)
-  except (OSError, ValueError, AttributeError):
+    run = compare.load_run(path=workdir)
+  except UserError:  # an unreadable config.json or metrics.jsonl: not finished
     return False
-  from rlhf_jax.stages import dispatch  # late: a stage module imports jax
-  expected = dispatch.last_logged_step(flat)
-  return last is not None and expected is not None and last >= expected
+  expected = compare.expected_last_step(config=run.config)
+  return bool(run.rows) and expected is not None and run.last_step >= expected
 
 
 def _slurm_queued(*, job_ids: set[str]) -> set[str]:
