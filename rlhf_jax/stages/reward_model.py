@@ -130,6 +130,15 @@ def init_state(config, setup: FromRun):
   return model, state, shardings
 
 
+def _jit_step(train_step, config, setup: FromRun, *, model, shardings, batch_shardings):
+  """train_step (pairs' or outcomes') jitted on the mesh, the state donated."""
+  step = functools.partial(train_step, model=model, tx=setup.tx, schedule=setup.schedule,
+                           bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
+  return jax.jit(step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
 def run(config, *, workdir: str) -> None:
   if objective(config) == 'outcome':
     return run_outcome(config, workdir=workdir)
@@ -140,12 +149,8 @@ def run(config, *, workdir: str) -> None:
   put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
   example = source.eval_batches(max_batches=1)[0]
   batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
-  step = functools.partial(reward_step.train_step, model=model, tx=setup.tx,
-                           schedule=setup.schedule,
-                           bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
-  step = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  step = _jit_step(reward_step.train_step, config, setup, model=model, shardings=shardings,
+                   batch_shardings=batch_shardings)
   rewards = jax.jit(functools.partial(reward_step.pair_rewards, model=model),
                     in_shardings=(shardings.params, batch_shardings))
   evaluate = RewardEvaluator(source=source, pairs=pairs, world=setup.world, rewards=rewards,
@@ -182,12 +187,8 @@ def run_outcome(config, *, workdir: str) -> None:
   example = train.batch(np.arange(config.train.batch_size) % n,
                         np.ones(config.train.batch_size, bool))
   batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
-  step = functools.partial(reward_step.outcome_train_step, model=model, tx=setup.tx,
-                           schedule=setup.schedule,
-                           bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
-  step = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  step = _jit_step(reward_step.outcome_train_step, config, setup, model=model,
+                   shardings=shardings, batch_shardings=batch_shardings)
   evaluate = outcome_data.OutcomeEvaluator(held=held, model=model, samples=o.eval_samples)
   static = {'orm/train_responses': n, 'orm/train_base_rate': float(train.label.mean()),
             'rm/ensemble': config.rm.ensemble}
