@@ -65,15 +65,23 @@ def maj_at_k(answers, found, correct, k: int) -> np.ndarray:
   if not 1 <= k <= answers.shape[1]:
     raise UserError(f'maj_at_k needs 1 <= k <= n={answers.shape[1]}, got k={k}')
   answers, found, correct = answers[:, :k], found[:, :k], correct[:, :k]
+  _, winner = majority_vote(answers, found)
+  score = np.take_along_axis(correct, winner[:, None], axis=1)[:, 0]
+  return np.where(found.any(1), score, 0.0)
+
+
+def majority_vote(answers, found):
+  """The self-consistency vote (module docstring) over all k samples of each problem:
+  answers [P, k, A], found [P, k] bool -> (same [P, k, k] bool: both samples found the
+  same answer, winner [P] int: the first sample stating the winning answer; 0, and
+  meaningless, for a problem with no found answer). Shapes are the caller's to check."""
   same = (answers[:, :, None] == answers[:, None]).all(-1)  # [P, k, k]
   same &= found[:, :, None] & found[:, None]
   votes = np.where(found, same.sum(-1), -1)  # [P, k]
   # A sample's answer first appears at the first sample equal to it; votes are constant
   # over an answer's samples, so the first sample of maximal votes is the first occurrence
   # of the earliest-seen answer among those tied.
-  winner = np.argmax(votes, axis=1)
-  score = np.take_along_axis(correct, winner[:, None], axis=1)[:, 0]
-  return np.where(found.any(1), score, 0.0)
+  return same, np.argmax(votes, axis=1)
 
 
 def logprob_mismatch(sample_logp, train_logp, mask) -> dict:
