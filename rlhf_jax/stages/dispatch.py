@@ -17,6 +17,7 @@ STAGES = {
     'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
     'collapse': 'rlhf_jax.loops.collapse',
     'selfplay': 'rlhf_jax.loops.selfplay',
+    'self_improve': 'rlhf_jax.loops.self_improve',
 }
 
 # The stages that run on several processes (one GSPMD program over every host's devices),

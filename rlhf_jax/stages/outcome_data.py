@@ -4,7 +4,9 @@ labelled 1/0 by the task's verifier.
 
   training   outcome.samples_per_problem responses to each of the first
              outcome.num_problems problems of GRPO's training pool (stages/grpo.py
-             prompt_pool with outcome.pool_prompts: the held-out eval problems removed)
+             prompt_pool with outcome.pool_prompts: the held-out eval problems removed);
+             or, where the config has outcome.labels_from (the self-improvement loop's
+             reward model), the labelled rows of the array stores it names
   held-out   outcome.eval_samples responses to each of the TaskEvaluator's outcome.
              eval_prompts held-out problems, drawn with the eval's own key: with GRPO's
              eval sizes they are the very samples a warm start's eval grades
@@ -20,6 +22,7 @@ import numpy as np
 
 from rlhf_jax import sampling, sharding
 from rlhf_jax.analysis import orm_metrics
+from rlhf_jax.data import array_store
 from rlhf_jax.errors import UserError
 from rlhf_jax.stages import task_eval
 from rlhf_jax.stages.task_eval import powers_of_two
@@ -82,12 +85,14 @@ def load_or_make(config, setup, task, *, workdir: str) -> tuple[Outcomes, Outcom
     o = config.outcome
     held_out = task_eval.held_out_problems(task, seed=config.world.seed,
                                            num_prompts=o.eval_prompts, dp=setup.dp)
-    pool = grpo.prompt_pool(config, task, held_out=held_out, dp=setup.dp,
-                            field='outcome.pool_prompts')
-    if pool.prompts.shape[0] < o.num_problems:
-      raise UserError(f'outcome.num_problems={o.num_problems}: the pool holds only '
-                      f'{pool.prompts.shape[0]} problems that are not held out')
-    train_problems = jax.tree.map(lambda x: x[:o.num_problems], pool)
+    given = read_labelled(o.get('labels_from', ''))
+    if given is None:
+      pool = grpo.prompt_pool(config, task, held_out=held_out, dp=setup.dp,
+                              field='outcome.pool_prompts')
+      if pool.prompts.shape[0] < o.num_problems:
+        raise UserError(f'outcome.num_problems={o.num_problems}: the pool holds only '
+                        f'{pool.prompts.shape[0]} problems that are not held out')
+      train_problems = jax.tree.map(lambda x: x[:o.num_problems], pool)
     make = lambda temperature: sampling.Sampler(
         model=setup.init.model,
         config=sampling.SampleConfig(max_new_tokens=o.max_new_tokens,
@@ -96,8 +101,9 @@ def load_or_make(config, setup, task, *, workdir: str) -> tuple[Outcomes, Outcom
     verify = jax.jit(task.verify)
     key = jax.random.fold_in(jax.random.key(config.seed), 0x0A11)
     with sharding.activate(setup.mesh, config.mesh):
-      train = sample_and_label(make(o.temperature), setup.init.params, train_problems,
-                               samples=o.samples_per_problem, key=key, verify=verify)
+      train = given if given is not None else sample_and_label(
+          make(o.temperature), setup.init.params, train_problems,
+          samples=o.samples_per_problem, key=key, verify=verify)
       # At temperature 1, as the TaskEvaluator samples.
       held = sample_and_label(make(1.0), setup.init.params, held_out, samples=o.eval_samples,
                               key=task_eval.eval_key(config.world.seed), verify=verify)
@@ -113,6 +119,16 @@ def load_or_make(config, setup, task, *, workdir: str) -> tuple[Outcomes, Outcom
                    for split in ('train', 'held'))
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f'{path} is unreadable ({e}); use a fresh --workdir') from None
+
+
+def read_labelled(labels_from: str) -> Outcomes | None:
+  """The labelled responses of the array stores named (comma-separated) by
+  outcome.labels_from, in order (a loop that bought the labels, loops/self_improve.py);
+  None when it names none, and the stage samples and labels its own."""
+  if not labels_from:
+    return None
+  parts = [array_store.read(path, FIELDS)[0] for path in labels_from.split(',')]
+  return Outcomes(**{k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in FIELDS})
 
 
 class OutcomeScorer:
