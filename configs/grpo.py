@@ -67,7 +67,8 @@ def grpo_block() -> ml_collections.ConfigDict:
       tis_cap=0.0,             # truncated importance sampling cap (0: off)
       eval_prompts=128,        # held-out problems for eval/pass@k (never trained on)
       eval_samples=8,          # n samples each: pass@k and maj@k for k = 1, 2, 4, .., n
-      reward='verifier',       # 'verifier' (task.verify) | 'orm' (a learned verifier)
+      reward='verifier',       # 'verifier' (task.verify) | 'orm' (a learned verifier) |
+                               # 'majority' (agreement with the group's vote, no check)
       rm_run='',               # reward='orm': an rm.objective='outcome' run on the same task
       rm_step=-1,              # its checkpoint; -1: the newest (pinned at resolve)
   ))

@@ -3,6 +3,7 @@ its rewards are a plain-Python grading of the sampled responses, its KL-in-rewar
 and group advantages a float64 NumPy recomputation from its own log-probs, a float32
 sampler agrees with the trainer's forward to float rounding, and a bfloat16 sampler's
 mismatch is what NumPy computes from the two sets of log-probs."""
+import collections
 import functools
 
 import jax
@@ -50,7 +51,7 @@ def models():
   return lm, init(0), init(1)
 
 
-def _rollout(models, *, sample_dtype, kl='reward', kl_coef=0.1):
+def _rollout(models, *, sample_dtype, kl='reward', kl_coef=0.1, reward='verifier'):
   lm, params, ref = models
   task = _task()
   batch = task.make_prompts(key=jax.random.key(3), num=PROMPTS)
@@ -58,7 +59,7 @@ def _rollout(models, *, sample_dtype, kl='reward', kl_coef=0.1):
                                   answers=batch.answers, answer_lengths=batch.answer_lengths)
   config = grpo_step.StepConfig(
       group_size=G, advantage='grpo', dynamic_sampling=False, max_new_tokens=NEW,
-      temperature=1.0, sample_dtype=sample_dtype,
+      temperature=1.0, sample_dtype=sample_dtype, reward=reward,
       update=grpo_update.GRPOConfig(kl=kl, kl_coef=kl_coef, max_new_tokens=NEW))
   fn = jax.jit(functools.partial(grpo_step.rollout_scores, lm=lm, task=task, config=config))
   rollout, metrics = fn(params, grpo_step.Frozen(ref_params=ref), prompts, jax.random.key(5))
@@ -95,3 +96,46 @@ def test_bfloat16_sampler_mismatch_is_the_numpy_gap(models):
                                                     rel=1e-3, abs=1e-9)
   # bfloat16 has 8 bits of mantissa: the gap is real, far above float32's.
   assert metrics['mismatch/abs_diff_mean'] > 1e-4
+
+
+def _python_answer(task, response, mask):
+  """The stated answer by hand (tasks/base.py's rule for a one-token answer), or None."""
+  tokens = [int(t) for t, m in zip(response, mask) if m > 0]
+  if EOS_ID not in tokens:
+    return None
+  tokens = tokens[:tokens.index(EOS_ID)]
+  marks = [i for i, t in enumerate(tokens) if t == task.marker_id]
+  if not marks or len(tokens) - marks[-1] != 2 or not 3 <= tokens[-1] < task.sep_id:
+    return None
+  return tokens[-1]
+
+
+def test_majority_reward_is_agreement_with_the_groups_vote():
+  """reward='majority' (TTRL): 1 for a response stating its group's most frequent answer
+  (ties to the answer seen first), 0 otherwise and for no answer. Planted responses (an
+  untrained model states no answer): value tokens, the marker and EOS drawn often."""
+  task = _task()
+  rng = np.random.default_rng(4)
+  groups, g, width = 200, 5, 6
+  alphabet = np.array([3, 4, 5, task.marker_id, EOS_ID])
+  response = alphabet[rng.integers(0, len(alphabet), size=(groups * g, width))]
+  tail = rng.integers(3, 6, size=groups * g)
+  planted = rng.random(groups * g) < 0.6  # ... MARKER v EOS: a stated answer
+  response[planted, :-3] = alphabet[rng.integers(0, 4, size=(planted.sum(), width - 3))]
+  response[planted, -3:] = np.stack([np.full(planted.sum(), task.marker_id), tail[planted],
+                                     np.full(planted.sum(), EOS_ID)], axis=1)
+  mask = np.ones(response.shape, np.float32)
+  got = np.asarray(jax.jit(functools.partial(grpo_step.majority_score, task, group_size=g))(
+      response, mask))
+  stated = [_python_answer(task, r, m) for r, m in zip(response, mask)]
+  assert sum(a is not None for a in stated) > groups * g // 2
+  want, ties = [], 0
+  for lo in range(0, len(stated), g):
+    group = stated[lo:lo + g]
+    votes = collections.Counter(a for a in group if a is not None)
+    # most_common keeps insertion order among equal counts: the answer seen first wins.
+    winner, top = votes.most_common(1)[0] if votes else (None, 0)
+    ties += sum(c == top for c in votes.values()) > 1
+    want += [float(a is not None and a == winner) for a in group]
+  assert ties > 10  # the tie rule is exercised
+  np.testing.assert_array_equal(got, want)

@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 from scipy import optimize
 
-from rlhf_jax.analysis.verifier_metrics import majority_vote
+from rlhf_jax.analysis import verifier_metrics
 from rlhf_jax.errors import UserError
 
 _R0_BOUNDS = (1e-3, 1e3)
@@ -70,10 +70,7 @@ def self_consistency_keep(answers, found) -> np.ndarray:
   samples stating their prompt's majority answer (module docstring); none of a prompt
   with no found answer."""
   answers, found = _answers(answers, found, 'self_consistency_keep')
-  same, winner = majority_vote(answers, found)
-  # same[p, j, winner] is False for every j of a prompt with no found answer (same is
-  # masked by found on both sides), so such prompts keep nothing without a special case.
-  return np.take_along_axis(same, winner[:, None, None], axis=2)[:, :, 0]
+  return verifier_metrics.majority_agreement(answers, found)
 
 
 def diversity(responses, mask, answers, found) -> dict:
@@ -102,7 +99,7 @@ def diversity(responses, mask, answers, found) -> dict:
   earlier = np.tril(np.ones((k, k), bool), -1)  # [j, i]: i < j
   distinct = (~(same & earlier).any(-1)).sum(-1)  # [P]
   # Entropy as -(1/k) sum_j log(n_j / k), n_j the size of sample j's category.
-  same_answer, _ = majority_vote(answers, found)
+  same_answer, _ = verifier_metrics.majority_vote(answers, found)
   size = np.where(found, same_answer.sum(-1), (~found).sum(-1, keepdims=True))
   entropy = -np.mean(np.log(size / k), axis=-1)
   return {'distinct_traces': float(np.mean(distinct / k)),

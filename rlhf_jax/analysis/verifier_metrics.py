@@ -74,14 +74,26 @@ def majority_vote(answers, found):
   """The self-consistency vote (module docstring) over all k samples of each problem:
   answers [P, k, A], found [P, k] bool -> (same [P, k, k] bool: both samples found the
   same answer, winner [P] int: the first sample stating the winning answer; 0, and
-  meaningless, for a problem with no found answer). Shapes are the caller's to check."""
+  meaningless, for a problem with no found answer). Shapes are the caller's to check.
+  NumPy for host arrays, jnp (traceable) when handed jax arrays."""
+  xp = jnp if isinstance(answers, jax.Array) or isinstance(found, jax.Array) else np
   same = (answers[:, :, None] == answers[:, None]).all(-1)  # [P, k, k]
-  same &= found[:, :, None] & found[:, None]
-  votes = np.where(found, same.sum(-1), -1)  # [P, k]
+  same = same & found[:, :, None] & found[:, None]
+  votes = xp.where(found, same.sum(-1), -1)  # [P, k]
   # A sample's answer first appears at the first sample equal to it; votes are constant
   # over an answer's samples, so the first sample of maximal votes is the first occurrence
   # of the earliest-seen answer among those tied.
-  return same, np.argmax(votes, axis=1)
+  return same, xp.argmax(votes, axis=1)
+
+
+def majority_agreement(answers, found):
+  """[P, k] bool: the samples stating their problem's majority answer (majority_vote's);
+  none of a problem with no found answer (`same` is False wherever a side found none).
+  The self-consistency filter's verdict, and GRPO's reward='majority' (as TTRL rewards
+  agreement with the group's vote)."""
+  xp = jnp if isinstance(answers, jax.Array) or isinstance(found, jax.Array) else np
+  same, winner = majority_vote(answers, found)
+  return xp.take_along_axis(same, winner[:, None, None], axis=2)[:, :, 0]
 
 
 def logprob_mismatch(sample_logp, train_logp, mask) -> dict:

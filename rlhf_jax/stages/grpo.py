@@ -16,6 +16,8 @@ verifier's: the P(correct) of the outcome reward model of grpo.rm_run (a reward_
 with rm.objective='outcome' on the same task and world; its checkpoint grpo.rm_step pinned
 at resolve), logged as rl/orm_score; rl/pass_rate and eval/* stay the true verifier's, and
 the eval adds eval/orm_bon@k (best-of-k under the ORM). Proxy up, true pass rate where?
+With grpo.reward='majority' the score is agreement with the group's majority answer (no
+check of any kind; the self-improvement loop's self-consistency filter as a reward).
 """
 import functools
 import os
@@ -32,7 +34,7 @@ from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.task_eval import TaskEvaluator
 from rlhf_jax.train import group_advantages, grpo_step, grpo_update, loop, runs
 
-REWARDS = ('verifier', 'orm')
+REWARDS = ('verifier', 'orm', 'majority')  # the training score (train/grpo_step.py)
 
 
 def reward(config) -> str:

@@ -12,6 +12,9 @@ With reward='orm' the training score is a learned verifier's instead (an outcome
 model, frozen): its P(correct) of each response, in [0, 1] like the verifier's 1/0, so
 that the advantages keep a ranking within groups the ORM judges alike; rl/pass_rate stays
 the true verifier's rate on the same rollouts and rl/orm_score logs the proxy.
+With reward='majority' no check at all: a response scores 1 when its stated answer is its
+group's majority answer (maj@k's vote, analysis/verifier_metrics.majority_agreement), as
+test-time RL (TTRL, Zuo et al. 2025) rewards agreement; rl/majority_agreement logs it.
 """
 import dataclasses
 
@@ -55,7 +58,8 @@ class StepConfig:
   temperature: float
   sample_dtype: str          # 'float32' | 'bfloat16': the sampler's compute dtype
   update: grpo_update.GRPOConfig
-  reward: str = 'verifier'   # 'verifier': task.verify | 'orm': the ORM's P(correct)
+  reward: str = 'verifier'   # 'verifier': task.verify | 'orm': the ORM's P(correct) |
+                             # 'majority': agreement with the group's vote
 
 
 def sampling_model(lm: Transformer, sample_dtype: str) -> Transformer:
@@ -73,6 +77,16 @@ def make_apply(model: Transformer, *, prompt_len: int):
                          positions=positions).logits[:, prompt_len - 1:]
     return losses.token_logprobs(logits, responses), losses.entropy(logits)
   return apply_fn
+
+
+def majority_score(task, response, mask, *, group_size: int) -> jax.Array:
+  """[B*G] float32, reward='majority': 1 where a response states its group's majority
+  answer (groups of group_size consecutive rows), else 0."""
+  stated, found = task.extract(response, mask)
+  b = response.shape[0] // group_size
+  agree = verifier_metrics.majority_agreement(stated.reshape(b, group_size, -1),
+                                              found.reshape(b, group_size))
+  return agree.reshape(-1).astype(jnp.float32)
 
 
 def rollout_scores(state_params, frozen: Frozen, batch: TaskPrompts, key, *, lm: Transformer,
@@ -99,6 +113,8 @@ def rollout_scores(state_params, frozen: Frozen, batch: TaskPrompts, key, *, lm:
   if config.reward == 'orm':
     proxy = reward_step.outcome_probability(frozen.rm_params, prompts, lengths, response,
                                             mask, model=rm_model)
+  elif config.reward == 'majority':
+    proxy = majority_score(task, response, mask, group_size=g)
   seq_kl = ((logp - ref_logp) * mask).sum(axis=1)
   u = config.update
   score = proxy - u.kl_coef * seq_kl if u.kl == 'reward' else proxy
@@ -127,6 +143,8 @@ def rollout_scores(state_params, frozen: Frozen, batch: TaskPrompts, key, *, lm:
   }
   if config.reward == 'orm':
     metrics['rl/orm_score'] = proxy.mean()
+  elif config.reward == 'majority':
+    metrics['rl/majority_agreement'] = proxy.mean()
   return rollout, metrics
 
 
