@@ -6,9 +6,10 @@ them (expert iteration / STaR / ReST; rlhf_jax/loops/self_improve.py).
       --config.self_improve.init_run=runs/sft_task_tiny
 
 `self_improve.init_run` names the warm start, an sft.py:task_tiny run (the task and world
-come from it). The round's SFT and, for the learned filter, its outcome reward model are
-the `stages.sft` and `stages.reward_model` configs (sft.py:task_tiny and
-reward_model.py:task_tiny, cut down); the loop fills in the runs they start from.
+come from it). The round's SFT (or GRPO) and, for the learned filter, its outcome reward
+model are the `stages.sft`, `stages.grpo` and `stages.reward_model` configs (sft.py:
+task_tiny, grpo.py:tiny and reward_model.py:task_tiny, cut down); the loop fills in the
+runs they start from.
 
 Variants:
   tiny   4 rounds of 128 fresh sum_mod problems x 4 samples, SFT 100 steps a round from
@@ -20,6 +21,8 @@ plus those of earlier rounds), self_consistency (the samples agreeing with their
 majority answer), none (keep everything). Schedules: replace (train on this round's kept
 samples) | accumulate (on every round's so far). self_improve.init: previous (fine-tune
 policy r into r+1, as ReST) | base (each round from the warm start, as STaR).
+self_improve.trainer: sft (fine-tune on the kept samples) | grpo (`stages.grpo`, 30 steps
+of grpo.py:tiny a round, on fresh problems, scored by the filter's verdict online).
 
 Any leaf can be overridden: --config.self_improve.filter=learned --config.seed=1.
 """
@@ -33,7 +36,8 @@ def get_config(arg: str = 'tiny'):
     raise ValueError(f'unknown variant {arg!r} of configs/self_improve.py; choose tiny')
   sft = load_named('sft', 'task_tiny')
   rm = load_named('reward_model', 'task_tiny')
-  for stage in (sft, rm):
+  grpo = load_named('grpo', 'tiny')
+  for stage in (sft, rm, grpo):
     stage.init.run = 'set by the loop'
     stage.train.progress = False
   # The loop measures every policy itself (eval/*); the stages' own evals stay small.
@@ -43,12 +47,17 @@ def get_config(arg: str = 'tiny'):
   rm.outcome.update(eval_prompts=32, eval_samples=4)
   rm.outcome.labels_from = 'set by the loop'
   rm.train.update(steps=60, log_every=20, eval_every=60, ckpt_every=30)
+  grpo.grpo.update(eval_prompts=32, eval_samples=4)
+  grpo.train.update(steps=30, log_every=10, eval_every=30, ckpt_every=15)
   loop = ml_collections.ConfigDict(dict(
       init_run='runs/sft_task_tiny',  # the warm start (configs/sft.py:task_tiny)
       rounds=4,                # policies 1..rounds are trained; 0 is the warm start
       filter='exact',          # 'exact' | 'learned' | 'self_consistency' | 'none'
       schedule='replace',      # 'replace' | 'accumulate'
       init='previous',         # 'previous': policy r+1 from policy r | 'base': from init_run
+      trainer='sft',           # 'sft': on the kept samples | 'grpo': online, scored by the
+                               # filter's verdict (exact: verifier, learned: the ORM,
+                               # self_consistency: the group's majority; not none)
       prompts=128,             # fresh problems per round (held-out problems removed)
       samples=4,               # k solutions sampled per problem
       temperature=1.0,
@@ -59,4 +68,4 @@ def get_config(arg: str = 'tiny'):
   ))
   return ml_collections.ConfigDict(dict(
       stage='self_improve', seed=0, self_improve=loop,
-      stages=ml_collections.ConfigDict(dict(sft=sft, reward_model=rm))))
+      stages=ml_collections.ConfigDict(dict(sft=sft, reward_model=rm, grpo=grpo))))

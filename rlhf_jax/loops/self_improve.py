@@ -21,6 +21,13 @@ Schedules: replace (policy r+1 trains on round r's kept samples) | accumulate (o
 samples of rounds 0..r). A round whose training data covers fewer than two problems
 trains nothing: policy r+1 is policy r (round_<r>/no_update.json says why).
 
+With self_improve.trainer='grpo' policy r+1 is instead a GRPO run from policy r
+(stages.grpo) on fresh problems (its seed round_seed(seed, r)), each rollout scored online
+by the filter's verdict: the verifier (exact), ORM r's P(correct) (learned), agreement
+with its group's majority answer (self_consistency, as TTRL); the schedule does not apply
+(GRPO samples its own data), and filter 'none' is refused (every score alike). Round r's
+samples are still drawn and judged, so the filter's precision and recall are measured.
+
 Layout of DIR (configs/self_improve.py):
   round_<r>/samples/     policy r's samples of round r's problems, graded (array store;
                          lineage: round, policy run and checkpoint, temperature)
@@ -28,7 +35,7 @@ Layout of DIR (configs/self_improve.py):
   round_<r>/orm/         learned: the outcome reward model r (a reward_model run)
   round_<r>/kept/        the filter's verdict per sample (and the ORM's score)
   round_<r>/policy/      policy r+1: an SFT run from policy r (or the warm start) whose
-                         demos/ are the training data the schedule gives
+                         demos/ are the training data the schedule gives (or a GRPO run)
   round_<r>/summary.json, metrics.jsonl: one line per policy r = 0..rounds (step r)
 
 Per policy r: eval/* on the fixed held-out problems (stages/task_eval.py: pass@k, maj@k,
@@ -66,6 +73,9 @@ from rlhf_jax.world import language
 FILTERS = ('exact', 'learned', 'self_consistency', 'none')
 SCHEDULES = ('replace', 'accumulate')
 INITS = ('previous', 'base')
+TRAINERS = ('sft', 'grpo')
+# trainer='grpo': the GRPO stage's training score (grpo.reward) that is each filter's verdict
+GRPO_REWARDS = {'exact': 'verifier', 'learned': 'orm', 'self_consistency': 'majority'}
 SAMPLE_FIELDS = sft.TASK_FIELDS + ('correct', 'stated', 'found')
 
 
@@ -77,9 +87,14 @@ def last_logged_step(flat: dict) -> int | None:
 
 def resolve(config) -> None:
   s = config.self_improve
-  for name, choices in (('filter', FILTERS), ('schedule', SCHEDULES), ('init', INITS)):
+  for name, choices in (('filter', FILTERS), ('schedule', SCHEDULES), ('init', INITS),
+                        ('trainer', TRAINERS)):
     if s[name] not in choices:
       raise UserError(f'self_improve.{name}={s[name]!r} is not one of {choices}')
+  if s.trainer == 'grpo' and s.filter not in GRPO_REWARDS:
+    raise UserError(f"self_improve.trainer='grpo' with filter={s.filter!r} scores every "
+                    'response alike: no advantage, nothing to learn; use trainer=sft or a '
+                    f'filter of {tuple(GRPO_REWARDS)}')
   for name in ('rounds', 'prompts', 'samples', 'eval_prompts', 'eval_samples', 'kl_rows'):
     if s[name] < 1:
       raise UserError(f'self_improve.{name}={s[name]} must be >= 1')
@@ -118,8 +133,9 @@ class Paths:
 
 
 def _stage(config, name: str, **fields):
-  """stages.<name> with the loop's seed and the given dotted fields, its init run adopted."""
-  sub = _with(config.stages[name], seed=config.seed, **fields)
+  """stages.<name> with the loop's seed (unless `fields` sets one) and the given dotted
+  fields, its init run adopted."""
+  sub = _with(config.stages[name], **{'seed': config.seed, **fields})
   runs.adopt(sub)
   return sub
 
@@ -224,7 +240,8 @@ class Round:
                                          data['found'].reshape(-1, k)).reshape(-1)
       else:
         kept = learned_keep(labelled, score, correct)
-      array_store.write(path, {'kept': kept}, lineage={'round': r, 'filter': f})
+      arrays = {'kept': kept, **({'score': score} if f == 'learned' else {})}
+      array_store.write(path, arrays, lineage={'round': r, 'filter': f})
     kept = np.asarray(array_store.read(path, ['kept'])[0]['kept'], bool)
     labels = {'exact': len(correct), 'learned': self.config.self_improve.label_budget}.get(f, 0)
     return kept, labels, extra
@@ -260,9 +277,18 @@ class Round:
                              for k in ('orm/auc', 'orm/accuracy') if k in last}
 
   def train(self, r: int) -> None:
-    """Policy r+1 on the schedule's kept samples, unless they cover < 2 problems."""
+    """Policy r+1: SFT on the schedule's kept samples, unless they cover < 2 problems; or
+    GRPO scored by the filter's verdict."""
     s = self.config.self_improve
     policy_dir = self.paths.round(r, 'policy')
+    init = self.paths.policy(r) if s.init == 'previous' else self.paths.base
+    if s.trainer == 'grpo':
+      fields = {'init.run': init, 'grpo.reward': GRPO_REWARDS[s.filter],
+                'seed': round_seed(self.config.seed, r)}
+      if s.filter == 'learned':
+        fields['grpo.rm_run'] = self.paths.round(r, 'orm')
+      dispatch.run(_stage(self.config, 'grpo', **fields), policy_dir)
+      return
     if os.path.exists(self.paths.round(r, 'no_update.json')):
       return
     if not os.path.isdir(os.path.join(policy_dir, 'demos')):
@@ -284,14 +310,23 @@ class Round:
           'scheme': f'samples of policies {list(rounds)} kept by the {s.filter} filter',
           'rounds': [self.paths.round(q, 'samples') for q in rounds],
           'demos': int(len(demos['prompt_id']))})
-    init = self.paths.policy(r) if s.init == 'previous' else self.paths.base
     dispatch.run(_stage(self.config, 'sft', **{'init.run': init}), policy_dir)
 
   def train_rows(self, r: int) -> int:
+    """The rows policy r+1 trained on: its demonstrations, or GRPO's rollouts."""
+    if self.config.self_improve.trainer == 'grpo':
+      g = self.config.stages.grpo
+      return g.train.steps * g.train.batch_size * g.grpo.group_size
     if os.path.exists(self.paths.round(r, 'no_update.json')):
       return json.load(open(self.paths.round(r, 'no_update.json')))['train_rows']
     _, lineage = array_store.read(os.path.join(self.paths.round(r, 'policy'), 'demos'), [])
     return int(lineage['demos'])
+
+
+def round_seed(seed: int, r: int) -> int:
+  """trainer='grpo': round r's GRPO seed (its problem pool, order and sampling), fresh
+  problems each round and distinct across the loop's seeds below 1000."""
+  return seed * 1000 + r + 1
 
 
 def learned_keep(labelled: np.ndarray, score: np.ndarray, correct: np.ndarray) -> np.ndarray:
@@ -344,11 +379,11 @@ def run(config, *, workdir: str) -> None:
     rows.append(json.load(open(summary)))
     labels = rows[-1].get('self_improve/labels', labels)
     records.write_metrics(workdir, rows)
-  print(table(rows), flush=True)
+  print(table(rows, k=task_eval.powers_of_two(s.eval_samples)[-1]), flush=True)
 
 
-def table(rows: list[dict]) -> str:
-  cols = (('pass@1', 'eval/pass@1', '{:.3f}'), ('pass@8', 'eval/pass@8', '{:.3f}'),
+def table(rows: list[dict], *, k: int) -> str:
+  cols = (('pass@1', 'eval/pass@1', '{:.3f}'), (f'pass@{k}', f'eval/pass@{k}', '{:.3f}'),
           ('true KL', 'self_improve/true_kl', '{:.3f}'),
           ('distinct', 'self_improve/distinct_traces', '{:.3f}'),
           ('ans. H', 'self_improve/answer_entropy', '{:.3f}'),
