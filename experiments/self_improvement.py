@@ -132,7 +132,7 @@ def loop_run(args, *, filter_: str, schedule: str, seed: int, sft: str,
                f'--config.self_improve.schedule={schedule}', f'--config.seed={seed}']
   if args.rounds is not None:
     overrides.append(f'--config.self_improve.rounds={args.rounds}')
-  run_cli(CONFIG, workdir, [*overrides, *args.extra])
+  run_cli(CONFIG, workdir, [*overrides, *args.extra], train_block=False)
   records = list(compare.read_metrics(path=os.path.join(workdir, 'metrics.jsonl')))
   steps = [r['step'] for r in records]
   if steps != list(range(len(steps))) or len(steps) < 4:

@@ -127,11 +127,14 @@ def routed_extra(args, block: str) -> list[str]:
   return [o for o in args.extra if not o.startswith(f'--config.{other}.')]
 
 
-def run_cli(config: str, workdir: str, overrides: list[str]) -> None:
-  """One run through the CLI; raises UserError with the run's own error line."""
+def run_cli(config: str, workdir: str, overrides: list[str], *,
+            train_block: bool = True) -> None:
+  """One run through the CLI; raises UserError with the run's own error line.
+  train_block: the config has a train block, whose progress bar is turned off (a loop's
+  stages have theirs off already)."""
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
   cmd = [sys.executable, '-m', 'rlhf_jax.main', f'--config={config}', f'--workdir={workdir}',
-         '--config.train.progress=False', *overrides]
+         *(['--config.train.progress=False'] if train_block else []), *overrides]
   t0 = time.time()
   with open(workdir + '.log', 'a') as log:
     log.write(f'$ {shlex.join(cmd)}\n')

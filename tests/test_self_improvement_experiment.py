@@ -58,7 +58,8 @@ def fake_metrics(workdir: str, rounds: int) -> list[dict]:
 
 
 def fake_run_cli(calls: list, rounds: int = ROUNDS):
-  def run(config, workdir, overrides):
+  def run(config, workdir, overrides, *, train_block=True):
+    assert not train_block  # a loop config has no train block of its own
     calls.append((config, workdir, list(overrides)))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
