@@ -99,10 +99,22 @@ def reward_run(chain, tmp_path_factory):
   return os.path.join(shared_dir(tmp_path_factory, 'rm', build), 'rm')
 
 
+@pytest.fixture(scope='session')
+def task_warm_start(chain, tmp_path_factory):
+  """sft.py:task_tiny exactly as configured (300 steps, eval 128 x 8) from the chain's
+  pretraining run: the README's warm start for RL against a verifier, which learns the
+  task abruptly and stops part-way on purpose. Its eval sizes are part of its data (the
+  eval problems are held out of the demonstrations), so it is not test_grpo_stage's."""
+  def build(root):
+    _run_stage('configs/sft.py:task_tiny', str(root / 'sft'),
+               f'--config.init.run={chain["pretrain"]}')
+  return os.path.join(shared_dir(tmp_path_factory, 'task_warm_start', build), 'sft')
+
+
 # Fixtures that train real runs (of any test module): a test that needs one is an
 # end-to-end test.
-SLOW_FIXTURES = ('chain', 'reward_run', 'finished_run', 'world_lm', 'uninterrupted', 'world_run',
-                 'trained', 'ttt_run', 'grid_root', 'reference')
+SLOW_FIXTURES = ('chain', 'reward_run', 'task_warm_start', 'finished_run', 'world_lm',
+                 'uninterrupted', 'world_run', 'trained', 'ttt_run', 'grid_root', 'reference')
 
 
 def pytest_collection_modifyitems(config, items):
