@@ -52,10 +52,11 @@ def test_reward_model_from_noise_free_annotators_agrees_with_gold(chain, run_cli
   result = run_cli('--config=configs/reward_model.py:tiny', f'--workdir={workdir}',
                    f'--config.init.run={chain["sft"]}', '--config.annotators.temperature=0',
                    '--config.annotators.minority_fraction=0', '--config.reward.topic=0',
-                   '--config.train.steps=200', '--config.train.progress=False')
+                   '--config.train.steps=150', '--config.train.progress=False')
   assert result.returncode == 0, result.stderr[-3000:]
   final = evals(workdir, 'rm/gold_accuracy')[-1]
-  assert final['step'] == 200
+  # 150 steps, not 200: measured 0.923 here against 0.921 after 200 (0.904 after 100).
+  assert final['step'] == 150
   assert final['rm/gold_accuracy'] >= 0.90
   # Deterministic annotators whose utility is the gold reward: every label is the gold
   # preference, and a perfect model of them predicts every label.
