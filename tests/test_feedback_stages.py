@@ -76,8 +76,10 @@ def test_reward_model_from_noise_free_annotators_agrees_with_gold(chain, run_cli
 
 def test_dpo_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
   workdir = tmp_path / 'dpo'
+  # A checkpoint every 50 steps instead of 100 (saving one changes no number), so that the
+  # resume below reruns the last 50 steps, not 100.
   args = ['--config=configs/dpo.py:tiny', f'--config.init.run={chain["sft"]}',
-          '--config.train.progress=False']
+          '--config.train.progress=False', '--config.train.ckpt_every=50']
   result = run_cli(*args, f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
   policy = evals(workdir, 'policy/gold_reward')
@@ -85,13 +87,13 @@ def test_dpo_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
   se = np.hypot(first['policy/gold_reward_se'], last['policy/gold_reward_se'])
   assert last['policy/gold_reward'] > first['policy/gold_reward'] + 3 * se
   assert last['dpo_eval/accuracy'] > 0.5 and last['policy/kl_ref'] > 0
-  # Resume: drop everything after step 200 (the last middle checkpoint: the shortest rerun
+  # Resume: drop everything after step 250 (the last middle checkpoint: the shortest rerun
   # that restores one) and rerun the same command.
   resumed = tmp_path / 'dpo_resumed'
   shutil.copytree(workdir, resumed)
-  assert checkpoint_steps(resumed) == [100, 200, 300]
+  assert checkpoint_steps(resumed) == [200, 250, 300]
   for step in checkpoint_steps(resumed):
-    if step > 200:
+    if step > 250:
       shutil.rmtree(resumed / 'checkpoints' / str(step))
   result = run_cli(*args, f'--workdir={resumed}')
   assert result.returncode == 0, result.stderr[-3000:]
