@@ -164,6 +164,9 @@ def test_table_player_through_pgx_states(pgx_states):
       state.observation, jax.random.key(2))
   values = minimax.table_value(observation=state.observation)
   codes = minimax.board_code_from_observation(observation=state.observation)
+  # On the host: indexing device arrays row by row is one dispatch per element.
+  actions, keyed, values, codes, legal = (np.asarray(a) for a in (
+      actions, keyed, values, codes, state.legal_action_mask))
   pgx_boards = np.asarray(state._x.board) + 1
   live = ~np.asarray(state.terminated)
   assert live.sum() > 300
@@ -174,7 +177,7 @@ def test_table_player_through_pgx_states(pgx_states):
       continue
     assert int(values[i]) == minimax.value(board)
     assert int(actions[i]) == minimax.perfect_action(board=board)
-    assert bool(state.legal_action_mask[i, int(actions[i])])
+    assert bool(legal[i, int(actions[i])])
     assert int(keyed[i]) in minimax.optimal_actions(board=board)
 
 
@@ -193,12 +196,13 @@ def _win_in_one(env, copies):
 def test_search_never_plays_an_illegal_move_and_finds_a_win(pgx_states):
   env, random_states = pgx_states
   wins = 12
+  # Jitted, as the init below: op by op, pgx's steps and Flax's init took seconds.
   state = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), random_states,
-                       _win_in_one(env, wins))
+                       jax.jit(_win_in_one, static_argnums=(0, 1))(env, wins))
   live = ~np.asarray(state.terminated)
   net = networks.make_network(name='mlp', num_actions=9, width=32, num_blocks=2)
-  params = networks.init_params(network=net, observation_shape=(3, 3, 2),
-                                key=jax.random.key(4))
+  params = jax.jit(lambda k: networks.init_params(network=net, observation_shape=(3, 3, 2),
+                                                  key=k))(jax.random.key(4))
   apply_fn = lambda p, obs: net.apply({'params': p}, obs)
   legal = np.asarray(state.legal_action_mask)
   # PUCT gives an unvisited move its parent's value, so with a flat prior it needs more
@@ -284,8 +288,8 @@ def test_alphazero_loss_against_float64_reference():
 
 def test_mlp_matches_numpy_forward_and_value_is_bounded():
   net = networks.make_network(name='mlp', num_actions=9, width=16, num_blocks=2)
-  params = networks.init_params(network=net, observation_shape=(3, 3, 2),
-                                key=jax.random.key(0))
+  params = jax.jit(lambda k: networks.init_params(network=net, observation_shape=(3, 3, 2),
+                                                  key=k))(jax.random.key(0))
   # Inputs far outside {0, 1} push the value head's pre-activation well past +-1, so the
   # bound is the tanh's doing, not the init's.
   obs = np.random.default_rng(1).normal(size=(64, 3, 3, 2)) * 50
