@@ -36,19 +36,20 @@ from rlhf_jax.train.reward_step import response_sequences
 def test_proxy_reward_matches_numpy():
   cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, d_ff=64)
   model = reward_model.ensemble(cfg, 3, 'mean')
-  params = nn.meta.unbox(reward_model.init_params(model)(jax.random.key(0)))
+  # Init, forward and proxy jitted (as the stages run them): op by op they took seconds.
+  params = nn.meta.unbox(jax.jit(reward_model.init_params(model))(jax.random.key(0)))
   rng = np.random.default_rng(0)
   prompts, lengths = sampling.left_pad([[1, 5, 6], [1, 7], [1, 8, 9, 10], [1]])
   responses = rng.integers(3, 32, size=(4, 5)).astype(np.int32)
   mask = (np.arange(5)[None] < np.array([[5], [2], [3], [1]])).astype(np.float32)
-  members = np.asarray(model.apply({'params': params},
-                                   *response_sequences(prompts, lengths, responses, mask)),
-                       np.float64)
+  members = np.asarray(jax.jit(model.apply)({'params': params},
+                                           *response_sequences(prompts, lengths, responses,
+                                                               mask)), np.float64)
+  proxy = jax.jit(lambda *a: ppo_step.proxy_reward(*a, rm_model=model))
   stats = {'mean': rng.normal(size=3).tolist(), 'std': rng.uniform(0.5, 2, size=3).tolist()}
   for mode, scale in (('mean', np.ones(3)), ('mean_std', np.asarray(stats['std']))):
     norm = reward_norm.to_norm(stats, mode=mode)
-    ours = ppo_step.proxy_reward(params, norm, prompts, lengths, responses, mask,
-                                 rm_model=model)
+    ours = proxy(params, norm, prompts, lengths, responses, mask)
     expected = ((members - np.asarray(stats['mean'])[:, None]) / scale[:, None]).mean(axis=0)
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
   with pytest.raises(UserError, match='constant reward'):
