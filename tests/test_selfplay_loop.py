@@ -119,8 +119,8 @@ def test_trained_player_never_loses_to_any_opponent(ttt_run):
   """Stronger than 200 games against one perfect player: the final network with search,
   as X and as O, is checked against every possible opponent by walking the whole tree."""
   engine = selfplay_loop.Engine(config_lib.load_named('selfplay', 'tic_tac_toe'))
-  like = jax.device_get(engine.init_state(jax.random.PRNGKey(0))['train'].params)
-  params = selfplay_loop.load_params(str(ttt_run), 15, like)
+  # The params' shapes are all load_params needs from `like` (an eager init took seconds).
+  params = selfplay_loop.load_params(str(ttt_run), 15, engine.like_state['train'].params)
   table = _policy_table(engine, params, 'search')
   assert len(table) == 4520  # reachable positions with a move to make
   for mark in (1, 2):
@@ -181,14 +181,18 @@ def test_sharded_selfplay_and_training_match_one_device():
   on the tensor axis, where nothing here is split): equal games, equal updates, equal
   arena results."""
   assert jax.device_count() == 8
-  out = []
+  out, init = [], None
   for data, tensor in ((8, 1), (1, 8)):
     config = _small(config_lib.load_named('selfplay', 'tic_tac_toe'), mesh_data=data,
                     mesh_tensor=tensor)
     engine = selfplay_loop.Engine(config)
     root = np.asarray(jax.random.PRNGKey(0))
+    if init is None:
+      # The initial state does not depend on the mesh: made once, on the host, and jitted
+      # (op by op it took seconds, twice).
+      init = jax.device_get(jax.jit(engine.init_state)(root))
     with sharding.activate(engine.mesh, config.mesh):
-      state = jax.device_put(engine.init_state(root), engine.state_shardings)
+      state = jax.device_put(init, engine.state_shardings)
       state, figures, _ = selfplay_loop.iteration(engine, state, 1, root)
       trajectory, _ = engine.selfplay(state['train'].params, jax.random.PRNGKey(5))
       params = state['train'].params
