@@ -57,8 +57,8 @@ def test_proxy_reward_matches_numpy():
 
 
 def _hand_scored(rm, prompts, lengths, responses, mask) -> np.ndarray:
-  """[K, N] float64: the members' rewards of all N rows in one forward."""
-  return np.asarray(jax.device_get(rm.model.apply(
+  """[K, N] float64: the members' rewards of all N rows in one (jitted) forward."""
+  return np.asarray(jax.device_get(jax.jit(rm.model.apply)(
       {'params': rm.params}, *response_sequences(prompts, lengths, responses, mask))),
       np.float64)
 
