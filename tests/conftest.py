@@ -101,13 +101,14 @@ def reward_run(chain, tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def task_warm_start(chain, tmp_path_factory):
-  """sft.py:task_tiny exactly as configured (300 steps, eval 128 x 8) from the chain's
+  """sft.py:task_tiny as configured (300 steps, eval 128 x 8) from the chain's
   pretraining run: the README's warm start for RL against a verifier, which learns the
-  task abruptly and stops part-way on purpose. Its eval sizes are part of its data (the
-  eval problems are held out of the demonstrations), so it is not test_grpo_stage's."""
-  def build(root):
+  task abruptly and stops part-way on purpose (so its eval sizes stay the config's: the
+  eval problems are held out of its demonstrations, and a few rows more or less move the
+  step where it learns the task). Shared by the GRPO stage and self-improvement tests."""
+  def build(root):  # evaluated at the end only: the same params, two evals fewer
     _run_stage('configs/sft.py:task_tiny', str(root / 'sft'),
-               f'--config.init.run={chain["pretrain"]}')
+               f'--config.init.run={chain["pretrain"]}', '--config.train.eval_every=300')
   return os.path.join(shared_dir(tmp_path_factory, 'task_warm_start', build), 'sft')
 
 

@@ -12,7 +12,6 @@ from conftest import _run_stage as run_stage
 from test_cli_errors import assert_one_error_line
 
 QUICK = ('--config.train.progress=False',)
-EVAL = ('--config.{}.eval_prompts=32', '--config.{}.eval_samples=4')
 
 
 def _metrics(workdir):
@@ -24,13 +23,10 @@ def _strip(lines):
   return [{k: v for k, v in line.items() if not k.startswith('perf/')} for line in lines]
 
 
-@pytest.fixture(scope='module')
-def warm_start(chain, tmp_path_factory):
-  """sft.py:task_tiny as configured (300 steps), with a smaller eval."""
-  workdir = str(tmp_path_factory.mktemp('sft_task') / 'sft')
-  run_stage('configs/sft.py:task_tiny', workdir, f'--config.init.run={chain["pretrain"]}',
-            '--config.train.eval_every=300', *(e.format('sft') for e in EVAL))
-  return workdir
+@pytest.fixture
+def warm_start(task_warm_start):
+  """The session's sft.py:task_tiny run (the README's warm start; conftest)."""
+  return task_warm_start
 
 
 def _grpo_args(workdir, warm_start):
@@ -38,7 +34,7 @@ def _grpo_args(workdir, warm_start):
           f'--config.init.run={warm_start}', '--config.train.steps=4',
           '--config.train.log_every=1', '--config.train.eval_every=4',
           '--config.train.ckpt_every=2', '--config.train.batch_size=8',
-          '--config.grpo.num_prompts=512', *(e.format('grpo') for e in EVAL))
+          '--config.grpo.num_prompts=512')
 
 
 @pytest.mark.slow
@@ -59,11 +55,15 @@ def test_grpo_continues_the_warm_start_and_resumes(warm_start, run_cli, tmp_path
   steps = [line for line in lines if 'rl/pass_rate' in line]
   assert [line['step'] for line in steps] == [1, 2, 3, 4]
   for line in steps:
-    assert line['mismatch/abs_diff_max'] < 1e-5  # one forward for sampler and trainer
+    # One forward for sampler and trainer: they differ by float32 rounding only (the
+    # KV-cached decode and the full forward round differently; the largest gaps, a few
+    # 1e-5, are at the least likely tokens). bfloat16 sampling is 8e-4 mean, 0.06 max.
+    assert line['mismatch/abs_diff_mean'] < 1e-6
+    assert line['mismatch/abs_diff_max'] < 1e-4
     assert 0 <= line['rl/pass_rate'] <= 1
   assert lines[0]['grpo/rollouts_per_step'] == 8 * 8
   # The pool is 512 problems less the eval ones among them, rounded to whole shards.
-  assert 512 - 32 <= lines[0]['rl/prompt_pool'] <= 512
+  assert 512 - 128 <= lines[0]['rl/prompt_pool'] <= 512
   # Stopped after checkpoint 2 (its step-4 checkpoint lost): the rerun recomputes 3 and 4.
   again = tmp_path / 'again'
   shutil.copytree(workdir, again)
