@@ -29,7 +29,8 @@ metrics.jsonl values; the filter's columns are empty at the last round, which tr
 nothing, and nan where the loop logged them undefined), OUT/ceilings.csv (per filter x
 schedule: p_0, p_inf and r0 of analysis/self_improve_metrics.fit_saturating on each seed's
 pass@1 curve, as the mean over seeds and the half-width of the 95% Student-t interval
-(compare.interval; empty for one seed), how many of those fits converged, the final
+(compare.interval; empty for one seed), how many of those fits converged and how many
+saturate within the rounds run (r0 <= R: otherwise p_inf extrapolates), the final
 round's pass@1 the same way, the filter's precision averaged over rounds then seeds, the
 exact labels spent by the last round, and the fit to the seed-mean curve) and
 OUT/self_improvement.png (pass@1 and distinct_traces against round, one panel per
@@ -193,6 +194,7 @@ def ceiling_row(filter_: str, schedule: str, rows: list[dict]) -> dict:
   for name, values in cells.items():
     row[f'{name}_mean'], row[f'{name}_ci95'] = compare.interval(values=values)
   row['fits_converged'] = sum(f.converged for f in fits)
+  row['fits_identified'] = sum(f.identified for f in fits)
   # Rounds where precision is undefined (nothing kept) carry no weight, not a 0 or a 1;
   # a seed undefined at every round carries none either.
   row['precision_mean'] = float(_nanmean(_nanmean(by_round(rows, 'precision'), axis=1)))
@@ -200,7 +202,7 @@ def ceiling_row(filter_: str, schedule: str, rows: list[dict]) -> dict:
   row['labels_final'] = float(_nanmean([_last_finite(seed) for seed in labels]))
   mean_fit = fit_saturating(rounds=rounds, values=pass1.mean(0))
   row.update({f'mean_fit_{name}': getattr(mean_fit, name)
-              for name in ('p_0', 'p_inf', 'r0', 'rmse', 'converged')})
+              for name in ('p_0', 'p_inf', 'r0', 'rmse', 'converged', 'identified')})
   return row
 
 
@@ -210,8 +212,8 @@ def markdown(ceilings: list[dict]) -> str:
   lines = ['| filter | schedule | pass@1 round 0 → final | p_inf | precision | labels |',
            '|---|---|---:|---:|---:|---:|']
   for c in ceilings:
-    note = '' if c['fits_converged'] == c['seeds'] else (
-        f' ({c["fits_converged"]}/{c["seeds"]} fits converged)')
+    note = '' if c['fits_identified'] == c['seeds'] else (
+        f' ({c["fits_identified"]}/{c["seeds"]} saturate within the rounds)')
     lines.append(
         f'| {c["filter"]} | {c["schedule"]} | {c["pass@1_round0_mean"]:.3f} → '
         f'{pm(c["pass@1_final_mean"], c["pass@1_final_ci95"])} | '

@@ -178,3 +178,15 @@ def test_fit_saturating_degenerate_falls_back(values):
     assert math.isnan(fit.p_inf) and math.isnan(fit.p_0)
   with pytest.raises(UserError):
     sim.fit_saturating(np.arange(3), [0.1, float('nan'), 0.2])
+
+
+def test_fit_saturating_says_whether_the_ceiling_was_seen():
+  """identified: r0 within the rounds fitted. A curve saturating at r0 = 1 over rounds
+  0..4 is; a straight line over the same rounds is not (its fitted r0 runs past them, and
+  p_inf is an extrapolation, kept inside [0, 1] for values that are)."""
+  rounds = np.arange(5.0)
+  seen = sim.fit_saturating(rounds=rounds, values=0.8 - 0.6 * np.exp(-rounds))
+  assert seen.identified and seen.r0 == pytest.approx(1.0, abs=1e-6)
+  line = sim.fit_saturating(rounds=rounds, values=0.3 - 0.02 * rounds)
+  assert line.converged and not line.identified and line.r0 > 4
+  assert 0.0 <= line.p_inf <= 0.3

@@ -137,6 +137,7 @@ def test_csvs_and_ceilings_equal_the_runs_metrics(script, tmp_path, monkeypatch,
   exact = ceilings['exact', 'replace']
   mean, half = mean_and_half(P_INF)
   assert int(exact['fits_converged']) == SEEDS and exact['mean_fit_converged'] == 'True'
+  assert int(exact['fits_identified']) == SEEDS  # planted r0 within the rounds
   assert float(exact['p_inf_mean']) == pytest.approx(mean, abs=1e-6)
   assert float(exact['p_inf_ci95']) == pytest.approx(half, abs=1e-5)
   assert float(exact['p_0_mean']) == pytest.approx(P_0, abs=1e-6)

@@ -34,7 +34,7 @@ from rlhf_jax.analysis import verifier_metrics
 from rlhf_jax.errors import UserError
 
 _R0_BOUNDS = (1e-3, 1e3)
-_P_BOUNDS = (-0.5, 1.5)  # pass rates; widened to hold the data when it leaves [0, 1]
+_P_BOUNDS = (0.0, 1.0)  # pass rates; widened to hold the data when it leaves [0, 1]
 
 
 def filter_stats(kept, correct) -> dict:
@@ -109,12 +109,16 @@ def diversity(responses, mask, answers, found) -> dict:
 @dataclasses.dataclass(frozen=True)
 class SaturatingFit:
   """p(r) = p_inf - (p_inf - p_0) exp(-r / r0) fitted to a curve; rmse of the fit's
-  residuals; converged False for the fallback (p_inf = p_0 = mean, r0 = NaN)."""
+  residuals; converged False for the fallback (p_inf = p_0 = mean, r0 = NaN).
+  identified: converged with r0 no longer than the rounds fitted, so the curve closes at
+  least 1 - 1/e of its gap where it was seen; otherwise p_inf is an extrapolation (a
+  curve still rising, or a line through noise) rather than a measured ceiling."""
   p_inf: float
   p_0: float
   r0: float
   rmse: float
   converged: bool
+  identified: bool = False
 
   def __call__(self, rounds) -> np.ndarray:
     """The fitted curve at rounds (the mean everywhere for the fallback)."""
@@ -130,8 +134,8 @@ def _saturating(r, p_inf, p_0, r0):
 
 def fit_saturating(rounds, values) -> SaturatingFit:
   """Least-squares fit of the saturating curve (module docstring) to values [n] at rounds
-  [n], r0 in [1e-3, 1e3], p_inf and p_0 in [-0.5, 1.5] (widened by the data's range when
-  the data leaves [0, 1]), starting from p_0 = the first value, p_inf = the last, r0 = 1.
+  [n], r0 in [1e-3, 1e3], p_inf and p_0 in [0, 1] (widened by the data's range when the
+  data leaves [0, 1]), starting from p_0 = the first value, p_inf = the last, r0 = 1.
 
   Never raises on a curve it cannot fit: with 3 or fewer points (no more than the three
   parameters), a flat curve (nothing to fit r0 to), or a solver that does not converge,
@@ -168,4 +172,5 @@ def fit_saturating(rounds, values) -> SaturatingFit:
     return fallback
   residual = _saturating(rounds, p_inf, p_0, r0) - values
   return SaturatingFit(p_inf=float(p_inf), p_0=float(p_0), r0=float(r0),
-                       rmse=float(np.sqrt(np.mean(residual**2))), converged=True)
+                       rmse=float(np.sqrt(np.mean(residual**2))), converged=True,
+                       identified=bool(r0 <= np.ptp(rounds)))
