@@ -19,8 +19,9 @@ import pytest
 
 from conftest import REPO, cli_env
 from rlhf_jax import tasks
-from rlhf_jax.config import task_block
+from rlhf_jax.config import load_file, task_block
 from rlhf_jax.data import array_store
+from rlhf_jax.errors import UserError
 from rlhf_jax.loops import self_improve
 from test_cli_errors import assert_one_error_line
 from test_grpo_step import _python_grade
@@ -213,21 +214,34 @@ def test_learned_keep_matches_a_python_rule():
     assert kept.tolist() == expect
 
 
-@pytest.mark.parametrize('override, mentions', [
-    ('--config.self_improve.filter=oracle', ('self_improve.filter',)),
-    ('--config.self_improve.schedule=mix', ('self_improve.schedule',)),
-    ('--config.self_improve.rounds=0', ('self_improve.rounds',)),
-])
-def test_bad_settings_are_one_error_line(run_cli, tmp_path, override, mentions):
-  result = run_cli(*TINY, f'--workdir={tmp_path / "run"}', override)
-  assert_one_error_line(result, mentions=mentions)
+def test_a_bad_filter_is_one_error_line_before_any_compute(run_cli, tmp_path):
+  result = run_cli(*TINY, f'--workdir={tmp_path / "run"}', '--config.self_improve.filter=oracle')
+  assert_one_error_line(result, mentions=('self_improve.filter',))
   assert not (tmp_path / 'run').exists()
 
 
-def test_an_init_run_without_a_task_is_one_error_line(run_cli, tmp_path):
+@pytest.mark.parametrize('field, value, mentions', [
+    ('schedule', 'mix', 'self_improve.schedule'),
+    ('rounds', 0, 'self_improve.rounds'),
+    ('trainer', 'dpo', 'self_improve.trainer'),
+    ('kl_rows', 8, 'self_improve.kl_rows'),
+])
+def test_bad_loop_fields_are_refused_by_name(field, value, mentions):
+  config = load_file('configs/self_improve.py', 'tiny')
+  config.self_improve[field] = value
+  with pytest.raises(UserError, match=mentions.replace('.', r'\.')):
+    self_improve.resolve(config)
+
+
+def test_grpo_without_a_verdict_and_an_init_run_without_a_task_are_refused(tmp_path):
+  config = load_file('configs/self_improve.py', 'tiny')
+  config.self_improve.update(trainer='grpo', filter='none')
+  with pytest.raises(UserError, match='nothing to learn'):
+    self_improve.resolve(config)
   fake = tmp_path / 'sft'
   fake.mkdir()
   (fake / 'config.json').write_text(json.dumps({'stage': 'sft', 'sft': {}}))
-  result = run_cli(*TINY, f'--workdir={tmp_path / "run"}',
-                   f'--config.self_improve.init_run={fake}')
-  assert_one_error_line(result, mentions=('self_improve.init_run',))
+  config = load_file('configs/self_improve.py', 'tiny')
+  config.self_improve.init_run = str(fake)
+  with pytest.raises(UserError, match='without a task'):
+    self_improve.resolve(config)
