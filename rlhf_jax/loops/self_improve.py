@@ -243,7 +243,8 @@ class Round:
       arrays = {'kept': kept, **({'score': score} if f == 'learned' else {})}
       array_store.write(path, arrays, lineage={'round': r, 'filter': f})
     kept = np.asarray(array_store.read(path, ['kept'])[0]['kept'], bool)
-    labels = {'exact': len(correct), 'learned': self.config.self_improve.label_budget}.get(f, 0)
+    # The exact labels spent: every graded sample, the bought ones, or none.
+    labels = int(labelled.sum()) if f == 'learned' else len(correct) if f == 'exact' else 0
     return kept, labels, extra
 
   def _learned(self, r: int, data: dict):
@@ -254,11 +255,12 @@ class Round:
     path = self.paths.round(r, 'labels')
     if not os.path.isdir(path):
       rng = np.random.default_rng((self.config.seed, 0x1ABE, r))
-      rows = np.sort(rng.choice(n, size=s.label_budget, replace=False))
+      # All of them if the round has fewer samples (held-out problems were drawn).
+      rows = np.sort(rng.choice(n, size=min(s.label_budget, n), replace=False))
       arrays = {name: data[name][rows] for name in ('prompts', 'prompt_lengths', 'response',
                                                     'mask')}
       arrays.update(label=data['correct'][rows].astype(np.float32), row=rows)
-      array_store.write(path, arrays, lineage={'round': r, 'labels': s.label_budget,
+      array_store.write(path, arrays, lineage={'round': r, 'labels': len(rows),
                                                'from': self.paths.round(r, 'samples')})
     rows = np.asarray(array_store.read(path, ['row'])[0]['row'])
     orm_dir = self.paths.round(r, 'orm')
