@@ -61,7 +61,7 @@ from rlhf_jax.errors import UserError  # noqa: E402
 
 # Sibling scripts (experiments/ is on sys.path): one CLI runner and one warm start for all.
 from model_collapse import write_csv  # noqa: E402
-from verifiable_rl import run_cli, warm_start  # noqa: E402
+from verifiable_rl import prepare, run_cli  # noqa: E402
 
 FILTERS = ('exact', 'learned', 'self_consistency', 'none')
 SCHEDULES = ('replace', 'accumulate')
@@ -271,12 +271,7 @@ def main(argv=None) -> None:
   start = time.time()
   try:
     args = parse_args(argv)
-    out = os.path.abspath(args.out)
-    try:
-      os.makedirs(out, exist_ok=True)
-    except OSError as e:
-      raise UserError(f'--out {args.out} cannot be created ({e})') from None
-    sft = warm_start(args, out)
+    out, sft = prepare(args)
     groups = {}
     for filter_ in args.filters:
       for schedule in args.schedules:

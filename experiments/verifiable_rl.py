@@ -276,16 +276,22 @@ def mismatch(args, *, sft: str, out: str) -> dict:
   return figures
 
 
+def prepare(args) -> tuple[str, str]:
+  """(OUT made absolute and created, the warm start's run): what every experiment on the
+  shared warm start does first."""
+  out = os.path.abspath(args.out)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--out {args.out} cannot be created ({e})') from None
+  return out, warm_start(args, out)
+
+
 def main(argv=None) -> None:
   start = time.time()
   try:
     args = parse_args(argv)
-    out = os.path.abspath(args.out)
-    try:
-      os.makedirs(out, exist_ok=True)
-    except OSError as e:
-      raise UserError(f'--out {args.out} cannot be created ({e})') from None
-    sft = warm_start(args, out)
+    out, sft = prepare(args)
     rows = []
     for method in args.methods:
       for seed in range(args.seeds):
