@@ -14,9 +14,14 @@ runs they start from.
 Variants:
   tiny   4 rounds of 128 fresh sum_mod problems x 4 samples, SFT 100 steps a round from
          the previous policy, filter exact, schedule replace: 85-90 s on a 2-core CPU
-         (learned: 135-140 s). Measured (3 seeds, from the sft.py:task_tiny warm start at
-         held-out pass@1 0.171): pass@1 0.735 ± 0.144 at round 4 (exact), 0.232 (learned),
-         0.149 (self_consistency), 0.174 (none); docs/self-improvement.md.
+         (learned: 135-140 s).
+         Expected (3 seeds, mean ± 95%, from the sft.py:task_tiny warm start at held-out
+         pass@1 0.171, pass@8 0.742), at round 4: exact pass@1 0.735 ± 0.144, pass@8
+         0.79, the fitted ceiling 0.74 ± 0.17; --config.self_improve.filter=learned
+         0.232 ± 0.074 (its precision 0.53), pass@8 0.35; =self_consistency 0.149, pass@8
+         0.21; =none 0.174, pass@8 0.57 (distinct traces 0.80 -> 0.68). With
+         schedule=accumulate the same within the intervals (docs/self-improvement.md).
+         trainer=grpo and init=base: not measured here, no result is claimed.
 
 Filters (self_improve.filter): exact (the task's verifier), learned (an outcome reward
 model refit each round on self_improve.label_budget exact labels of that round's samples,
