@@ -247,6 +247,21 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   ))
 
 
+def _validate_dpo(d) -> None:
+  from rlhf_jax.train.preference_losses import LOSSES  # lazily: this module imports no jax
+  if d.loss not in LOSSES:
+    raise UserError(f'dpo.loss={d.loss!r} is not one of {tuple(LOSSES)}')
+  for name in ('beta', 'tau', 'desirable_weight', 'undesirable_weight'):
+    if not d[name] > 0:
+      raise UserError(f'dpo.{name}={d[name]} must be positive')
+  if not 0 <= d.epsilon < 0.5:
+    raise UserError(f'dpo.epsilon={d.epsilon} must be in [0, 0.5) (a label-flip rate; '
+                    'robust_dpo divides by 1 - 2 epsilon)')
+  for name in ('gamma', 'orpo_lambda'):
+    if d[name] < 0:
+      raise UserError(f'dpo.{name}={d[name]} must be >= 0')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks that need no devices and no data; raises UserError naming the field. A
   multi-stage config (`stages`) is checked stage by stage."""
@@ -321,11 +336,7 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
   if 'rm' in config and config.rm.pooling not in ('last', 'mean'):
     raise UserError(f"rm.pooling={config.rm.pooling!r} is not one of ('last', 'mean')")
   if 'dpo' in config:
-    d = config.dpo
-    if d.loss not in ('dpo', 'ipo'):
-      raise UserError(f"dpo.loss={d.loss!r} is not one of ('dpo', 'ipo')")
-    if not (d.beta > 0 and d.tau > 0):
-      raise UserError(f'dpo.beta={d.beta} and dpo.tau={d.tau} must be positive')
+    _validate_dpo(config.dpo)
   if 'ppo' in config:
     _validate_ppo(config)
   if 'prefs' in config:

@@ -35,29 +35,6 @@ def outcome_bce(scores: jax.Array, label: jax.Array) -> jax.Array:
   return -(label * jax.nn.log_sigmoid(scores) + (1 - label) * jax.nn.log_sigmoid(-scores))
 
 
-def _policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
-  """h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), sequence log-probs."""
-  return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-
-
-def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float) -> jax.Array:
-  """Per-pair DPO loss -log sigmoid(beta * h) (Rafailov et al. 2023); inputs [B]."""
-  return -jax.nn.log_sigmoid(beta * _policy_margin(policy_chosen, policy_rejected,
-                                                   ref_chosen, ref_rejected))
-
-
-def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, tau: float) -> jax.Array:
-  """Per-pair IPO loss (h - 1/(2 tau))^2 (Azar et al. 2023); inputs [B].
-
-  The inputs are summed sequence log-probs (train/dpo_step.py sums over response tokens),
-  not per-token averages, so h and the target margin 1/(2 tau) are in nats per sequence:
-  pairs of n-token responses reach the target with a per-token log-ratio margin of about
-  1/(2 tau n), and the tau that regularises well depends on the response length (TRL's
-  DPOTrainer, for one, averages per token for IPO; its tau is not this tau)."""
-  return (_policy_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-          - 1.0 / (2.0 * tau)) ** 2
-
-
 def ppo_policy_loss(logp, old_logp, advantages, *, clip: float,
                     clip_high: float | None = None) -> jax.Array:
   """Per-token clipped surrogate max(-A r, -A clip(r, 1-clip, 1+clip_high)), r = exp(logp -

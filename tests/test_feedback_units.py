@@ -22,6 +22,7 @@ from rlhf_jax.stages import reward_eval
 from rlhf_jax.train import dpo_step, lm_step, reward_step, runs
 from rlhf_jax.train.state import TrainState, make_optimizer
 from conftest import load_config
+from test_preference_losses import HP, numpy_loss
 
 CFG = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
@@ -93,22 +94,38 @@ def _pair_batch(b=4, p=4, r=5, seed=0):
 
 @pytest.mark.slow
 def test_dpo_step_loss_matches_numpy():
+  """The step's loss is the family's formula (test_preference_losses.numpy_loss, float64) on
+  the sampler's teacher-forced sequence scores, the masks' lengths and, for KTO, the
+  partner rows' scores: SimPO (length-normalised, reference-free) and KTO (summed
+  log-ratios against the reference, mismatched KL), whose metrics report beta h."""
   model = Transformer(CFG)
   batch = _pair_batch()
+  rng = np.random.default_rng(5)
+  batch = batch.replace(kl_response=np.roll(batch.chosen, 1, axis=0),
+                        kl_mask=np.roll(batch.chosen_mask, 1, axis=0),
+                        ref_kl=rng.normal(-8, 1, 4).astype(np.float32))
   params = _lm_params(model)
   tx = optax.sgd(0.0)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.key_data(jax.random.key(0)))
-  score = lambda y, m: (np.asarray(sampling.score(params, batch.prompts, batch.prompt_lengths,
-                                                  y, model=model), np.float64) * m).sum(1)
-  h = ((score(batch.chosen, batch.chosen_mask) - batch.ref_chosen) -
-       (score(batch.rejected, batch.rejected_mask) - batch.ref_rejected))
-  for loss, expected in (('dpo', np.log1p(np.exp(-0.5 * h)).mean()),
-                         ('ipo', ((h - 1 / (2 * 0.25)) ** 2).mean())):
-    _, metrics = dpo_step.train_step(state, batch, model=model, tx=tx, schedule=lambda s: 0.0,
-                                     loss=loss, beta=0.5, tau=0.25)
-    assert float(metrics['train/loss']) == pytest.approx(expected, rel=1e-4)
-  assert float(metrics['dpo/margin']) == pytest.approx(0.5 * h.mean(), rel=1e-4, abs=1e-5)
+  teacher_forced = jax.jit(functools.partial(sampling.score, model=model))
+  score = lambda y, m: (np.asarray(teacher_forced(params, batch.prompts, batch.prompt_lengths,
+                                                  y), np.float64) * m).sum(1)
+  pc, pr = score(batch.chosen, batch.chosen_mask), score(batch.rejected, batch.rejected_mask)
+  args = (pc, pr, batch.ref_chosen, batch.ref_rejected, batch.chosen_mask.sum(1),
+          batch.rejected_mask.sum(1), batch.weight, score(batch.kl_response, batch.kl_mask),
+          batch.ref_kl)
+  for loss in ('simpo', 'kto'):
+    step = jax.jit(functools.partial(dpo_step.train_step, model=model, tx=tx,
+                                     schedule=lambda s: 0.0, loss=loss, hparams=HP))
+    _, metrics = step(state, batch)
+    expected = numpy_loss(loss, *args, HP).mean()
+    assert float(metrics['train/loss']) == pytest.approx(expected, rel=1e-4, abs=1e-6), loss
+    if loss == 'kto':
+      z0 = max(0.0, (args[7] - args[8]).mean())
+      assert float(metrics['dpo/kto_z0']) == pytest.approx(z0, rel=1e-4, abs=1e-6)
+  h = (pc - batch.ref_chosen) - (pr - batch.ref_rejected)
+  assert float(metrics['dpo/margin']) == pytest.approx(HP['beta'] * h.mean(), rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -34,6 +34,9 @@ class PairBatch:
   label:          [B] float32 P(chosen is preferred) by the labels' aggregate (the
                   reward model's soft Bradley-Terry target; DPO uses the orientation
                   only); None: 1, a hard label.
+  kl_response:    [B, R] int32 (KTO only) the chosen response of the pair's mismatched
+                  partner, scored after this pair's prompt; kl_mask: [B, R] float32;
+                  ref_kl: [B] float32 its reference log-prob. None for other losses.
   """
   prompts: np.ndarray
   prompt_lengths: np.ndarray
@@ -45,6 +48,9 @@ class PairBatch:
   ref_chosen: np.ndarray
   ref_rejected: np.ndarray
   label: np.ndarray = None
+  kl_response: np.ndarray = None
+  kl_mask: np.ndarray = None
+  ref_kl: np.ndarray = None
 
 
 def prompt_response_batch(prompts, prompt_lengths, responses, response_mask) -> LMBatch:

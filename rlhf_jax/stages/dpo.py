@@ -1,13 +1,14 @@
-"""DPO and IPO: the policy learns from preference pairs directly, against a frozen
+"""DPO and its family: the policy learns from preference pairs directly, against a frozen
 reference (the SFT run named by init.run, which also initialises the policy).
 
-Loss by `dpo.loss` ('dpo': -log sigmoid(beta h), 'ipo': (h - 1/(2 tau))^2, with
-h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))). The reference's sequence
-log-probs of every pair are computed once before training. Labels are hard: y_w is the
-response the pair's label aggregate prefers (prefs.aggregate), its soft label is not used
-(that is the reward model's). Evaluation reports the implicit
-rewards on held-out pairs (`dpo_eval/*`) and, by sampling, the policy's gold reward and
-sequence KL to the reference (`policy/*`).
+Loss by `dpo.loss`, one of train/preference_losses.LOSSES (dpo, ipo, ipo_mean, cdpo,
+robust_dpo, hinge, kto, orpo, simpo, apo_zero; their formulas and papers are there). The
+reference's sequence log-probs of every pair are computed once before training, and not
+at all for the reference-free losses (orpo, simpo). Labels are hard: y_w is the response
+the pair's label aggregate prefers (prefs.aggregate), its soft label is not used (that is
+the reward model's). Evaluation reports the loss's implicit rewards on held-out pairs
+(`dpo_eval/*`) and, by sampling, the policy's gold reward and sequence KL to the reference
+(`policy/*`: a measurement, so it scores the reference policy whatever the loss).
 """
 import functools
 
@@ -20,35 +21,45 @@ from rlhf_jax.data.row_source import RowSource, split_by_prompt
 from rlhf_jax.stages import preference_data
 from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
-from rlhf_jax.train import dpo_step, loop
+from rlhf_jax.train import dpo_step, loop, preference_losses
 
 
-def reference_logprobs(logprobs, params, pairs, *, batch_size: int, put):
-  """(chosen, rejected) [N] sequence log-probs of every pair under `params`."""
-  n = len(pairs)
-  chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+def reference_logprobs(logprobs, params, n: int, make_rows, *, batch_size: int, put):
+  """The [N] float32 arrays `logprobs(params, batch)` returns (a tuple of [B]), for the
+  batches `make_rows(rows, valid)` of rows 0..n-1."""
+  out = None
   for lo in range(0, n, batch_size):
     rows = np.arange(lo, lo + batch_size)
     valid = rows < n
     rows = np.where(valid, rows, lo)
-    c, r = jax.device_get(logprobs(params, put(preference_data.pair_rows(pairs, rows, valid))))
-    chosen[rows[valid]], rejected[rows[valid]] = np.asarray(c)[valid], np.asarray(r)[valid]
-  return chosen, rejected
+    got = jax.device_get(logprobs(params, put(make_rows(rows, valid))))
+    if out is None:
+      out = tuple(np.zeros(n, np.float32) for _ in got)
+    for o, g in zip(out, got):
+      o[rows[valid]] = np.asarray(g)[valid]
+  return out
 
 
 class ImplicitRewardEval:
-  """Implicit-reward accuracy and margin on the held-out pairs."""
+  """Implicit-reward accuracy and margin on the held-out pairs, by the loss's own
+  implicit reward (preference_losses.implicit_rewards)."""
 
-  def __init__(self, *, batches, logprobs, put, beta: float):
-    self.batches, self.logprobs, self.put, self.beta = batches, logprobs, put, beta
+  def __init__(self, *, batches, logprobs, put, loss: str, beta: float):
+    self.batches, self.logprobs, self.put = batches, logprobs, put
+    self.loss, self.beta = loss, beta
 
   def __call__(self, params) -> dict:
     margins, chosen_r = [], []
     for b in self.batches:
       c, r = jax.device_get(self.logprobs(params, self.put(b)))
       valid = np.asarray(b.weight) > 0
-      rc = self.beta * (np.asarray(c, np.float64) - b.ref_chosen)[valid]
-      rr = self.beta * (np.asarray(r, np.float64) - b.ref_rejected)[valid]
+      lp = preference_losses.PairLogps(
+          policy_chosen=np.asarray(c, np.float64), policy_rejected=np.asarray(r, np.float64),
+          ref_chosen=b.ref_chosen, ref_rejected=b.ref_rejected,
+          chosen_length=b.chosen_mask.sum(1), rejected_length=b.rejected_mask.sum(1),
+          weight=b.weight)
+      rc, rr = (np.asarray(x)[valid] for x in
+                preference_losses.implicit_rewards(self.loss, lp, self.beta))
       margins.append(rc - rr)
       chosen_r.append(rc)
     margin = np.concatenate(margins)
@@ -66,27 +77,40 @@ def run(config, *, workdir: str) -> None:
   state, shardings = setup.lm_state(setup.init.params)
   put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
   b = config.train.batch_size
-  example = preference_data.pair_rows(pairs, np.zeros(b, int), np.ones(b, bool))
-  batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
-  logprobs = jax.jit(functools.partial(dpo_step.sequence_logprobs, model=model),
-                     in_shardings=(shardings.params, batch_shardings))
-  with sharding.activate(setup.mesh, config.mesh):
-    ref_c, ref_r = reference_logprobs(logprobs, setup.init.params, pairs, batch_size=b, put=put)
+  d = config.dpo
+  entry = preference_losses.LOSSES[d.loss]
+  ref = {}
+  if entry.mismatched_kl:
+    ref['partner'] = preference_losses.kto_partners(np.asarray(pairs.prompt_id),
+                                                    seed=config.seed)
+  rows_of = functools.partial(preference_data.pair_rows, pairs, **ref)
+  batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh,
+                                                 rows_of(np.zeros(b, int), np.ones(b, bool)))
+  jit = lambda f: jax.jit(functools.partial(f, model=model),
+                          in_shardings=(shardings.params, batch_shardings))
+  logprobs = jit(dpo_step.sequence_logprobs)
+  if not entry.reference_free:  # reference-free losses never score the reference
+    with sharding.activate(setup.mesh, config.mesh):
+      ref['ref_chosen'], ref['ref_rejected'] = reference_logprobs(
+          logprobs, setup.init.params, len(pairs), rows_of, batch_size=b, put=put)
+      if entry.mismatched_kl:
+        mismatched = jit(lambda p, x, model: (dpo_step.mismatched_logprobs(p, x, model=model),))
+        ref['ref_kl'], = reference_logprobs(mismatched, setup.init.params, len(pairs),
+                                            rows_of, batch_size=b, put=put)
   train_rows, held_rows = split_by_prompt(np.asarray(pairs.prompt_id),
                                           eval_fraction=config.prefs.eval_fraction,
                                           seed=config.seed)
-  make_batch = functools.partial(preference_data.pair_rows, pairs, ref_chosen=ref_c,
-                                 ref_rejected=ref_r)
+  make_batch = functools.partial(preference_data.pair_rows, pairs, **ref)
   source = RowSource(train=train_rows, held_out=held_rows, batch_size=b, seed=config.seed,
                      make_batch=make_batch, what=f'preference pairs of {workdir}')
-  d = config.dpo
+  hparams = {k: float(v) for k, v in d.items() if k != 'loss'}
   step = functools.partial(dpo_step.train_step, model=model, tx=setup.tx,
-                           schedule=setup.schedule, loss=d.loss, beta=d.beta, tau=d.tau)
+                           schedule=setup.schedule, loss=d.loss, hparams=hparams)
   step = jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, sharding.replicated(setup.mesh)),
                  donate_argnums=(0,))
   implicit = ImplicitRewardEval(batches=source.eval_batches(), logprobs=logprobs, put=put,
-                                beta=d.beta)
+                                loss=d.loss, beta=d.beta)
   policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
                            mesh_config=config.mesh, param_shardings=shardings.params,
                            ref_params=setup.init.params, dp=setup.dp)

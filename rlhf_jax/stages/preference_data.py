@@ -70,10 +70,17 @@ def make_shard(config, setup: FromRun, *, directory: str) -> str:
 
 
 def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=None,
-              ref_rejected=None):
+              ref_rejected=None, partner=None, ref_kl=None):
   """PairBatch of the given rows (valid: [B] bool, 0 weight where False), with the
-  aggregate's soft labels."""
+  aggregate's soft labels; with `partner` (KTO), each row's mismatched response: the
+  chosen response of pair partner[row], and its reference log-prob `ref_kl[row]`."""
   zeros = np.zeros(len(rows), np.float32)
+  kl = {}
+  if partner is not None:
+    other = partner[rows]
+    kl = dict(kl_response=np.asarray(pairs.chosen[other]),
+              kl_mask=np.asarray(pairs.chosen_mask[other]),
+              ref_kl=zeros if ref_kl is None else np.asarray(ref_kl[rows], np.float32))
   return PairBatch(
       prompts=np.asarray(pairs.prompts[rows]), prompt_lengths=np.asarray(pairs.prompt_lengths[rows]),
       chosen=np.asarray(pairs.chosen[rows]), rejected=np.asarray(pairs.rejected[rows]),
@@ -82,4 +89,4 @@ def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=Non
       weight=valid.astype(np.float32),
       ref_chosen=zeros if ref_chosen is None else np.asarray(ref_chosen[rows], np.float32),
       ref_rejected=zeros if ref_rejected is None else np.asarray(ref_rejected[rows], np.float32),
-      label=np.asarray(pairs.soft_label[rows], np.float32))
+      label=np.asarray(pairs.soft_label[rows], np.float32), **kl)

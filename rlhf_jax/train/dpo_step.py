@@ -1,12 +1,13 @@
-"""The DPO / IPO train step on preference pairs, against reference log-probs computed once
-(the reference policy is frozen, so its sequence log-probs are data)."""
+"""The train step of the preference-loss family (train/preference_losses.py, `dpo.loss`) on
+preference pairs, against reference log-probs computed once (the reference policy is
+frozen, so its sequence log-probs are data; reference-free losses have none)."""
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses
 from rlhf_jax.data.batch import PairBatch
 from rlhf_jax.sampling import score
+from rlhf_jax.train import preference_losses
 from rlhf_jax.train.state import TrainState
 
 
@@ -22,28 +23,41 @@ def sequence_logprobs(params, batch: PairBatch, *, model):
   return logp[:b], logp[b:]
 
 
-LOSSES = {
-    'dpo': lambda pc, pr, rc, rr, *, beta, tau: losses.dpo(pc, pr, rc, rr, beta=beta),
-    'ipo': lambda pc, pr, rc, rr, *, beta, tau: losses.ipo(pc, pr, rc, rr, tau=tau),
-}
+def mismatched_logprobs(params, batch: PairBatch, *, model):
+  """Sequence log-probs [B] of each row's mismatched partner response after its prompt
+  (KTO's KL estimate)."""
+  return (score(params, batch.prompts, batch.prompt_lengths, batch.kl_response, model=model)
+          * batch.kl_mask).sum(axis=1)
+
+
+def pair_logps(params, batch: PairBatch, *, model, loss: str) -> preference_losses.PairLogps:
+  """Everything `loss` reads, under the policy `params` and the batch's reference data."""
+  chosen, rejected = sequence_logprobs(params, batch, model=model)
+  kl = {}
+  if preference_losses.LOSSES[loss].mismatched_kl:
+    kl = dict(kl_policy=jax.lax.stop_gradient(mismatched_logprobs(params, batch, model=model)),
+              kl_ref=batch.ref_kl)
+  return preference_losses.PairLogps(
+      policy_chosen=chosen, policy_rejected=rejected, ref_chosen=batch.ref_chosen,
+      ref_rejected=batch.ref_rejected, chosen_length=batch.chosen_mask.sum(axis=1),
+      rejected_length=batch.rejected_mask.sum(axis=1), weight=batch.weight, **kl)
 
 
 def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, loss: str,
-               beta: float, tau: float):
-  """One update; metrics report the implicit rewards beta * (log pi - log ref)."""
+               hparams: dict):
+  """One update; metrics report the loss's implicit rewards (beta * log-ratio, per-token
+  averaged for the length-normalised losses)."""
   def loss_fn(params):
-    chosen, rejected = sequence_logprobs(params, batch, model=model)
-    per = LOSSES[loss](chosen, rejected, batch.ref_chosen, batch.ref_rejected,
-                       beta=beta, tau=tau)
+    lp = pair_logps(params, batch, model=model, loss=loss)
+    per = preference_losses.per_pair_loss(loss, lp, hparams)
     w = batch.weight
-    return (per * w).sum() / jnp.maximum(w.sum(), 1.0), (chosen, rejected)
+    return (per * w).sum() / jnp.maximum(w.sum(), 1.0), lp
 
-  (value, (chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (value, lp), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   w = batch.weight / jnp.maximum(batch.weight.sum(), 1.0)
-  reward_c = beta * (chosen - batch.ref_chosen)
-  reward_r = beta * (rejected - batch.ref_rejected)
+  reward_c, reward_r = preference_losses.implicit_rewards(loss, lp, hparams['beta'])
   metrics = {
       'train/loss': value,
       'train/grad_norm': optax.tree.norm(grads),
@@ -53,4 +67,6 @@ def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, loss
       'dpo/margin': ((reward_c - reward_r) * w).sum(),
       'dpo/accuracy': ((reward_c > reward_r) * w).sum(),
   }
+  if preference_losses.LOSSES[loss].mismatched_kl:
+    metrics['dpo/kto_z0'] = preference_losses.kto_reference_point(lp)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
