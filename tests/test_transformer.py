@@ -75,8 +75,11 @@ def make_model(attention: str, block: int = 4):
                     attention=attention, attention_block=block)
   model = Transformer(cfg)
   ids = jnp.ones((1, 20), jnp.int32)
-  params = model.init(jax.random.key(0), ids, segment_ids=ids,
-                      positions=jnp.zeros_like(ids))['params']
+  # Jitted, from an RBG key: op by op the init took 11 s on CPU, and jitted with a threefry
+  # key it spends about as long compiling threefry (any random params serve these tests).
+  params = jax.jit(lambda k: model.init(k, ids, segment_ids=ids,
+                                        positions=jnp.zeros_like(ids))['params'])(
+                                            jax.random.key(0, impl='rbg'))
   return model, nn.meta.unbox(params)
 
 
@@ -90,14 +93,15 @@ def test_packed_documents_do_not_see_each_other(attention):
   tokens = rng.integers(3, 13, size=(1, 20)).astype(np.int32)
   seg = SEGMENTS[2:3]
   positions = np.concatenate([np.arange(5), np.arange(11), np.arange(4)])[None]
-  packed = model.apply({'params': params}, jnp.asarray(tokens), segment_ids=jnp.asarray(seg),
-                       positions=jnp.asarray(positions)).logits
+  apply = jax.jit(model.apply)  # op by op, the four forwards took 9 s on CPU
+  packed = apply({'params': params}, jnp.asarray(tokens), segment_ids=jnp.asarray(seg),
+                 positions=jnp.asarray(positions)).logits
   for doc in (1, 2, 3):
     cols = np.where(seg[0] == doc)[0]
     alone_tokens = tokens[:, cols]
-    alone = model.apply({'params': params}, jnp.asarray(alone_tokens),
-                        segment_ids=jnp.ones_like(alone_tokens),
-                        positions=jnp.arange(len(cols))[None]).logits
+    alone = apply({'params': params}, jnp.asarray(alone_tokens),
+                  segment_ids=jnp.ones_like(alone_tokens),
+                  positions=jnp.arange(len(cols))[None]).logits
     np.testing.assert_allclose(np.asarray(packed)[:, cols], np.asarray(alone), atol=1e-5)
 
 
@@ -107,7 +111,8 @@ def test_hidden_states_give_the_logits():
   the logits are exactly their projection by the output matrix."""
   model, params = make_model('xla')
   tokens = jnp.asarray(np.random.default_rng(3).integers(3, 13, size=(2, 20)), jnp.int32)
-  out = model.apply({'params': params}, tokens, segment_ids=jnp.ones_like(tokens),
-                    positions=jnp.broadcast_to(jnp.arange(20), (2, 20)), return_hidden=True)
+  out = jax.jit(model.apply, static_argnames='return_hidden')(
+      {'params': params}, tokens, segment_ids=jnp.ones_like(tokens),
+      positions=jnp.broadcast_to(jnp.arange(20), (2, 20)), return_hidden=True)
   want = np.asarray(out.hidden, np.float64) @ np.asarray(params['logits']['kernel'], np.float64)
   np.testing.assert_allclose(np.asarray(out.logits), want, atol=1e-5)
