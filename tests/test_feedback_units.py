@@ -71,9 +71,11 @@ def test_sft_batch_loss_is_the_response_score():
   responses = np.array([[11, 12, 2, 0], [13, 2, 0, 0], [14, 15, 16, 17]], np.int32)
   mask = (np.arange(4)[None] < np.array([[3], [2], [4]])).astype(np.float32)
   batch = prompt_response_batch(prompts, lengths, responses, mask)
-  # Init and both forwards jitted (op by op the test took 15.5 s, jitted 11.6 s; most of
-  # what is left is compiling the init).
-  params = jax.jit(lambda: _lm_params(model))()
+  # Init (from an RBG key: threefry's compile takes seconds) and both forwards jitted; op
+  # by op they took most of the test's 15 s.
+  ids = np.ones((1, 4), np.int32)
+  params = nn.meta.unbox(jax.jit(lambda k: model.init(k, ids, segment_ids=ids, positions=ids))(
+      jax.random.key(0, impl='rbg'))['params'])
   ours = np.asarray(jax.jit(functools.partial(lm_step.eval_logprobs, model=model))(
       params, batch)).sum(1)
   ref = (np.asarray(jax.jit(functools.partial(sampling.score, model=model))(
