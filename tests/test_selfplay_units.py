@@ -201,8 +201,9 @@ def test_search_never_plays_an_illegal_move_and_finds_a_win(pgx_states):
                        jax.jit(_win_in_one, static_argnums=(0, 1))(env, wins))
   live = ~np.asarray(state.terminated)
   net = networks.make_network(name='mlp', num_actions=9, width=32, num_blocks=2)
+  # The init from an RBG key: compiling threefry's draws there took about 6 s.
   params = jax.jit(lambda k: networks.init_params(network=net, observation_shape=(3, 3, 2),
-                                                  key=k))(jax.random.key(4))
+                                                  key=k))(jax.random.key(4, impl='rbg'))
   apply_fn = lambda p, obs: net.apply({'params': p}, obs)
   legal = np.asarray(state.legal_action_mask)
   # PUCT gives an unvisited move its parent's value, so with a flat prior it needs more
@@ -210,7 +211,8 @@ def test_search_never_plays_an_illegal_move_and_finds_a_win(pgx_states):
   for kind, simulations in (('gumbel', 16), ('muzero', 64)):
     run = jax.jit(search.make_search(env=env, apply_fn=apply_fn, kind=kind,
                                      num_simulations=simulations))
-    out = run(params, state, jax.random.key(5))
+    # An RBG key for the root noise: with threefry each search's compile took 6-10 s longer.
+    out = run(params, state, jax.random.key(5, impl='rbg'))
     action, weights = np.asarray(out.action), np.asarray(out.action_weights)
     assert legal[np.arange(len(action)), action][live].all(), kind
     assert (weights[live][~legal[live]] == 0).all(), kind
@@ -313,8 +315,10 @@ def test_resnet_param_count_and_outputs():
   net = networks.make_network(name='resnet', num_actions=actions, width=channels,
                               num_blocks=blocks)
   # Jitted: op-by-op conv dispatch on CPU costs seconds.
+  # From an RBG key: compiling threefry's draws takes seconds.
   params = jax.jit(lambda k: networks.init_params(
-      network=net, observation_shape=(height, width_, planes), key=k))(jax.random.key(0))
+      network=net, observation_shape=(height, width_, planes), key=k))(
+          jax.random.key(0, impl='rbg'))
   cells = height * width_
   conv = lambda k, cin, cout: k * k * cin * cout + cout
   dense = lambda cin, cout: cin * cout + cout
