@@ -233,7 +233,9 @@ def tiny_learner(seed: int):
   from rlhf_jax.models import policy_value
   from rlhf_jax.models.transformer import ModelConfig
   model = policy_value.PolicyValue(ModelConfig(**LM), 'head')
-  return model, nn.meta.unbox(jax.jit(policy_value.init_params(model))(jax.random.key(seed)))
+  # From an RBG key: compiling threefry's draws took seconds of each test.
+  return model, nn.meta.unbox(jax.jit(policy_value.init_params(model))(
+      jax.random.key(seed, impl='rbg')))
 
 
 def rows_forward(lm_params, prompts, responses):
@@ -327,15 +329,17 @@ def test_update_metrics_and_entropy_bonus_match_numpy():
   apply_fn = ppo_step.make_apply(model, prompt_len=prompts.shape[1])
   tx = optax.sgd(1.0)
 
-  def update(coef):
+  # One compile for both coefficients: the coefficient is an argument of the jitted update
+  # (the loss only multiplies by it), not a constant baked into two programs.
+  @jax.jit
+  def update(p, coef):
     config = ppo_update.PPOConfig(epochs=1, minibatches=1, clip=clip, value_clip=vclip,
                                   entropy_coef=coef)
-    return jax.jit(lambda p: ppo_update.update(p, tx.init(p), rollout, jax.random.key(0),
-                                               apply_fn=apply_fn, tx=tx, config=config,
-                                               kl_coef=kl_coef))(params)
+    return ppo_update.update(p, tx.init(p), rollout, jax.random.key(0), apply_fn=apply_fn,
+                             tx=tx, config=config, kl_coef=kl_coef)
 
   coef = 0.5
-  (p0, _, m0), (pc, _, mc) = update(0.0), update(coef)
+  (p0, _, m0), (pc, _, mc) = update(params, 0.0), update(params, coef)
   for metrics in (m0, mc):
     for key, value in want.items():
       assert float(metrics[key]) == pytest.approx(value, abs=2e-5), key
