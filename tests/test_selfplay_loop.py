@@ -82,11 +82,14 @@ def _policy_table(engine, params, player: str) -> dict:
   @jax.jit
   def positions_and_moves(params, moves, lengths):
     state = jax.vmap(env.init)(jax.random.split(jax.random.key(1), moves.shape[0]))
-    for t in range(9):
+
+    def replay(t, state):  # move t of every sequence still under way
       moved = jax.vmap(env.step)(state, moves[:, t])
       keep = lambda new, old: jnp.where(
           (t < lengths).reshape(-1, *([1] * (new.ndim - 1))), new, old)
-      state = jax.tree.map(keep, moved, state)
+      return jax.tree.map(keep, moved, state)
+    # A loop, not 9 unrolled copies of the game's step (which took XLA seconds to compile).
+    state = jax.lax.fori_loop(0, 9, replay, state)
     if player == 'search':
       action = engine.arena_search(params, state, jax.random.key(0)).action
     else:
