@@ -36,8 +36,8 @@ FAST = ['--config=configs/ppo.py:tiny', '--config.train.progress=False',
 def test_ppo_on_gold_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
   workdir = tmp_path / 'ppo'
   args = [*FAST, f'--config.init.run={chain["sft"]}', '--config.ppo.reward=gold',
-          '--config.train.steps=30', '--config.train.ckpt_every=10',
-          '--config.train.eval_every=15']
+          '--config.train.steps=30', '--config.train.ckpt_every=25',
+          '--config.train.eval_every=30']  # evaluated at steps 0 and 30, the two read here
   result = run_cli(*args, f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
   policy = with_key(workdir, 'policy/gold_reward')
@@ -56,12 +56,12 @@ def test_ppo_on_gold_raises_gold_reward_and_resumes(chain, run_cli, tmp_path):
   # ppo/approx_kl, ppo/clip_fraction and the loss terms are checked against NumPy on a tiny
   # LM in tests/test_ppo.py (test_update_metrics_and_entropy_bonus_match_numpy).
 
-  # Resumed from step 20, the last middle checkpoint (the shortest rerun that restores one).
+  # Resumed from step 25, the middle checkpoint (a short rerun that restores one).
   resumed = tmp_path / 'ppo_resumed'
   shutil.copytree(workdir, resumed)
-  assert checkpoint_steps(resumed) == [10, 20, 30]
+  assert checkpoint_steps(resumed) == [25, 30]
   for step in checkpoint_steps(resumed):
-    if step > 20:
+    if step > 25:
       shutil.rmtree(resumed / 'checkpoints' / str(step))
   result = run_cli(*args, f'--workdir={resumed}')
   assert result.returncode == 0, result.stderr[-3000:]
