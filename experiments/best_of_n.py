@@ -103,7 +103,7 @@ def load_config() -> ml_collections.ConfigDict:
   config = config_lib.feedback_config('best_of_n')
   config.seed = _SEED.value
   config.init.run = _SFT.value
-  config.ppo = ml_collections.ConfigDict(dict(reward='rm', rm_run=_RM.value,
+  config.ppo = ml_collections.ConfigDict(dict(reward='rm', rm_run=_RM.value, rm_step=-1,
                                               num_prompts=_PROMPTS.value,
                                               prompt_len=PROMPT_LEN))
   ppo.resolve(config)
