@@ -57,9 +57,10 @@ def test_metrics_on_a_hand_made_case():
 
 
 def _lm_params(model):
+  """Jitted init from an RBG key (op by op, or compiling threefry's draws, takes seconds)."""
   ids = np.ones((1, 4), np.int32)
-  return nn.meta.unbox(model.init(jax.random.key(0), ids, segment_ids=ids,
-                                  positions=ids)['params'])
+  init = jax.jit(lambda key: model.init(key, ids, segment_ids=ids, positions=ids)['params'])
+  return nn.meta.unbox(init(jax.random.key(0, impl='rbg')))
 
 
 @pytest.mark.slow

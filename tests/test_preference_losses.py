@@ -142,3 +142,14 @@ def test_kto_partners_pair_every_row_with_another_prompt():
   partner = pl.kto_partners(prompt_id, seed=0)
   assert (prompt_id[partner] != prompt_id).all()
   np.testing.assert_array_equal(partner, pl.kto_partners(prompt_id, seed=0))
+
+
+def test_kto_with_its_reference_point_at_zero_is_apo_zero():
+  """With paired data, w_D = w_U = 1 and z0 = 0 (the clamp), KTO's loss is APO-zero's:
+  1 - sigmoid(-x) = sigmoid(x). On tiny the KL estimate stays below 0 (z0 = 0 at every
+  logged step), so the two train alike there."""
+  args = list(_inputs(seed=11))
+  args[8] = args[7] + 1.0                       # estimate -1 < 0: z0 = 0
+  hp = {**HP, 'desirable_weight': 1.0, 'undesirable_weight': 1.0}
+  np.testing.assert_allclose(_jax_loss('kto', *args, hp), _jax_loss('apo_zero', *args, hp),
+                             rtol=1e-6, atol=1e-6)
