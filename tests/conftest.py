@@ -118,13 +118,29 @@ SLOW_FIXTURES = ('chain', 'reward_run', 'task_warm_start', 'finished_run', 'worl
                  'uninterrupted', 'world_run', 'trained', 'ttt_run', 'grid_root', 'reference')
 
 
+# The longest test files first (summed seconds of one full run on the 2-core machine), so that
+# `-n 2 --dist loadfile` ends on short files instead of leaving one worker idle while the
+# other runs a long one (pyproject's --no-loadscope-reorder keeps this order; xdist would
+# otherwise order files by their number of tests). The first two do not share a slow
+# fixture, so neither worker waits for the other's build of the chain.
+LONGEST_FILES = ('test_selfplay_loop', 'test_self_improve', 'test_collapse_loop',
+                 'test_failed_run_leaves_dir', 'test_ppo_stage', 'test_feedback_stages',
+                 'test_preference_stage', 'test_rlhf_rounds', 'test_resume', 'test_configs',
+                 'test_cli_errors', 'test_multihost', 'test_collapse_bigram',
+                 'test_collapse_theory', 'test_selfplay_units', 'test_feedback_units',
+                 'test_sampling', 'test_grpo_stage', 'test_ppo', 'test_sharding')
+
+
 def pytest_collection_modifyitems(config, items):
   """Marks `slow` every test that uses a fixture of SLOW_FIXTURES (the chain alone takes
   minutes), besides the tests marked by hand, so that the quick check (-m 'not slow')
-  never starts the chain."""
+  never starts the chain; and puts the LONGEST_FILES first, in that order (a stable sort:
+  each file's tests keep theirs)."""
   for item in items:
     if any(name in getattr(item, 'fixturenames', ()) for name in SLOW_FIXTURES):
       item.add_marker(pytest.mark.slow)
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
 # -- helpers shared by test modules (`from conftest import ...`) ----------------------------
