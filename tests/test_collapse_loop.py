@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO, cli_env
 
 SMALL = ['--config=configs/collapse.py:tiny', '--config.train.progress=False',
-         '--config.train.steps=10', '--config.train.eval_every=10', '--config.train.ckpt_every=5',
+         '--config.train.steps=10', '--config.train.eval_every=10', '--config.train.ckpt_every=10',
          '--config.train.log_every=5', '--config.collapse.samples=96',
          '--config.collapse.heldout_rows=64', '--config.collapse.generations=2']
 
