@@ -20,11 +20,13 @@ def rows(workdir) -> list[dict]:
   return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
-def numpy_group_rewards(policy_dir: str, rm_dir: str) -> dict:
-  """{'gold': mean gold reward, g: mean reward to annotator group g} in NumPy float64, of
-  the responses the loop's policy evaluation samples from policy_dir's newest checkpoint
-  (its evaluator's prompts and key on one device, under the world of a reward-model run of
-  the loop, whose config is the one the loop's Measure uses)."""
+def numpy_group_rewards(policy_dirs: list[str], rm_dir: str) -> list[dict]:
+  """Per policy dir, {'gold': mean gold reward, g: mean reward to annotator group g} in
+  NumPy float64, of the responses the loop's policy evaluation samples from its newest
+  checkpoint (its evaluator's prompts and key on one device, under the world of a
+  reward-model run of the loop, whose config is the one the loop's Measure uses). One
+  world and evaluator serve every policy (same architecture; prompts and key depend on the
+  world seed only), as in the loop's Measure."""
   import jax
   import ml_collections
   from rlhf_jax import sharding
@@ -34,14 +36,12 @@ def numpy_group_rewards(policy_dir: str, rm_dir: str) -> dict:
   config = runs.read_config(rm_dir)
   world = world_setup.from_config(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  loaded = runs.load(policy_dir, mesh=mesh, mesh_config=config.mesh)
+  loaded = [runs.load(d, mesh=mesh, mesh_config=config.mesh) for d in policy_dirs]
   evaluator = PolicyEvaluator(
       config=ml_collections.ConfigDict({'policy_eval': config.policy_eval.to_dict(),
                                         'world': config.world.to_dict()}),
-      world=world, model=loaded.model, mesh=mesh, mesh_config=config.mesh,
-      param_shardings=loaded.param_shardings, ref_params=loaded.params, dp=1)
-  out = jax.device_get(evaluator.sampler.sample(loaded.params, evaluator.prompts,
-                                                evaluator.lengths, evaluator.key))
+      world=world, model=loaded[0].model, mesh=mesh, mesh_config=config.mesh,
+      param_shardings=loaded[0].param_shardings, ref_params=loaded[0].params, dp=1)
   gold = world.gold
   topics, harmful = np.asarray(gold.topics, np.float64), np.asarray(gold.harmful)
   unit = lambda v: v / max(np.linalg.norm(v), 1e-9)
@@ -52,12 +52,17 @@ def numpy_group_rewards(policy_dir: str, rm_dir: str) -> dict:
             unit(topics[response].sum(0)) + gold.length * len(response)
             - gold.harm * float(harmful[response].any()))
 
-  rows = []
-  for prompt, response, mask in zip(evaluator.prompts, out.response, out.mask):
-    rows.append((prompt[prompt > 0], response[mask > 0]))
   groups = np.asarray(world.pool.group_helpfulness, np.float64)
   weights = {'gold': np.asarray(gold.helpfulness, np.float64), 0: groups[0], 1: groups[1]}
-  return {k: np.mean([reward(w, p, y) for p, y in rows]) for k, w in weights.items()}
+  out = []
+  for policy in loaded:
+    sample = jax.device_get(evaluator.sampler.sample(policy.params, evaluator.prompts,
+                                                     evaluator.lengths, evaluator.key))
+    rows = []
+    for prompt, response, mask in zip(evaluator.prompts, sample.response, sample.mask):
+      rows.append((prompt[prompt > 0], response[mask > 0]))
+    out.append({k: np.mean([reward(w, p, y) for p, y in rows]) for k, w in weights.items()})
+  return out
 
 
 def test_rounds_lineage_metrics_and_resume(chain, run_cli, tmp_path):
@@ -89,8 +94,9 @@ def test_rounds_lineage_metrics_and_resume(chain, run_cli, tmp_path):
   # The base policy's and the last policy's rows against NumPy float64 rewards of the very
   # samples the loop's evaluation drew (gold, and each annotator group's helpfulness
   # weights from the pool); matching gold first shows the samples are the same.
-  for step, policy_dir in ((0, chain['sft']), (2, str(workdir / 'round_1' / 'policy'))):
-    want = numpy_group_rewards(policy_dir, str(workdir / 'round_0' / 'rm'))
+  wants = numpy_group_rewards([chain['sft'], str(workdir / 'round_1' / 'policy')],
+                              str(workdir / 'round_0' / 'rm'))
+  for step, want in zip((0, 2), wants):
     row = table[step]
     assert row['rounds/gold_reward'] == pytest.approx(want['gold'], abs=1e-5)
     for g in (0, 1):
