@@ -18,7 +18,9 @@ the pairs' prompts, samples and labels, and every run's data order and sampling)
   OUT/<set>/seed<k>/<loss>_<field><value>   configs/dpo.py:tiny with dpo.loss and its
                               strength field at one of STRENGTHS[loss]
   OUT/<set>/seed<k>/ppo_kl<c> configs/ppo.py:tiny against rm, ppo.kl_coef = c
-  OUT/<set>/seed<k>/best_of_n experiments/best_of_n.py against rm (KL: log n - (n-1)/n)
+  OUT/<set>/seed<k>/best_of_n experiments/best_of_n.py against rm (KL: log n - (n-1)/n; it
+                              samples its own prompts, so its points are its gain over its
+                              own n = 1 placed at the SFT policy's gold on the eval prompts)
 --strengths replaces a loss's three values (e.g. orpo=1/3/10), --set overrides a field of
 every run of one stage (rm, dpo or ppo; e.g. --set=dpo.optim.lr=1e-3 --set=rm.prefs.
 num_prompts=256: the reward-model run makes the pairs), an empty --kl_coefs or --ns skips
@@ -29,8 +31,9 @@ SFT policy's point.
 
 Runs go in-process one after another and each writes `done.json` when finished, so a
 rerun of the same command resumes the unfinished ones (a stopped run continues from its last
-checkpoint: one per eval, --evals after step 0) and reads the rest. --shard=K/N runs only every N-th run from the K-th (start N
-processes, then once more without --shard to summarise).
+checkpoint: one per eval, --evals after step 0) and reads the rest; --summary_only starts no
+run and summarises the finished ones. --shard=K/N runs only every N-th run from the K-th
+(start N processes, then once more without --shard to summarise).
 
 Writes OUT/points.csv (one row per run and seed: set, seed, method, setting, kl, gold,
 gold_se), OUT/frontier.csv (per set, method and KL budget: the best end-point gold within the
@@ -160,6 +163,8 @@ def parse_args(argv=None):
   p.add_argument('--strengths', default='')
   p.add_argument('--set', action='append', default=[], dest='overrides')
   p.add_argument('--shard', default='0/1')
+  p.add_argument('--summary_only', action='store_true',
+                 help='start no run: summarise the finished ones (the others are skipped)')
   args = p.parse_args(argv)
   args.strengths = parse_strengths(args.strengths)
   args.overrides = parse_overrides(args.overrides)
@@ -286,6 +291,11 @@ class Runner:
       yield 'best_of_n', '', bon, lambda: best_of_n(self.args, rm, bon, seed)
 
 
+def finished(method: str, workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, 'best_of_n.csv' if method == 'best_of_n'
+                                     else 'done.json'))
+
+
 def best_of_n(args, rm: str, out: str, seed: int) -> list[dict]:
   """experiments/best_of_n.py against the set's reward model: its csv rows."""
   import csv
@@ -302,11 +312,17 @@ def best_of_n(args, rm: str, out: str, seed: int) -> list[dict]:
     return list(csv.DictReader(f))
 
 
-def points_of(set_name: str, seed: int, method: str, setting: str, record) -> list[dict]:
+def points_of(set_name: str, seed: int, method: str, setting: str, record,
+              sft_gold: float | None = None) -> list[dict]:
+  """The run's end point(s). best_of_n.py scores its own prompts, not the policy eval's, so
+  its points are its gain over its own n = 1 placed at `sft_gold`, the SFT policy's gold on
+  the common eval prompts (raw when there is none: no DPO-family or PPO run)."""
   base = {'set': set_name, 'seed': seed, 'method': method}
   if method == 'best_of_n':
+    one = next(float(r['gold_of_proxy_best']) for r in record if int(r['n']) == 1)
+    shift = 0.0 if sft_gold is None else sft_gold - one
     return [{**base, 'setting': f'n={r["n"]}', 'kl': float(r['kl_bound']),
-             'gold': float(r['gold_of_proxy_best']),
+             'gold': float(r['gold_of_proxy_best']) + shift,
              'gold_se': float(r['gold_of_proxy_best_ci95']) / 1.96} for r in record]
   last = record['last']
   return [{**base, 'setting': setting, 'kl': max(float(last['policy/kl_ref']), 0.0),
@@ -350,6 +366,11 @@ def winners(rows: list[dict]) -> list[dict]:
       if not cells:
         continue
       top = max(cells, key=lambda r: r['gold_mean'])
+      if top['seeds'] < 2:       # no interval to judge a tie by
+        out.append({'set': s, 'budget': b, 'winner': top['method'],
+                    'gold_mean': top['gold_mean'], 'gold_ci95': None, 'seeds': top['seeds'],
+                    'tied_within_noise': 'unknown (one seed)'})
+        continue
       tied = []
       for r in cells:
         if r is top:
@@ -430,7 +451,7 @@ def main(argv=None) -> None:
       import jax
       jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.xla_cache'))
     k, n = args.shard
-    points, index, with_sft = [], 0, set()
+    points, index, with_sft, skipped = [], 0, set(), 0
     for seed in range(args.seeds):
       for set_ in args.sets:
         for method, setting, workdir, thunk in runner.jobs(set_, seed):
@@ -443,19 +464,29 @@ def main(argv=None) -> None:
               while not os.path.exists(os.path.join(workdir, 'done.json')):
                 time.sleep(5)
               continue
+          if args.summary_only and not finished(method, workdir):
+            skipped += 1
+            continue
           record = thunk()
           if method == 'rm':
             continue
           if method != 'best_of_n' and (set_['name'], seed) not in with_sft:
             with_sft.add((set_['name'], seed))
             points.append(sft_point(set_['name'], seed, record))
-          points += points_of(set_['name'], seed, method, setting, record)
+          sft = next((p['gold'] for p in points if p['method'] == 'sft' and
+                      (p['set'], p['seed']) == (set_['name'], seed)), None)
+          points += points_of(set_['name'], seed, method, setting, record, sft_gold=sft)
     if n > 1:
       print(f'shard {k}/{n} done in {time.time() - start:.0f}s; rerun without --shard to '
             'summarise', flush=True)
       return
   except (UserError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if skipped:
+    print(f'--summary_only: {skipped} unfinished runs left out', flush=True)
+  if not points:
+    print('error: no finished run to summarise', file=sys.stderr)
     sys.exit(2)
   rows = frontier(points, args.budgets)
   wins = winners(rows)

@@ -146,6 +146,19 @@ def test_frontier_and_winners_on_hand_made_points():
   wins = {w['budget']: w for w in pf.winners(list(rows.values()))}
   assert wins[5]['winner'] == 'a' and wins[5]['tied_within_noise'] == 'b'
   assert wins[2]['winner'] == 'b' and wins[2]['tied_within_noise'] == ''
+  one = pf.winners(pf.frontier([p for p in pts if p['seed'] == 0], [5]))
+  assert one[0]['winner'] == 'a' and one[0]['tied_within_noise'] == 'unknown (one seed)'
+
+
+def test_best_of_n_points_are_its_gain_placed_at_the_common_sft_point():
+  rows = [{'n': '1', 'kl_bound': '0.0', 'gold_of_proxy_best': '0.40',
+           'gold_of_proxy_best_ci95': '0.05'},
+          {'n': '4', 'kl_bound': '0.636', 'gold_of_proxy_best': '0.55',
+           'gold_of_proxy_best_ci95': '0.04'}]
+  pts = pf.points_of('s', 0, 'best_of_n', '', rows, sft_gold=0.30)
+  assert [p['setting'] for p in pts] == ['n=1', 'n=4']
+  assert [p['gold'] for p in pts] == pytest.approx([0.30, 0.45])
+  assert pts[1]['kl'] == pytest.approx(np.log(4) - 3 / 4, abs=1e-3)
 
 
 @pytest.mark.parametrize('argv, mention', [
