@@ -23,25 +23,36 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(workdir, processes: int, devices: int) -> list[str]:
-  """Runs the processes to the end; returns each one's stderr."""
+def start_processes(workdir, processes: int, devices: int) -> list[subprocess.Popen]:
   port = free_port()
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, '-m', 'rlhf_jax.main', *ARGS, f'--workdir={workdir}',
        *([f'--coordinator=localhost:{port}', f'--num_processes={processes}',
           f'--process_id={i}'] if processes > 1 else [])],
       cwd=REPO, env=cli_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(processes)]
-  errs = []
+
+
+def finish_processes(*runs: list[subprocess.Popen]) -> list[list[str]]:
+  """Waits for every run's processes to end; returns each one's stderr, by run."""
   try:
-    for i, p in enumerate(procs):
-      _, err = p.communicate(timeout=300)
-      assert p.returncode == 0, f'process {i}: {err[-3000:]}'
-      errs.append(err)
-    return errs
+    out = []
+    for procs in runs:
+      errs = []
+      for i, p in enumerate(procs):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f'process {i}: {err[-3000:]}'
+        errs.append(err)
+      out.append(errs)
+    return out
   finally:
-    for p in procs:
+    for p in (p for procs in runs for p in procs):
       p.kill()
+
+
+def run_processes(workdir, processes: int, devices: int) -> list[str]:
+  """Runs the processes to the end; returns each one's stderr."""
+  return finish_processes(start_processes(workdir, processes, devices))[0]
 
 
 def records(workdir) -> list[dict]:
@@ -52,8 +63,9 @@ def records(workdir) -> list[dict]:
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
-  run_processes(one, processes=1, devices=8)
-  run_processes(two, processes=2, devices=4)
+  # Independent runs: both at once (their start-ups and compiles overlap on the two cores).
+  finish_processes(start_processes(one, processes=1, devices=8),
+                   start_processes(two, processes=2, devices=4))
   a, b = records(one), records(two)
   assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 2, 3, 4, 6]
   for x, y in zip(a, b):
