@@ -12,7 +12,7 @@ from rlhf_jax.train import distill_losses as dl
 
 B, T, V = 2, 3, 7
 ALPHA, BETA = 0.3, 0.3
-NAMES = ('kd', 'reverse_kl', 'gkd', 'seq_kd')
+NAMES = ('kd', 'reverse_kl', 'gkd', 'seq_kd', 'ce')
 DIVERGENCES = ('kd', 'reverse_kl', 'gkd')  # the losses that read the teacher
 
 
@@ -39,7 +39,7 @@ def _coarse(p, idx):
 def numpy_per_token(name, s, t, targets, *, tau, alpha=ALPHA, beta=BETA, k=None):
   """[B, T] float64; k: the teacher's top k (by logit) coarse-grained, else the full V."""
   ce = -np.log(np.take_along_axis(_softmax(s), targets[..., None], -1)[..., 0])
-  if name == 'seq_kd':
+  if name in ('seq_kd', 'ce'):  # cross-entropy on the given tokens, no teacher
     return ce
   p, q = _softmax(t / tau), _softmax(s / tau)
   if k is not None:
@@ -226,5 +226,6 @@ def test_bad_calls_raise():
   np.testing.assert_allclose(np.asarray(dl.per_token('kd', s, t)),
                              numpy_per_token('kd', *_inputs()[:3], tau=1.0, alpha=1.0),
                              rtol=1e-5, atol=1e-6)
-  assert [n for n, e in dl.LOSSES.items() if e.needs_targets] == ['seq_kd']
-  assert [n for n, e in dl.LOSSES.items() if not e.on_policy_ok] == ['seq_kd']
+  assert [n for n, e in dl.LOSSES.items() if e.needs_targets] == ['seq_kd', 'ce']
+  assert [n for n, e in dl.LOSSES.items() if not e.on_policy_ok] == ['seq_kd', 'ce']
+  assert [n for n, e in dl.LOSSES.items() if not e.needs_teacher] == ['seq_kd', 'ce']

@@ -19,6 +19,8 @@ Notation, per token: P = teacher, Q = student, p^tau = softmax(logits / tau).
                                                      distillation of language models")
   seq_kd      CE(targets; Q at tau = 1) on the teacher's sampled tokens; the teacher's
               logits and tau are not read                        Kim and Rush 2016
+  ce          the same CE on the world's own tokens, no teacher: the student trained
+              from scratch on real data, the baseline of the gap a distillation closes
 
 gkd's limits: JSD_beta / beta -> KL(P || Q) as beta -> 0 and JSD_beta / (1 - beta) ->
 KL(Q || P) as beta -> 1, each with an error of about -beta chi^2(P || Q) / 2 (resp.
@@ -206,6 +208,13 @@ def seq_kd(student_logits, teacher_logits, *, targets=None):
   return _xent(student_logits, targets, 'seq_kd')
 
 
+def ce(student_logits, teacher_logits, *, targets=None):
+  """No teacher: CE on the rows' own tokens. On the world's true sequences this is the
+  student trained from scratch on real data, the baseline a distillation is measured by."""
+  del teacher_logits
+  return _xent(student_logits, targets, 'ce')
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillLoss:
   """fn(student_logits, teacher_logits, targets=..., **{name: value for name in params})
@@ -214,11 +223,14 @@ class DistillLoss:
   params: the hyper-parameters (of temperature, alpha, beta) it reads.
   on_policy_ok: defined on the student's own samples (see the module docstring).
   needs_targets: reads `targets` whatever its hyper-parameters (kd: only if alpha < 1).
+  needs_teacher: reads the teacher's logits (the step skips the teacher's forward
+  otherwise).
   """
   fn: Callable
   params: tuple
   on_policy_ok: bool
   needs_targets: bool
+  needs_teacher: bool = True
 
 
 LOSSES = {
@@ -226,7 +238,9 @@ LOSSES = {
     'reverse_kl': DistillLoss(reverse_kl, ('temperature',), on_policy_ok=True,
                               needs_targets=False),
     'gkd': DistillLoss(gkd, ('temperature', 'beta'), on_policy_ok=True, needs_targets=False),
-    'seq_kd': DistillLoss(seq_kd, (), on_policy_ok=False, needs_targets=True),
+    'seq_kd': DistillLoss(seq_kd, (), on_policy_ok=False, needs_targets=True,
+                          needs_teacher=False),
+    'ce': DistillLoss(ce, (), on_policy_ok=False, needs_targets=True, needs_teacher=False),
 }
 
 
