@@ -229,15 +229,23 @@ def sample_without_cache(params, prompts, prompt_lengths, key, max_steps=None, *
                  cache=None, max_steps=max_steps)
 
 
-def score(params, prompts, prompt_lengths, responses, *, model: Transformer) -> jax.Array:
-  """Teacher-forced log-probs [B, N] of `responses` [B, N] after left-padded `prompts`
-  [B, P]: entry i is log p(responses[:, i] | prompt, responses[:, :i]), the same forward as
-  the train step. Callers multiply by their response mask."""
+def response_logits(params, prompts, prompt_lengths, responses, *,
+                    model: Transformer) -> jax.Array:
+  """Teacher-forced logits [B, N, V] that predict `responses` [B, N] after left-padded
+  `prompts` [B, P]: entry i is the distribution of responses[:, i] given the prompt and
+  responses[:, :i], from the same forward as the train step."""
   p, n = prompts.shape[1], responses.shape[1]
   tokens = jnp.concatenate([prompts, responses], axis=1)
   segments, positions = sequence_layout(prompt_lengths, p, p + n)
-  logits = model.apply({'params': params}, tokens[:, :-1], segment_ids=segments[:, :-1],
-                       positions=positions[:, :-1]).logits[:, p - 1:]
+  return model.apply({'params': params}, tokens[:, :-1], segment_ids=segments[:, :-1],
+                     positions=positions[:, :-1]).logits[:, p - 1:]
+
+
+def score(params, prompts, prompt_lengths, responses, *, model: Transformer) -> jax.Array:
+  """Teacher-forced log-probs [B, N] of `responses` [B, N] after left-padded `prompts`
+  [B, P]: entry i is log p(responses[:, i] | prompt, responses[:, :i]). Callers multiply
+  by their response mask."""
+  logits = response_logits(params, prompts, prompt_lengths, responses, model=model)
   return losses.token_logprobs(logits, responses)
 
 

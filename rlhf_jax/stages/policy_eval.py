@@ -28,8 +28,10 @@ from rlhf_jax.world import reward as reward_lib
 class PolicyEvaluator:
 
   def __init__(self, *, config, world, model, mesh, mesh_config, param_shardings,
-               ref_params, dp: int, proxy=None):
-    """proxy(prompts, prompt_lengths, responses, mask) -> [B] scores, or None."""
+               ref_params, dp: int, proxy=None, ref_model=None, ref_param_shardings=None):
+    """proxy(prompts, prompt_lengths, responses, mask) -> [B] scores, or None.
+    ref_model, ref_param_shardings: the reference's own model when it is not `model`
+    (a distilled student measured against its teacher's reference)."""
     pe = config.policy_eval
     base = jax.random.fold_in(jax.random.key(config.world.seed), 0x9E1)
     num = -(-pe.num_prompts // dp) * dp
@@ -40,11 +42,14 @@ class PolicyEvaluator:
     self.sampler = sampling.Sampler(
         model=model, config=sampling.SampleConfig(max_new_tokens=pe.max_new_tokens),
         mesh=mesh, mesh_config=mesh_config, param_shardings=param_shardings)
+    self.ref_scorer = self.sampler if ref_model is None else sampling.Sampler(
+        model=ref_model, config=self.sampler.config, mesh=mesh, mesh_config=mesh_config,
+        param_shardings=ref_param_shardings)
 
   def __call__(self, params) -> dict:
     out = jax.device_get(self.sampler.sample(params, self.prompts, self.lengths, self.key))
-    ref = np.asarray(jax.device_get(self.sampler.score(self.ref_params, self.prompts,
-                                                       self.lengths, out.response)))
+    ref = np.asarray(jax.device_get(self.ref_scorer.score(self.ref_params, self.prompts,
+                                                          self.lengths, out.response)))
     mask = np.asarray(out.mask, np.float64)
     kl = ((np.asarray(out.raw_logprobs, np.float64) - ref) * mask).sum(axis=1)
     gold = np.asarray(reward_lib.gold_reward(

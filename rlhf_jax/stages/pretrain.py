@@ -71,16 +71,19 @@ class Setup:
 
 
 class Evaluator:
-  """Held-out loss; on the world also the true KL, from fixed fresh true sequences."""
+  """Held-out loss; on the world also the true KL, from fixed fresh true sequences.
 
-  def __init__(self, setup: Setup, *, num_batches: int):
-    self.setup = setup
-    self.batches = setup.source.eval_batches(max_batches=num_batches)
+  source: its eval_batches and world (a Language or None); logprob_sum(params, batch): the
+  batch's summed target log-probs, a replicated scalar; put_batch lays a batch out."""
+
+  def __init__(self, *, source, logprob_sum, put_batch, num_batches: int):
+    self.logprob_sum, self.put_batch = logprob_sum, put_batch
+    self.batches = source.eval_batches(max_batches=num_batches)
     self.weight = sum(float(b.weights.sum()) for b in self.batches)
     if self.weight == 0:
       raise UserError('the held-out set has no tokens to evaluate on')
     self.true_logp_sum = None
-    lang = setup.source.world
+    lang = source.world
     if lang is not None:
       total = 0.0
       for b in self.batches:
@@ -90,9 +93,12 @@ class Evaluator:
       self.true_logp_sum = total
 
   def __call__(self, state) -> dict:
+    return self.of_params(state.params)
+
+  def of_params(self, params) -> dict:
     model_sum = 0.0
     for b in self.batches:
-      model_sum += float(self.setup.eval_logprob_sum(state.params, self.setup.put_batch(b)))
+      model_sum += float(self.logprob_sum(params, self.put_batch(b)))
     out = {'eval/loss': -model_sum / self.weight,
            'eval/perplexity': float(np.exp(-model_sum / self.weight))}
     if self.true_logp_sum is not None:
@@ -108,7 +114,8 @@ def run(config, *, workdir: str, source=None, init_params=None) -> None:
   if init_params is not None:
     setup.state = setup.state.replace(
         params=jax.device_put(init_params, setup.state_shardings.params))
-  evaluate = Evaluator(setup, num_batches=config.train.eval_batches)
+  evaluate = Evaluator(source=setup.source, logprob_sum=setup.eval_logprob_sum,
+                       put_batch=setup.put_batch, num_batches=config.train.eval_batches)
   static = {}
   if setup.source.world is not None:
     static = {'world/entropy_rate': setup.source.stats['entropy_rate'],
