@@ -262,6 +262,39 @@ def _validate_dpo(d) -> None:
       raise UserError(f'dpo.{name}={d[name]} must be >= 0')
 
 
+def _validate_distill(d) -> None:
+  from rlhf_jax.train.distill_losses import LOSSES  # lazily: this module imports no jax
+  if d.loss not in LOSSES:
+    raise UserError(f'distill.loss={d.loss!r} is not one of {tuple(LOSSES)}')
+  if d.data not in ('world', 'teacher'):
+    raise UserError(f"distill.data={d.data!r} is not one of ('world', 'teacher')")
+  if d.loss == 'seq_kd' and d.data != 'teacher':
+    raise UserError("distill.loss='seq_kd' trains on the teacher's samples: set "
+                    "distill.data='teacher' (on the world's own sequences it is 'ce')")
+  if d.loss == 'ce' and d.data != 'world':
+    raise UserError("distill.loss='ce' is the no-teacher baseline on the world's true "
+                    "sequences: set distill.data='world' (on teacher samples it is 'seq_kd')")
+  if d.on_policy_fraction > 0 and not LOSSES[d.loss].on_policy_ok:
+    raise UserError(f'distill.on_policy_fraction={d.on_policy_fraction}: {d.loss!r} learns '
+                    "from given tokens only; the student's own samples need a divergence "
+                    "(kd, reverse_kl or gkd)")
+  if d.on_policy_fraction > 0 and d.loss == 'kd' and d.alpha < 1:
+    raise UserError(f'distill.alpha={d.alpha} with on_policy_fraction > 0: kd\'s hard-label '
+                    "term would be a cross-entropy on the student's own samples; use "
+                    'alpha=1 on-policy')
+  for name in ('alpha', 'beta', 'on_policy_fraction'):
+    if not 0 <= d[name] <= 1:
+      raise UserError(f'distill.{name}={d[name]} must be in [0, 1]')
+  for name in ('temperature', 'sample_temperature'):
+    if not d[name] > 0:
+      raise UserError(f'distill.{name}={d[name]} must be > 0')
+  for name in ('max_new_tokens', 'eval_prompts', 'num_prompts', 'prompt_len'):
+    if d[name] <= 0:
+      raise UserError(f'distill.{name}={d[name]} must be positive')
+  if d.teacher_top_k < 0:
+    raise UserError(f'distill.teacher_top_k={d.teacher_top_k} must be >= 0 (0: all logits)')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks that need no devices and no data; raises UserError naming the field. A
   multi-stage config (`stages`) is checked stage by stage."""
@@ -302,6 +335,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if source.partition(':')[2] == '' and source != 'world':
     raise UserError(f'data.source={source!r} names no path or dataset after the colon')
   # A task block is checked by the stage's resolve(), against the world of its init run.
+  if 'distill' in config:
+    _validate_distill(config.distill)
   if 'init' in config:
     _validate_feedback(config)
 

@@ -13,6 +13,7 @@ STAGES = {
     'dpo': 'rlhf_jax.stages.dpo',
     'ppo': 'rlhf_jax.stages.ppo',
     'grpo': 'rlhf_jax.stages.grpo',
+    'distill': 'rlhf_jax.stages.distill',
     'pipeline': 'rlhf_jax.loops.pipeline',
     'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
     'collapse': 'rlhf_jax.loops.collapse',
