@@ -75,6 +75,8 @@ def sampled_rows(params, prompts, prompt_lengths, key, *, model, config: StepCon
 def draw_rows(params, frozen: Frozen, prompts, prompt_lengths, key, *, model, teacher,
               config: StepConfig) -> Rows:
   """The step's rows: off-policy first, then the student's own."""
+  if config.data == 'world' and prompts.shape[1] != 1:
+    raise ValueError('world rows follow BOS alone: the prompts must be [B, 1] of BOS')
   k_off, k_on = jax.random.split(key)
   b = prompts.shape[0]
   n_off = b - config.on_policy_rows
