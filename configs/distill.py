@@ -11,9 +11,11 @@ gkd (beta; with distill.on_policy_fraction = lambda of each batch sampled by the
 seq_kd (cross-entropy on the teacher's samples) and ce (no teacher: the same student on
 the same number of the world's real tokens, the baseline of the gap closed).
 
-Variants (every tiny one: the 1-layer d_model-32 student, 21k parameters, of the 2-layer
-d_model-64 teacher of pretrain.py:tiny, 139k; 300 steps of 32 rows, about a minute on a
-2-core CPU):
+Every tiny variant trains the 1-layer d_model-32 student (21k parameters) of the 2-layer
+d_model-64 teacher of pretrain.py:tiny (139k) for 300 steps of 32 rows, about 30 s on a
+2-core CPU.
+
+Variants:
   tiny          kd at temperature 1 on the world's true sequences.
   tiny_scratch  ce on the same true sequences, no teacher.
   tiny_seq_kd   seq_kd on the teacher's samples (after BOS).

@@ -15,7 +15,6 @@ import numpy as np
 from rlhf_jax import distributed
 from rlhf_jax.data import packing
 from rlhf_jax.data import text_files
-from rlhf_jax.data import tfds_source
 from rlhf_jax.data.batch import LMBatch
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.data.tokenizer import train_or_load_tokenizer
@@ -212,6 +211,9 @@ def _read_documents(
         'invalid_bytes_replaced': found.invalid_bytes_replaced,
         'skipped_files': len(found.skipped_files),
     }
+  # Imported here: tensorflow_datasets takes 0.4 s to import, which every run of a stage
+  # paid, a tfds: source or not.
+  from rlhf_jax.data import tfds_source
   texts = tfds_source.load_tfds_texts(
       name=target, split=split, data_dir=tfds_data_dir, text_key=text_key)
   # Read once here, so the invalid-byte count covers every document once.
