@@ -1,9 +1,9 @@
 """The distill stage (issue 22) against independent computations.
 
-In-process (quick): a student equal to its teacher has zero loss and zero gradient in the
-whole train step, on- and off-policy; the `ce` baseline on the world's rows is exactly
-pretraining's loss on the same sequences; the evaluator's two KLs equal float64 NumPy on
-logits of unpadded rows; the config's checks.
+In-process (marked slow: each compiles a step or a model, 6-13 s): a student equal to its
+teacher has zero loss and zero gradient in the whole train step, on- and off-policy; the
+`ce` baseline on the world's rows is exactly pretraining's loss on the same sequences; the
+evaluator's two KLs equal float64 NumPy on logits of unpadded rows. Quick: config checks.
 From the CLI (slow, the session's pretraining run as the teacher): kd lowers the student's
 true KL below the same student's on the same number of real tokens; the teacher's true KL
 is the one its own run measured; a run stopped part-way continues to the same numbers; bad
@@ -61,6 +61,7 @@ def _prompts(num=8):
   return world_prompts(_lang(), key=jax.random.key(3), num=num, max_len=4)
 
 
+@pytest.mark.slow  # compiles the step or the model: over the quick check's 5 s
 @pytest.mark.parametrize('loss,data,on_policy,extra', [
     ('kd', 'world', 0, {'temperature': 2.0}), ('gkd', 'teacher', 4, {'beta': 0.9, 'top_k': 5})])
 def test_student_equal_to_its_teacher_has_zero_loss_and_gradient(loss, data, on_policy, extra):
@@ -87,6 +88,7 @@ def test_student_equal_to_its_teacher_has_zero_loss_and_gradient(loss, data, on_
   assert metrics['other']['train/loss'] > 1e-2 and metrics['other']['train/grad_norm'] > 1e-3
 
 
+@pytest.mark.slow  # compiles the step or the model: over the quick check's 5 s
 def test_ce_on_world_rows_is_pretraining_on_the_same_sequences():
   model, params = _model()
   lang, key = _lang(), jax.random.key(11)
@@ -113,6 +115,7 @@ def _log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow  # compiles the step or the model: over the quick check's 5 s
 def test_the_evaluators_kls_are_numpys_on_unpadded_rows():
   student, s_params = _model()
   teacher, t_params = _model(d_model=48, n_layers=2, seed=5)  # a bigger model, its own shape
