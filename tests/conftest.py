@@ -128,7 +128,8 @@ LONGEST_FILES = ('test_selfplay_loop', 'test_self_improve', 'test_collapse_loop'
                  'test_preference_stage', 'test_rlhf_rounds', 'test_resume', 'test_configs',
                  'test_cli_errors', 'test_multihost', 'test_collapse_bigram',
                  'test_collapse_theory', 'test_selfplay_units', 'test_feedback_units',
-                 'test_sampling', 'test_grpo_stage', 'test_ppo', 'test_sharding')
+                 'test_sampling', 'test_grpo_stage', 'test_distill_stage', 'test_ppo',
+                 'test_sharding')
 
 
 def pytest_collection_modifyitems(config, items):
