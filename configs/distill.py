@@ -16,8 +16,10 @@ d_model-64 teacher of pretrain.py:tiny (139k) for 300 steps of 32 rows, about 30
 2-core CPU.
 
 Variants:
-  tiny          kd at temperature 1 on the world's true sequences.
-  tiny_scratch  ce on the same true sequences, no teacher.
+  tiny          kd at temperature 1 on the world's true sequences. Expected (3 seeds, from
+                a default pretrain.py:tiny teacher, true KL 0.042): eval/true_kl 0.046 ±
+                0.003 nats/token at step 300, 0.93 of the gap closed.
+  tiny_scratch  ce on the same true sequences, no teacher: eval/true_kl 0.096 ± 0.008.
   tiny_seq_kd   seq_kd on the teacher's samples (after BOS).
   tiny_gkd      gkd, beta 0.5, half of each batch the student's own samples.
   tiny_ppo      kd of an RLHF'd teacher (distill.teacher_run=runs/ppo_tiny) on its samples
