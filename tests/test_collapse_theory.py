@@ -215,6 +215,7 @@ def test_regression_accumulate_stays_bounded():
   assert np.all(se < 0.01 * want) and err[-1] < 0.2 * PER_BATCH * GENS
 
 
+@pytest.mark.slow  # over the quick check's 5 s (5.1-6.5 s on 2 idle cores)
 def test_single_seed_regression_fits_equal_float64_stacked_ols():
   """Replays one seed's draws and refits with np.linalg.lstsq on the stacked rows of every
   batch in the pool, in float64."""

@@ -186,6 +186,7 @@ def make_bandit_train(config: ppo_update.PPOConfig, *, iterations: int, batch: i
   return train
 
 
+@pytest.mark.slow  # over the quick check's 5 s (5.1-6.5 s on 2 idle cores)
 @pytest.mark.parametrize('whiten,tolerance', [(False, 0.005), (True, 0.025)])
 def test_ppo_bandit_reaches_kl_regularised_optimum(whiten, tolerance):
   """pi* = ref exp(r / beta) / Z maximises E_pi[r] - beta KL(pi || ref). From pi = ref

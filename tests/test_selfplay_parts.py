@@ -135,6 +135,7 @@ def test_arena_perfect_vs_random_matches_the_exact_expectation():
   assert (result.length >= 5).all() and (result.length <= 9).all()
 
 
+@pytest.mark.slow  # over the quick check's 5 s (5.1-6.5 s on 2 idle cores)
 def test_arena_random_openings_and_sides():
   """Two identical deterministic players: without openings every game of a side is the
   same game; with two random plies they differ, and the first mover's results mirror."""

@@ -102,6 +102,7 @@ def test_perfect_player_never_does_worse_than_the_game_value():
              for b in starts if b.count(0) <= 6)
 
 
+@pytest.mark.slow  # over the quick check's 5 s (5.1-6.5 s on 2 idle cores)
 def test_solver_agrees_with_unmemoised_minimax():
   # The empty board itself (550k nodes unmemoised) is left out for time; its value is
   # checked apart from the solver's memo by the worst-case enumeration above.
