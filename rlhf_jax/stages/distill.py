@@ -139,9 +139,10 @@ def run(config, *, workdir: str) -> None:
   evaluate = distill_eval.DistillEvaluator(
       config=config, world=world, student=model, student_shardings=shardings.params,
       teacher=teacher, mesh=mesh, dp=dp, policies=policies)
-  with sharding.activate(mesh, config.mesh):
-    static = {**evaluate.teacher_metrics(), 'distill/on_policy_rows': on_policy,
-              'distill/student_params': sum(x.size for x in jax.tree.leaves(state.params))}
+  # The teacher's own figures (an eval with sampling) are logged at step 0 only.
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  static = lambda: {**evaluate.teacher_metrics(), 'distill/on_policy_rows': on_policy,
+                    'distill/student_params': params}
   spec = loop.LoopSpec.from_config(config, workdir=workdir,
                                    tokens_per_step=t.batch_size * d.max_new_tokens)
   with sharding.activate(mesh, config.mesh):

@@ -41,11 +41,13 @@ class LoopSpec:
 
 
 def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
-        put_batch: Callable, evaluate: Callable[[Any], dict], static_metrics: dict) -> Any:
+        put_batch: Callable, evaluate: Callable[[Any], dict],
+        static_metrics: dict | Callable[[], dict]) -> Any:
   """Trains from the newest checkpoint in spec.workdir (or from `state`) to spec.steps.
 
   static_metrics are logged once at step 0 (facts of the run, such as the world's
-  entropy rate). Returns the final state.
+  entropy rate): a dict, or a function returning one, called only then (a resumed run
+  skips what it costs). Returns the final state.
   """
   ckpt = Checkpointer(f'{spec.workdir}/checkpoints', keep=spec.keep_ckpts)
   start = 0
@@ -59,7 +61,8 @@ def run(*, spec: LoopSpec, state, state_shardings, step: Callable, source,
   # (one killed before its first checkpoint has already logged step 0).
   writer = MetricsWriter(spec.workdir, resume_step=start if start else -1)
   if start == 0:
-    writer.write(0, {**static_metrics, **evaluate(state)})
+    static = static_metrics() if callable(static_metrics) else static_metrics
+    writer.write(0, {**static, **evaluate(state)})
   bar = tqdm.tqdm(total=spec.steps, initial=start,
                   disable=not spec.progress or jax.process_index() != 0,
                   dynamic_ncols=True, mininterval=1.0)
