@@ -108,14 +108,16 @@ def test_bad_process_flags(run_cli, tmp_path):
 
 @pytest.mark.parametrize('config', [  # each ~6 s: one in the quick tier
     'configs/sft.py:tiny', pytest.param('configs/grpo.py:tiny', marks=pytest.mark.slow),
-    pytest.param('configs/selfplay.py:tic_tac_toe', marks=pytest.mark.slow)])
+    pytest.param('configs/selfplay.py:tic_tac_toe', marks=pytest.mark.slow),
+    pytest.param('configs/distill.py:tiny', marks=pytest.mark.slow)])
 def test_stages_not_yet_multi_process_are_refused_with_one_error_line(tmp_path, config):
   """Only pretraining runs on several processes so far (stages/dispatch.MULTI_PROCESS): a
   2-process run of any other stage stops before any compute, in every process, with one
   error line, and leaves no workdir."""
   port, workdir = free_port(), tmp_path / 'run'
   stage = config.split('/')[1].split('.')[0]
-  init = [] if stage == 'selfplay' else [f'--config.init.run={tmp_path / "unused"}']
+  init = ([] if stage in ('selfplay', 'distill')  # no init block
+          else [f'--config.init.run={tmp_path / "unused"}'])
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'rlhf_jax.main', f'--config={config}', f'--workdir={workdir}',
        *init, f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
