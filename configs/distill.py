@@ -12,8 +12,8 @@ seq_kd (cross-entropy on the teacher's samples) and ce (no teacher: the same stu
 the same number of the world's real tokens, the baseline of the gap closed).
 
 Every tiny variant trains the 1-layer d_model-32 student (21k parameters) of the 2-layer
-d_model-64 teacher of pretrain.py:tiny (139k) for 300 steps of 32 rows, about 30 s on a
-2-core CPU.
+d_model-64 teacher of pretrain.py:tiny (139k) for 300 steps of 32 rows: 25-45 s on a 2-core
+CPU (measured with two runs sharing the cores).
 
 Variants:
   tiny          kd at temperature 1 on the world's true sequences. Expected (3 seeds, from
