@@ -457,11 +457,12 @@ UNRECORDED_FIELDS = ('train.progress',)
 UNRESOLVED = ('model.vocab_size',)
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
+def flatten(d: dict, prefix: str = '') -> dict:
+  """A nested config dict as {'a.b.c': value}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -516,7 +517,7 @@ def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
         old = json.load(f)
     except (OSError, ValueError) as e:
       raise UserError(f'{path} is unreadable ({e}); use a fresh --workdir') from None
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     resumable = _resumable_fields(b)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                     and not (k in UNRESOLVED and b.get(k) == -1))
@@ -543,7 +544,7 @@ def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
         timespec='seconds'), 'from_step': from_step, 'changes': changes}
     with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
-    print(_change_line(workdir, changes, from_step, _flatten(new)), flush=True)
+    print(_change_line(workdir, changes, from_step, flatten(new)), flush=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(new, f, indent=2, sort_keys=True)

@@ -2,8 +2,9 @@
 before (configs/pipeline.py), then a table of what each stage achieved against the truth.
 
 Stages run through the same checks as the CLI (stages/dispatch.py), so a rerun resumes the
-stage it stopped in and passes quickly over finished ones; a changed stage config is
-refused by that stage's config.json check, as for any run.
+stage it stopped in and passes over finished ones (dispatch.finished: without building
+them); a changed stage config is refused by the pipeline's own config.json check, and by
+the stage's, as for any run.
 """
 import copy
 import json
@@ -87,6 +88,9 @@ def run(config, *, workdir: str) -> None:
   config_lib.write_or_check(config, workdir)
   dirs = {name: os.path.join(workdir, name) for name in ORDER}
   for name, sub in stage_configs(config, workdir).items():
+    if dispatch.finished(sub, dirs[name]):
+      print(f'pipeline: {name} in {dirs[name]} (finished)', flush=True)
+      continue
     print(f'pipeline: {name} in {dirs[name]}', flush=True)
     dispatch.run(sub, dirs[name])
   rows = summarize(dirs)

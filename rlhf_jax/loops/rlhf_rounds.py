@@ -28,7 +28,8 @@ rounds/group{g}_reward (the minority group's reward next to the majority's),
 rounds/rm_gold_accuracy (reward model r on its held-out pairs) and
 rounds/rm_drift_gold_accuracy (reward model r on the comparisons of policy r+1, which it
 never saw: how far the policy moved off its data). Every step of the loop resumes:
-finished sets, runs and summaries are kept, a stopped run goes on from its checkpoint.
+finished sets, runs and summaries are kept, a stopped run goes on from its checkpoint, and
+a round whose summary is written is read back without re-entering its runs.
 """
 import copy
 import functools
@@ -248,6 +249,11 @@ def run(config, *, workdir: str) -> None:
     records.write_json(base_summary, _row(0, measure.policy_metrics(paths.base)))
   rows.append(json.load(open(base_summary)))
   for r in range(rounds.num):
+    if os.path.exists(paths.summary(r)):
+      # A finished round (its summary is written last) is read, not re-entered: its runs'
+      # configs are fixed by this loop's config.json, checked above.
+      rows.append(json.load(open(paths.summary(r))))
+      continue
     print(f'rlhf_rounds: round {r}', flush=True)
     make_comparisons(config, paths, r)
     data = ','.join(paths.prefs(k) for k in range(r + 1)) if rounds.rm_data == 'all' \
@@ -262,18 +268,17 @@ def run(config, *, workdir: str) -> None:
       sub = _with(config.stages.sft, **{'init.run': paths.policy(r)})
       rejection_sampling_demos(sub, paths, r)
     dispatch.run(sub, paths.policy(r + 1))
-    if not os.path.exists(paths.summary(r)):
-      measure = measure or Measure(config, paths)
-      rm = measure.load_rm(r)
-      row = _row(r + 1, measure.policy_metrics(paths.policy(r + 1), rm))
-      row['rounds/rm_gold_accuracy'] = _last(paths.rm(r), 'rm/gold_accuracy')['rm/gold_accuracy']
-      row['rounds/rm_drift_gold_accuracy'] = measure.rm_gold_accuracy(
-          rm, make_comparisons(config, paths, r + 1))
-      row['rounds/rm_train_pairs'] = _last(paths.rm(r), 'rm/train_pairs')['rm/train_pairs']
-      row['lineage'] = {'round': r, 'policy_from': paths.policy(r),
-                        'policy_run': paths.policy(r + 1), 'rm_run': paths.rm(r),
-                        'comparisons': data.split(',')}
-      records.write_json(paths.summary(r), row)
+    measure = measure or Measure(config, paths)
+    rm = measure.load_rm(r)
+    row = _row(r + 1, measure.policy_metrics(paths.policy(r + 1), rm))
+    row['rounds/rm_gold_accuracy'] = _last(paths.rm(r), 'rm/gold_accuracy')['rm/gold_accuracy']
+    row['rounds/rm_drift_gold_accuracy'] = measure.rm_gold_accuracy(
+        rm, make_comparisons(config, paths, r + 1))
+    row['rounds/rm_train_pairs'] = _last(paths.rm(r), 'rm/train_pairs')['rm/train_pairs']
+    row['lineage'] = {'round': r, 'policy_from': paths.policy(r),
+                      'policy_run': paths.policy(r + 1), 'rm_run': paths.rm(r),
+                      'comparisons': data.split(',')}
+    records.write_json(paths.summary(r), row)
     rows.append(json.load(open(paths.summary(r))))
     records.write_metrics(workdir, rows)
   records.write_metrics(workdir, rows)

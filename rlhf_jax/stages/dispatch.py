@@ -1,6 +1,8 @@
 """Running one stage's config in a run directory: the registry of stages and the checks
 every run goes through before any compute (used by the CLI and by multi-stage loops)."""
+import copy
 import importlib
+import json
 import os
 
 from rlhf_jax import config as config_lib
@@ -81,6 +83,31 @@ def run(config, workdir: str) -> None:
   except UserError:
     _remove_if_nothing_computed(workdir, before)
     raise
+
+
+def finished(config, workdir: str) -> bool:
+  """Whether `workdir` holds a finished run of `config`: its config.json passes the check
+  `run` makes (a different config is refused here as there), metrics.jsonl ends at the
+  step a finished run logs last, and the checkpoint of that step is in place. A loop passes
+  over such a run without re-entering it (building its models only to find nothing to do);
+  anything less, and the loop runs it, which resumes it."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return False
+  config = copy.deepcopy(config)
+  stage = module(config)
+  config_lib.validate(config)
+  if hasattr(stage, 'resolve'):
+    stage.resolve(config)
+  config_lib.write_or_check(config, workdir, write=False)
+  last = last_logged_step(config_lib.flatten(config_lib.to_dict(config)))
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = f.read().splitlines()
+    logged = json.loads(lines[-1])['step'] if lines else None
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+  return last is not None and logged == last and config_lib.newest_checkpoint(workdir) == last
 
 
 def check_processes(stage: str) -> None:
