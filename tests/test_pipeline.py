@@ -63,3 +63,35 @@ def test_pipeline_chains_stages_and_summarises_them(run_cli, tmp_path):
   assert changed.returncode == 2
   lines = changed.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and 'different config' in lines[0]
+
+
+def test_finished_is_the_last_logged_step_with_its_checkpoint_under_the_same_config(tmp_path):
+  """dispatch.finished, which the pipeline asks before re-entering a stage: a run counts as
+  finished only with its last line at train.steps and that step's checkpoint in place; a
+  different config is refused as a rerun would be."""
+  from conftest import load_config
+  from rlhf_jax import config as config_lib
+  from rlhf_jax.errors import UserError
+  from rlhf_jax.stages import dispatch
+  config = load_config('pretrain', 'tiny')
+  config.train.steps = 6
+  workdir = tmp_path / 'run'
+  assert not dispatch.finished(config, str(workdir))  # nothing there
+  workdir.mkdir()
+  config_lib.write_or_check(config, str(workdir))
+  (workdir / 'checkpoints' / '6').mkdir(parents=True)
+  lines = lambda *steps: ''.join(json.dumps({'step': s, 'train/loss': 1.0}) + '\n'
+                                 for s in steps)
+  (workdir / 'metrics.jsonl').write_text(lines(0, 3, 6))
+  assert dispatch.finished(config, str(workdir))
+  (workdir / 'metrics.jsonl').write_text(lines(0, 3))  # stopped before its last line
+  assert not dispatch.finished(config, str(workdir))
+  (workdir / 'metrics.jsonl').write_text(lines(0, 3, 6))
+  os.rmdir(workdir / 'checkpoints' / '6')              # its last checkpoint moved aside
+  (workdir / 'checkpoints' / '3').mkdir()
+  assert not dispatch.finished(config, str(workdir))
+  (workdir / 'metrics.jsonl').write_text('')
+  assert not dispatch.finished(config, str(workdir))
+  config.model.d_model = 48
+  with pytest.raises(UserError, match='different config'):
+    dispatch.finished(config, str(workdir))
