@@ -14,12 +14,17 @@ through gloo (JAX's default CPU collectives).
 Every process runs the same program on the same config. The data sources produce the same
 global batch in every process (it is a function of the seed and the step); each process
 keeps only the rows that its own devices hold and `put_global` assembles the global array
-from those (`jax.make_array_from_process_local_data`). Process 0 alone writes metrics,
-config.json and progress; orbax checkpoints are written and restored by all processes.
+from those (`jax.make_array_from_process_local_data`). Outputs the host reads back (the
+sampler's tokens, evaluation sums) go through `to_host`, which gathers the rows other
+processes hold, so every process sees the same whole array. Process 0 alone writes metrics,
+config.json, progress and the data a stage makes for itself (`array_store.read_or_make`:
+the others wait at a `barrier`, then read it); orbax checkpoints are written and restored
+by all processes.
 """
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from rlhf_jax.errors import UserError
@@ -59,6 +64,26 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (nothing to wait for in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'rlhf_jax: {name}')
+
+
+def to_host(tree):
+  """A pytree of jax Arrays -> host numpy arrays, each whole in every process: an array
+  whose rows span several processes is gathered from all of them (a collective: every
+  process must call this alike); others are read from this process's devices."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
+
+
 def local_rows(sharding, num_rows: int) -> slice:
   """The rows of a [num_rows, ...] array that this process's devices hold under `sharding`:
   one contiguous block, as the mesh puts each process's devices next to each other."""
@@ -81,6 +106,8 @@ def put_global(tree, sharding):
       lambda _: sharding, tree)
 
   def put(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already global
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(s, x[local_rows(s, x.shape[0])], x.shape)
   return jax.tree.map(put, tree, shardings)

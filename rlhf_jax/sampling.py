@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import distributed, losses, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import KVCache, Transformer
 
@@ -288,9 +288,21 @@ class Sampler:
     self._check_rows(prompts)
     steps = jnp.int32(self.config.max_new_tokens if max_steps is None else max_steps)
     fn = self._sample if cache else self._sample_full
+    prompts, prompt_lengths = self._put(prompts, prompt_lengths)
     with sharding.activate(self.mesh, self.mesh_config):
-      return fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
-                key, steps)
+      return fn(params, prompts, prompt_lengths, key, steps)
+
+  def _put(self, rows, row_lengths, *more):
+    """Host rows ([B, T], [B], more [B, T]) as int32 inputs of the compiled programs: in a
+    multi-process run, global arrays built from this process's rows (every process holds
+    the same host rows)."""
+    if jax.process_count() == 1:
+      return (jnp.asarray(rows, jnp.int32), jnp.asarray(row_lengths, jnp.int32),
+              *(jnp.asarray(m, jnp.int32) for m in more))
+    cast = lambda x: x if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+    return distributed.put_global(
+        tuple(map(cast, (rows, row_lengths, *more))),
+        (self.batch_sharding, self.rows_sharding, *(self.batch_sharding for _ in more)))
 
   def sample_in_chunks(self, params, prompts, prompt_lengths, key, *,
                        chunk: int = 1024) -> SampleOutput:
@@ -303,14 +315,13 @@ class Sampler:
     for c, lo in enumerate(range(0, n, chunk)):
       rows = np.arange(lo, lo + chunk)
       rows = np.where(rows < n, rows, lo)
-      out = jax.device_get(self.sample(params, prompts[rows], prompt_lengths[rows],
-                                       jax.random.fold_in(key, c)))
+      out = distributed.to_host(self.sample(params, prompts[rows], prompt_lengths[rows],
+                                            jax.random.fold_in(key, c)))
       parts.append(jax.tree.map(lambda x: np.asarray(x)[:min(chunk, n - lo)], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
   def score(self, params, prompts, prompt_lengths, responses) -> jax.Array:
     self._check_rows(prompts)
+    prompts, prompt_lengths, responses = self._put(prompts, prompt_lengths, responses)
     with sharding.activate(self.mesh, self.mesh_config):
-      return self._score(params, jnp.asarray(prompts, jnp.int32),
-                         jnp.asarray(prompt_lengths, jnp.int32),
-                         jnp.asarray(responses, jnp.int32))
+      return self._score(params, prompts, prompt_lengths, responses)

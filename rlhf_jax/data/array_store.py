@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax.errors import UserError
 
 
@@ -35,9 +36,17 @@ def read(path: str, names) -> tuple[dict, dict]:
 
 def read_or_make(path: str, names, make) -> tuple[dict, dict]:
   """The folder at `path` if a finished one is there, else `make() -> (arrays, lineage)`
-  written there first: a stage that is resumed reads what its first attempt made."""
-  if not os.path.isdir(path):
+  written there first: a stage that is resumed reads what its first attempt made.
+
+  In a multi-process run every process calls this alike: all look before any writes (so
+  all decide the same), all make (it may sample on the global mesh), process 0 writes, and
+  all read once it has."""
+  exists = os.path.isdir(path)
+  distributed.barrier(f'looked for {path}')
+  if not exists:
     arrays, lineage = make()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write(path, arrays, lineage=lineage)
+    if distributed.is_primary():
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      write(path, arrays, lineage=lineage)
+  distributed.barrier(f'wrote {path}')
   return read(path, names)

@@ -24,10 +24,12 @@ STAGES = {
 }
 
 # The stages that run on several processes (one GSPMD program over every host's devices),
-# tested against one process in tests/test_multihost.py. The others read batch-sharded
-# outputs on the host or write files from every process (issue 18), so a multi-process
-# run of them is refused before any compute rather than run wrong.
-MULTI_PROCESS = ('pretrain',)
+# tested against one process in tests/test_multihost.py: their host reads of sharded
+# outputs go through distributed.to_host and the data they make through array_store's
+# one writer. The others still read batch-sharded outputs on the host or write files from
+# every process (issue 18), so a multi-process run of them is refused before any compute
+# rather than run wrong.
+MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo')
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -72,7 +74,7 @@ def run(config, workdir: str) -> None:
   (or resumes) in `workdir`."""
   stage = module(config)
   config_lib.validate(config)
-  check_processes(config.stage)
+  check_processes(config)
   if hasattr(stage, 'resolve'):  # fills fields from the earlier run it starts from
     stage.resolve(config)
   before = _fresh_paths(workdir)
@@ -110,12 +112,25 @@ def finished(config, workdir: str) -> bool:
   return last is not None and logged == last and config_lib.newest_checkpoint(workdir) == last
 
 
-def check_processes(stage: str) -> None:
+def check_processes(config) -> None:
+  """Refuses a multi-process run of a stage, or of a variant of one, whose host-side work
+  has not been made multi-process (and tested against one process) yet."""
   import jax
-  if jax.process_count() > 1 and stage not in MULTI_PROCESS:
+  if jax.process_count() == 1:
+    return
+  stage = config.stage
+  if stage not in MULTI_PROCESS:
     raise UserError(f'stage {stage} runs in one process only (this run has '
                     f'{jax.process_count()}; only {", ".join(MULTI_PROCESS)} runs on several); '
                     'use one host with all its devices')
+  variant = None
+  if stage == 'sft' and 'task' in config:
+    variant = 'sft with a task block (the warm start for RL against a verifier)'
+  if stage == 'reward_model' and config.rm.get('objective', 'pairs') != 'pairs':
+    variant = f'reward_model with rm.objective={config.rm.objective!r}'
+  if variant:
+    raise UserError(f'{variant} runs in one process only (this run has '
+                    f'{jax.process_count()}); use one host with all its devices')
 
 
 def _fresh_paths(workdir: str) -> set | None:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
 from rlhf_jax.stages import preference_data
 from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
@@ -32,7 +32,7 @@ def reference_logprobs(logprobs, params, n: int, make_rows, *, batch_size: int, 
     rows = np.arange(lo, lo + batch_size)
     valid = rows < n
     rows = np.where(valid, rows, lo)
-    got = jax.device_get(logprobs(params, put(make_rows(rows, valid))))
+    got = distributed.to_host(logprobs(params, put(make_rows(rows, valid))))
     if out is None:
       out = tuple(np.zeros(n, np.float32) for _ in got)
     for o, g in zip(out, got):
@@ -51,7 +51,7 @@ class ImplicitRewardEval:
   def __call__(self, params) -> dict:
     margins, chosen_r = [], []
     for b in self.batches:
-      c, r = jax.device_get(self.logprobs(params, self.put(b)))
+      c, r = distributed.to_host(self.logprobs(params, self.put(b)))
       valid = np.asarray(b.weight) > 0
       lp = preference_losses.PairLogps(
           policy_chosen=np.asarray(c, np.float64), policy_rejected=np.asarray(r, np.float64),
@@ -75,7 +75,8 @@ def run(config, *, workdir: str) -> None:
   pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir, given=given)
   model = setup.init.model
   state, shardings = setup.lm_state(setup.init.params)
-  put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
+  put = lambda b: distributed.put_global(
+      b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
   b = config.train.batch_size
   d = config.dpo
   entry = preference_losses.LOSSES[d.loss]

@@ -19,7 +19,7 @@ is scored on the same prompts and two evaluations of the same params agree exact
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import distributed, sampling
 from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.world import language
 from rlhf_jax.world import reward as reward_lib
@@ -47,9 +47,10 @@ class PolicyEvaluator:
         param_shardings=ref_param_shardings)
 
   def __call__(self, params) -> dict:
-    out = jax.device_get(self.sampler.sample(params, self.prompts, self.lengths, self.key))
-    ref = np.asarray(jax.device_get(self.ref_scorer.score(self.ref_params, self.prompts,
-                                                          self.lengths, out.response)))
+    out = distributed.to_host(self.sampler.sample(params, self.prompts, self.lengths,
+                                                  self.key))
+    ref = np.asarray(distributed.to_host(self.ref_scorer.score(self.ref_params, self.prompts,
+                                                               self.lengths, out.response)))
     mask = np.asarray(out.mask, np.float64)
     kl = ((np.asarray(out.raw_logprobs, np.float64) - ref) * mask).sum(axis=1)
     gold = np.asarray(reward_lib.gold_reward(
@@ -66,7 +67,7 @@ class PolicyEvaluator:
       extra[f'policy/group{g}_reward'] = float(np.mean(reward_lib.combine(self.world.gold,
                                                                           terms)))
     if self.proxy is not None:
-      extra['policy/proxy_reward'] = float(np.mean(jax.device_get(
+      extra['policy/proxy_reward'] = float(np.mean(distributed.to_host(
           self.proxy(self.prompts, self.lengths, out.response, out.mask))))
     return {**extra, 'policy/gold_reward': gold.mean(),
             'policy/gold_reward_se': gold.std(ddof=1) / np.sqrt(len(gold)),

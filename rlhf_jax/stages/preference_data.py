@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import distributed, sampling
 from rlhf_jax.data import preferences
 from rlhf_jax.data.batch import PairBatch
 from rlhf_jax.stages.from_run import FromRun
@@ -29,8 +29,13 @@ def load_or_make(config, setup: FromRun, *, workdir: str, given=None):
   if config.prefs.dir:  # one set, or several joined with commas
     return given if given is not None else read_given(config)
   directory = os.path.join(workdir, 'preferences')
-  if not preferences.shard_paths(directory):
+  # Several processes: all look before any writes (so all decide the same), all make it
+  # (it samples on the global mesh), process 0 writes, all read once it has.
+  exists = bool(preferences.shard_paths(directory))
+  distributed.barrier(f'looked for {directory}')
+  if not exists:
     make_shard(config, setup, directory=directory)
+  distributed.barrier(f'wrote {directory}')
   return _read_checked(directory)
 
 
@@ -40,10 +45,11 @@ def _read_checked(directory: str):
   return pairs, lineages, directory
 
 
-def make_shard(config, setup: FromRun, *, directory: str) -> str:
+def make_shard(config, setup: FromRun, *, directory: str) -> None:
   """Samples prefs.responses_per_prompt responses of the init run's policy to
   prefs.num_prompts world prompts, has the annotators label every pair, and adds them to
-  `directory` as a shard with lineage (round prefs.round, producing run and checkpoint)."""
+  `directory` as a shard with lineage (round prefs.round, producing run and checkpoint),
+  written by process 0 alone (every process makes the same pairs)."""
   p = config.prefs
   sampler = sampling.Sampler(
       model=setup.init.model,
@@ -61,7 +67,9 @@ def make_shard(config, setup: FromRun, *, directory: str) -> str:
                                   key=jax.random.fold_in(key, 2), round_=p.round,
                                   labels_per_pair=p.labels_per_pair, method=p.aggregate)
   who = pairs.raw_annotator[pairs.raw_annotator >= 0]
-  return preferences.write_shard(directory, pairs, lineage={
+  if not distributed.is_primary():
+    return
+  preferences.write_shard(directory, pairs, lineage={
       **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
       'temperature': p.temperature, 'annotators': config.annotators.to_dict(),
       'reward': config.reward.to_dict(), 'labels_per_pair': p.labels_per_pair,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding, tasks
+from rlhf_jax import distributed, sharding, tasks
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import reward_model
@@ -75,7 +75,7 @@ class RewardEvaluator:
     """(chosen, rejected) [K, N] over the held-out pairs."""
     chosen, rejected = [], []
     for batch in self.batches:
-      c, r = jax.device_get(self.rewards(params, self.put(batch)))
+      c, r = distributed.to_host(self.rewards(params, self.put(batch)))
       valid = np.asarray(batch.weight) > 0
       chosen.append(np.asarray(c)[:, valid])
       rejected.append(np.asarray(r)[:, valid])
@@ -146,7 +146,8 @@ def run(config, *, workdir: str) -> None:
   given = preference_data.read_given(config)  # before DIR is written: a wrong set leaves it
   config_lib.write_or_check(config, workdir)
   model, state, shardings, source, pairs = build(config, setup, workdir=workdir, given=given)
-  put = lambda b: jax.device_put(b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
+  put = lambda b: distributed.put_global(
+      b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
   example = source.eval_batches(max_batches=1)[0]
   batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
   step = _jit_step(reward_step.train_step, config, setup, model=model, shardings=shardings,

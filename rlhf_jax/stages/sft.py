@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sampling, sharding, tasks
+from rlhf_jax import distributed, sampling, sharding, tasks
 from rlhf_jax.data import array_store, demos
 from rlhf_jax.data.batch import prompt_response_batch
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
@@ -89,8 +89,9 @@ class HeldOutLoss:
     self.weight = sum(float(b.weights.sum()) for b in batches)
 
   def __call__(self, params) -> dict:
-    total = sum(float(np.asarray(jax.device_get(self.eval_logprobs(params, self.put_batch(b))),
-                                 np.float64).sum()) for b in self.batches)
+    total = sum(float(np.asarray(distributed.to_host(
+        self.eval_logprobs(params, self.put_batch(b))), np.float64).sum())
+        for b in self.batches)
     return {'eval/loss': -total / self.weight}
 
 
@@ -126,7 +127,7 @@ def run(config, *, workdir: str) -> None:
   eval_logprobs = jax.jit(functools.partial(lm_step.eval_logprobs, model=model),
                           in_shardings=(shardings.params, setup.batch_sharding),
                           out_shardings=setup.batch_sharding)
-  put = lambda b: jax.device_put(b, setup.batch_sharding)
+  put = lambda b: distributed.put_global(b, setup.batch_sharding)
   held_out = HeldOutLoss(source.eval_batches(), eval_logprobs, put)
   if task is None:
     policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,

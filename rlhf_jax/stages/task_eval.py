@@ -25,7 +25,7 @@ every run on the same task is scored on the same problems.
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import distributed, sampling
 from rlhf_jax.analysis import orm_metrics, verifier_metrics
 
 
@@ -121,6 +121,6 @@ class TaskEvaluator:
     parts = []
     for lo in range(0, prompts.shape[0], chunk):
       hi = min(lo + chunk, prompts.shape[0])
-      parts.append(np.asarray(jax.device_get(self.sampler.score(
+      parts.append(np.asarray(distributed.to_host(self.sampler.score(
           self.ref_params, prompts[lo:hi], lengths[lo:hi], responses[lo:hi])), np.float64))
     return np.concatenate(parts)
