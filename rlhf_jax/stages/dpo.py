@@ -69,8 +69,10 @@ class ImplicitRewardEval:
 
 
 def run(config, *, workdir: str) -> None:
+  # Before DIR is written, and before the init run is loaded: a wrong set leaves DIR as it
+  # was and is reported without the wait.
+  given = preference_data.read_given(config)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
-  given = preference_data.read_given(config)  # before DIR is written: a wrong set leaves it
   config_lib.write_or_check(config, workdir)
   pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir, given=given)
   model = setup.init.model

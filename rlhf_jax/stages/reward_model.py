@@ -142,8 +142,10 @@ def _jit_step(train_step, config, setup: FromRun, *, model, shardings, batch_sha
 def run(config, *, workdir: str) -> None:
   if objective(config) == 'outcome':
     return run_outcome(config, workdir=workdir)
+  # Before DIR is written, and before the init run is loaded: a wrong set leaves DIR as it
+  # was and is reported without the wait.
+  given = preference_data.read_given(config)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
-  given = preference_data.read_given(config)  # before DIR is written: a wrong set leaves it
   config_lib.write_or_check(config, workdir)
   model, state, shardings, source, pairs = build(config, setup, workdir=workdir, given=given)
   put = lambda b: distributed.put_global(
