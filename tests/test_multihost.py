@@ -108,12 +108,13 @@ def test_two_processes_equal_one_and_resume(tmp_path):
 # reading pairs of the chain's SFT policy), DPO on its own group's reward-model pairs.
 FEEDBACK = {
     'sft': lambda chain, d: ['--config=configs/sft.py:tiny', f'--config.init.run={chain["pretrain"]}',
-                             '--config.sft.num_prompts=64', '--config.policy_eval.num_prompts=32'],
+                             '--config.sft.num_prompts=64', '--config.sft.samples_per_prompt=2',
+                             '--config.policy_eval.num_prompts=16'],
     'rm': lambda chain, d: ['--config=configs/reward_model.py:tiny',
-                            f'--config.init.run={chain["sft"]}', '--config.prefs.num_prompts=64'],
+                            f'--config.init.run={chain["sft"]}', '--config.prefs.num_prompts=48'],
     'dpo': lambda chain, d: ['--config=configs/dpo.py:tiny', f'--config.init.run={chain["sft"]}',
                              f'--config.prefs.dir={d / "rm" / "preferences"}',
-                             '--config.policy_eval.num_prompts=32'],
+                             '--config.policy_eval.num_prompts=16'],
 }
 SHORT = ['--config.train.steps=4', '--config.train.eval_every=4', '--config.train.log_every=2',
          '--config.train.ckpt_every=4', '--config.train.progress=False']
