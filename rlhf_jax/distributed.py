@@ -70,6 +70,17 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(f'rlhf_jax: {name}')
 
 
+def make_once(path: str, *, exists: bool, make) -> None:
+  """Data a run makes for itself at `path`, once: `exists` is what this process saw before
+  the first barrier (so no process decides after another has written), `make()` runs in
+  every process when it was not there (it may compute on the global mesh) and writes only
+  from process 0 (`is_primary`), and nobody goes on before that write is done."""
+  barrier(f'looked for {path}')
+  if not exists:
+    make()
+  barrier(f'made {path}')
+
+
 def to_host(tree):
   """A pytree of jax Arrays -> host numpy arrays, each whole in every process: an array
   whose rows span several processes is gathered from all of them (a collective: every

@@ -38,15 +38,11 @@ def read_or_make(path: str, names, make) -> tuple[dict, dict]:
   """The folder at `path` if a finished one is there, else `make() -> (arrays, lineage)`
   written there first: a stage that is resumed reads what its first attempt made.
 
-  In a multi-process run every process calls this alike: all look before any writes (so
-  all decide the same), all make (it may sample on the global mesh), process 0 writes, and
-  all read once it has."""
-  exists = os.path.isdir(path)
-  distributed.barrier(f'looked for {path}')
-  if not exists:
+  In a multi-process run every process calls this alike (distributed.make_once)."""
+  def make_and_write():
     arrays, lineage = make()
     if distributed.is_primary():
       os.makedirs(os.path.dirname(path), exist_ok=True)
       write(path, arrays, lineage=lineage)
-  distributed.barrier(f'wrote {path}')
+  distributed.make_once(path, exists=os.path.isdir(path), make=make_and_write)
   return read(path, names)

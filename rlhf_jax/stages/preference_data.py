@@ -29,13 +29,8 @@ def load_or_make(config, setup: FromRun, *, workdir: str, given=None):
   if config.prefs.dir:  # one set, or several joined with commas
     return given if given is not None else read_given(config)
   directory = os.path.join(workdir, 'preferences')
-  # Several processes: all look before any writes (so all decide the same), all make it
-  # (it samples on the global mesh), process 0 writes, all read once it has.
-  exists = bool(preferences.shard_paths(directory))
-  distributed.barrier(f'looked for {directory}')
-  if not exists:
-    make_shard(config, setup, directory=directory)
-  distributed.barrier(f'wrote {directory}')
+  distributed.make_once(directory, exists=bool(preferences.shard_paths(directory)),
+                        make=lambda: make_shard(config, setup, directory=directory))
   return _read_checked(directory)
 
 
