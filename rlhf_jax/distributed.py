@@ -13,8 +13,8 @@ through gloo (JAX's default CPU collectives).
 
 Every process runs the same program on the same config. The data sources produce the same
 global batch in every process (it is a function of the seed and the step); each process
-keeps only the rows that its own devices hold and `put_global` assembles the global array
-from those (`jax.make_array_from_process_local_data`). Outputs the host reads back (the
+fills only its own devices' shards of it, and `put_global` assembles the global array from
+those. Outputs the host reads back (the
 sampler's tokens, evaluation sums) go through `to_host`, which gathers the rows other
 processes hold, so every process sees the same whole array. Process 0 alone writes metrics,
 config.json, progress and the data a stage makes for itself (`array_store.read_or_make`:
@@ -95,30 +95,20 @@ def to_host(tree):
   return jax.tree.map(get, tree)
 
 
-def local_rows(sharding, num_rows: int) -> slice:
-  """The rows of a [num_rows, ...] array that this process's devices hold under `sharding`:
-  one contiguous block, as the mesh puts each process's devices next to each other."""
-  shape = (num_rows,) + (1,) * (len(sharding.spec) - 1)
-  blocks = sorted({(i[0].start or 0, num_rows if i[0].stop is None else i[0].stop)
-                   for i in sharding.addressable_devices_indices_map(shape).values()})
-  for (_, stop), (start, _) in zip(blocks, blocks[1:]):
-    if start != stop:
-      raise ValueError(f'this process holds non-contiguous batch rows {blocks}')
-  return slice(blocks[0][0], blocks[-1][1])
-
-
 def put_global(tree, sharding):
-  """A pytree of global host arrays ([B, ...], the same in every process) -> global jax
-  Arrays under `sharding` (one NamedSharding for every leaf, or a matching pytree), built
-  from this process's rows only."""
+  """A pytree of host values, the same in every process (batches [B, ...], params, the
+  world's tables) -> global jax Arrays under `sharding` (one Sharding for every leaf, or a
+  matching pytree), each process filling only its own devices' shards from its copy. A leaf
+  that is a global jax Array already is resharded only if its sharding differs."""
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-  shardings = sharding if not hasattr(sharding, 'spec') else jax.tree.map(
-      lambda _: sharding, tree)
+  shardings = sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
   def put(x, s):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return x  # already global
+      return x if x.sharding == s else jax.device_put(x, s)
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(s, x[local_rows(s, x.shape[0])], x.shape)
-  return jax.tree.map(put, tree, shardings)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  if shardings is not None:
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, sharding)

@@ -103,9 +103,11 @@ def test_two_processes_equal_one_and_resume(tmp_path):
   assert records(damaged) == b
 
 
-# SFT -> reward model -> DPO on 1 process x 8 devices and on 2 x 4, each stage of both at
-# once: SFT and the reward model from the chain's runs (the reward model and DPO making or
-# reading pairs of the chain's SFT policy), DPO on its own group's reward-model pairs.
+# SFT -> reward model -> DPO -> PPO on 1 process x 8 devices and on 2 x 4, each stage of both
+# at once: SFT and the reward model from the chain's runs (the reward model and DPO making or
+# reading pairs of the chain's SFT policy), DPO on its own group's reward-model pairs, PPO
+# from the chain's SFT policy against one reward model, the 1-process group's (the groups'
+# reward models differ in their free mean reward: see test_reward_model_on_two_...).
 FEEDBACK = {
     'sft': lambda chain, d: ['--config=configs/sft.py:tiny', f'--config.init.run={chain["pretrain"]}',
                              '--config.sft.num_prompts=64', '--config.sft.samples_per_prompt=2',
@@ -114,6 +116,11 @@ FEEDBACK = {
                             f'--config.init.run={chain["sft"]}', '--config.prefs.num_prompts=48'],
     'dpo': lambda chain, d: ['--config=configs/dpo.py:tiny', f'--config.init.run={chain["sft"]}',
                              f'--config.prefs.dir={d / "rm" / "preferences"}',
+                             '--config.policy_eval.num_prompts=16'],
+    'ppo': lambda chain, d: ['--config=configs/ppo.py:tiny', f'--config.init.run={chain["sft"]}',
+                             f'--config.ppo.rm_run={d.parent / "one" / "rm"}', '--config.ppo.num_prompts=64',
+                             '--config.ppo.reward_norm_prompts=32', '--config.ppo.epochs=2',
+                             '--config.ppo.minibatches=2', '--config.train.batch_size=16',
                              '--config.policy_eval.num_prompts=16'],
 }
 SHORT = ['--config.train.steps=4', '--config.train.eval_every=4', '--config.train.log_every=2',
@@ -200,6 +207,20 @@ def test_dpo_on_two_processes_equals_one(feedback_runs):
   assert_same_records(one, two)
 
 
+@pytest.mark.slow
+def test_ppo_on_two_processes_equals_one(feedback_runs):
+  """Against the same reward model: the same centring statistics (reference samples
+  gathered from both processes, written by process 0) and the same rl/*, ppo/* and
+  policy/* (the rollouts, their scores and the updates all on the global mesh)."""
+  one, two = (d / 'ppo' for d in feedback_runs)
+  norms = [json.load(open(d / 'reward_norm.json')) for d in (one, two)]
+  assert norms[0]['samples'] == norms[1]['samples'] == 32
+  np.testing.assert_allclose(norms[1]['mean'], norms[0]['mean'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(norms[1]['std'], norms[0]['std'], rtol=1e-5, atol=1e-6)
+  assert any('policy/proxy_reward' in r for r in records(two))
+  assert_same_records(one, two)
+
+
 def test_bad_process_flags(run_cli, tmp_path):
   result = run_cli(*ARGS, f'--workdir={tmp_path / "bad"}', '--num_processes=2',
                    '--process_id=0')
@@ -209,7 +230,8 @@ def test_bad_process_flags(run_cli, tmp_path):
 
 
 REFUSED = {  # config -> the start of its one error line
-    'configs/ppo.py:tiny': 'stage ppo runs in one process only (this run has 2',
+    'configs/ppo.py:task_tiny': "ppo with ppo.reward='task' (RL against a verifier) runs "
+                                'in one process only (this run has 2)',
     'configs/grpo.py:tiny': 'stage grpo runs in one process only (this run has 2',
     'configs/selfplay.py:tic_tac_toe': 'stage selfplay runs in one process only (this run has 2',
     'configs/distill.py:tiny': 'stage distill runs in one process only (this run has 2',
@@ -221,7 +243,7 @@ REFUSED = {  # config -> the start of its one error line
 
 
 @pytest.mark.parametrize('config', [  # each ~6 s: one in the quick tier
-    c if c == 'configs/ppo.py:tiny' else pytest.param(c, marks=pytest.mark.slow)
+    c if c == 'configs/grpo.py:tiny' else pytest.param(c, marks=pytest.mark.slow)
     for c in REFUSED])
 def test_stages_not_yet_multi_process_are_refused_with_one_error_line(tmp_path, config):
   """A 2-process run of a stage (or a variant of one) not yet made multi-process (stages/

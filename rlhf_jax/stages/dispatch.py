@@ -29,7 +29,7 @@ STAGES = {
 # one writer. The others still read batch-sharded outputs on the host or write files from
 # every process (issue 18), so a multi-process run of them is refused before any compute
 # rather than run wrong.
-MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo')
+MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo', 'ppo')
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -128,6 +128,8 @@ def check_processes(config) -> None:
     variant = 'sft with a task block (the warm start for RL against a verifier)'
   if stage == 'reward_model' and config.rm.get('objective', 'pairs') != 'pairs':
     variant = f'reward_model with rm.objective={config.rm.objective!r}'
+  if stage == 'ppo' and config.ppo.get('reward', 'rm') == 'task':
+    variant = "ppo with ppo.reward='task' (RL against a verifier)"
   if variant:
     raise UserError(f'{variant} runs in one process only (this run has '
                     f'{jax.process_count()}); use one host with all its devices')

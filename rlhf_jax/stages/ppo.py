@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding, tasks
+from rlhf_jax import distributed, sharding, tasks
 from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
@@ -130,7 +130,7 @@ def run(config, *, workdir: str) -> None:
       ref_params=setup.init.param_shardings, rm_params=rm_shardings,
       rm_norm=ppo_step.RewardNorm(mean=replicated, scale=replicated),
       gold=jax.tree.map(lambda _: replicated, setup.world.gold))
-  frozen = jax.device_put(frozen, frozen_shardings)
+  frozen = distributed.put_global(frozen, frozen_shardings)
 
   policy_shardings = learner.shardings.params['policy']
   if task is None:
@@ -167,12 +167,16 @@ def run(config, *, workdir: str) -> None:
                                    task=task),
                  in_shardings=(learner.shardings, frozen_shardings, batch_shardings),
                  out_shardings=(learner.shardings, replicated), donate_argnums=(0,))
-  put = lambda b: jax.device_put(b, batch_shardings)
+  put = lambda b: distributed.put_global(b, batch_shardings)
 
   proxy = None
   if p.reward == 'rm':
-    score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm_model))
-    proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_norm, *rollout)
+    rollout_shardings = (setup.batch_sharding, rows_sharding, setup.batch_sharding,
+                         setup.batch_sharding)
+    score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm_model),
+                    out_shardings=rows_sharding)
+    proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_norm,
+                                   *distributed.put_global(rollout, rollout_shardings))
   if task is None:
     evaluator = PolicyEvaluator(config=config, world=setup.world, model=setup.init.model,
                                 mesh=mesh, mesh_config=config.mesh,

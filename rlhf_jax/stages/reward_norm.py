@@ -23,7 +23,7 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import sampling, sharding
+from rlhf_jax import distributed, sampling, sharding
 from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import ppo_step
@@ -108,13 +108,17 @@ def score_members(rm, prompts, lengths, responses, mask, *, mesh, mesh_config,
                                                                 rm_model=rm.model))
   n = len(prompts)
   chunk = -(-min(SCORE_CHUNK, n) // dp) * dp
+  batch = sharding.batch_sharding(mesh, mesh_config)
+  layout = (batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch.spec[0])),
+            batch, batch)
   parts = []
   with sharding.activate(mesh, mesh_config):
     for lo in range(0, n, chunk):
       rows = np.arange(lo, lo + chunk)
       rows = np.where(rows < n, rows, lo)
-      out = score(rm.params, prompts[rows], lengths[rows], responses[rows], mask[rows])
-      parts.append(np.asarray(jax.device_get(out))[:, :n - lo])
+      out = score(rm.params, *distributed.put_global(
+          (prompts[rows], lengths[rows], responses[rows], mask[rows]), layout))
+      parts.append(np.asarray(distributed.to_host(out))[:, :n - lo])
   return np.concatenate(parts, axis=1)
 
 
