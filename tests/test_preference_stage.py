@@ -95,33 +95,45 @@ def test_points_are_the_runs_metrics_and_the_frontier_their_best_within_budget(f
   assert (family / 'frontier.png').stat().st_size > 10_000
 
 
-def test_reference_free_losses_never_score_the_reference(chain, family, monkeypatch, tmp_path):
+# Run in a one-device process, as the family's runs were, so that its programs are theirs
+# (the session's compilation cache has them) instead of new 8-device ones.
+COUNT_REFERENCE_FORWARDS = """
+import json, sys
+from rlhf_jax.config import load_named
+from rlhf_jax.stages import dispatch, dpo
+sft, prefs, out = sys.argv[1:]
+forwards, real = [], dpo.reference_logprobs
+def counting(logprobs, *args, **kwargs):
+  def counted(*a):
+    forwards.append(1)
+    return logprobs(*a)
+  return real(counted, *args, **kwargs)
+dpo.reference_logprobs = counting
+counts = {}
+for loss in ('simpo', 'kto'):
+  config = load_named('dpo', 'tiny_' + loss)
+  config.init.run, config.prefs.dir = sft, prefs
+  config.policy_eval.num_prompts = 16
+  config.train.update(steps=1, eval_every=1, ckpt_every=1, progress=False)
+  forwards.clear()
+  dispatch.run(config, out + '/' + loss)
+  counts[loss] = len(forwards)
+print(json.dumps(counts))
+"""
+
+
+def test_reference_free_losses_never_score_the_reference(chain, family, tmp_path):
   """The reference pass's forward batches, counted: none for SimPO; for KTO two passes over
   every pair (the pairs, then the mismatched partners)."""
-  from conftest import load_config
-  from rlhf_jax.stages import dispatch, dpo
-  forwards = []
-  real = dpo.reference_logprobs
-
-  def counting(logprobs, *args, **kwargs):
-    def counted(*a):
-      forwards.append(1)
-      return logprobs(*a)
-    return real(counted, *args, **kwargs)
-
-  monkeypatch.setattr(dpo, 'reference_logprobs', counting)
-  prefs = family / 't0.1' / 'seed0' / 'rm' / 'preferences'
   from rlhf_jax.data import preferences
+  prefs = family / 't0.1' / 'seed0' / 'rm' / 'preferences'
   pairs = len(preferences.read(str(prefs))[0])
-  for loss, expected in (('simpo', 0), ('kto', 2 * math.ceil(pairs / 32))):
-    config = load_config('dpo', f'tiny_{loss}')
-    config.init.run = chain['sft']
-    config.prefs.dir = str(prefs)
-    config.policy_eval.num_prompts = 16
-    config.train.update(steps=1, eval_every=1, ckpt_every=1, progress=False)
-    forwards.clear()
-    dispatch.run(config, str(tmp_path / loss))
-    assert len(forwards) == expected, loss
+  result = subprocess.run([sys.executable, '-c', COUNT_REFERENCE_FORWARDS, chain['sft'],
+                           str(prefs), str(tmp_path)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  counts = json.loads(result.stdout.strip().splitlines()[-1])
+  assert counts == {'simpo': 0, 'kto': 2 * math.ceil(pairs / 32)}
 
 
 def test_frontier_and_winners_on_hand_made_points():
