@@ -249,6 +249,22 @@ def score(params, prompts, prompt_lengths, responses, *, model: Transformer) -> 
   return losses.token_logprobs(logits, responses)
 
 
+def _hashable(*trees):
+  return tuple((treedef, tuple(leaves)) for leaves, treedef in map(jax.tree.flatten, trees))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(fn, model, config, in_shardings, out_shardings):
+  """`fn` jitted for one model, SampleConfig (None: `fn` takes none) and layout, shared by
+  every Sampler built with the same ones: a process that builds many (each evaluator of a
+  stage, each round of a loop, each run of an experiment) traces, lowers and compiles each
+  shape once. Modules and SampleConfigs compare by value; shardings arrive flattened."""
+  kwargs = {'model': model} if config is None else {'model': model, 'config': config}
+  unflatten = lambda flat: jax.tree.unflatten(flat[0], flat[1])
+  return jax.jit(functools.partial(fn, **kwargs), in_shardings=unflatten(in_shardings),
+                 out_shardings=unflatten(out_shardings))
+
+
 class Sampler:
   """`sample`, `sample_without_cache` and `score` for one model and SampleConfig, jitted
   once per shape on `mesh`: batch arrays over the mesh's batch axes, params as
@@ -271,12 +287,11 @@ class Sampler:
     decode_in = (param_shardings, self.batch_sharding, self.rows_sharding, replicated,
                  replicated)
     self._sample, self._sample_full = (
-        jax.jit(functools.partial(fn, model=model, config=config), in_shardings=decode_in,
-                out_shardings=out) for fn in (sample, sample_without_cache))
-    self._score = jax.jit(functools.partial(score, model=model),
-                          in_shardings=(param_shardings, self.batch_sharding,
-                                        self.rows_sharding, self.batch_sharding),
-                          out_shardings=self.batch_sharding)
+        _jitted(fn, model, config, *_hashable(decode_in, out))
+        for fn in (sample, sample_without_cache))
+    self._score = _jitted(score, model, None, *_hashable(
+        (param_shardings, self.batch_sharding, self.rows_sharding, self.batch_sharding),
+        self.batch_sharding))
 
   def _check_rows(self, prompts) -> None:
     if prompts.shape[0] % self.dp:

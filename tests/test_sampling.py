@@ -244,3 +244,21 @@ def test_sharded_sampling_equals_single_device(trained, mesh):
   np.testing.assert_array_equal(out.response, single.response)
   np.testing.assert_allclose(out.raw_logprobs, single.raw_logprobs, atol=1e-5)
   np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_samplers_of_one_model_share_their_compiled_programs(trained):
+  """A second Sampler of the same model, SampleConfig and layout (each evaluator of a stage,
+  each round of a loop) runs the first one's compiled programs: no new trace, the same
+  tokens for the same key; another SampleConfig gets programs of its own."""
+  setup, params = trained
+  config = sampling.SampleConfig(max_new_tokens=8)
+  first, second = make_sampler(setup, config), make_sampler(setup, config)
+  other = make_sampler(setup, sampling.SampleConfig(max_new_tokens=8, temperature=0.5))
+  assert second._sample is first._sample and second._score is first._score
+  assert other._sample is not first._sample and other._score is first._score
+  prompts, lengths = world_prompts(setup.source.world, 4, seed=3)
+  a = jax.device_get(first.sample(params, prompts, lengths, jax.random.key(5)))
+  compiled = first._sample._cache_size()
+  b = jax.device_get(second.sample(params, prompts, lengths, jax.random.key(5)))
+  assert first._sample._cache_size() == compiled
+  np.testing.assert_array_equal(a.response, b.response)
