@@ -11,6 +11,7 @@ import json
 import os
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import distributed
 from rlhf_jax.errors import UserError
 from rlhf_jax.stages import dispatch
 
@@ -93,8 +94,11 @@ def run(config, *, workdir: str) -> None:
       continue
     print(f'pipeline: {name} in {dirs[name]}', flush=True)
     dispatch.run(sub, dirs[name])
+    # Process 0 wrote the stage's metrics and config.json: every process reads them next.
+    distributed.barrier(f'pipeline stage {name}')
   rows = summarize(dirs)
-  with open(os.path.join(workdir, 'summary.json.tmp'), 'w') as f:
-    json.dump(rows, f, indent=2)
-  os.replace(os.path.join(workdir, 'summary.json.tmp'), os.path.join(workdir, 'summary.json'))
-  print(table(rows), flush=True)
+  if distributed.is_primary():
+    with open(os.path.join(workdir, 'summary.json.tmp'), 'w') as f:
+      json.dump(rows, f, indent=2)
+    os.replace(os.path.join(workdir, 'summary.json.tmp'), os.path.join(workdir, 'summary.json'))
+    print(table(rows), flush=True)

@@ -29,7 +29,7 @@ STAGES = {
 # one writer. The others still read batch-sharded outputs on the host or write files from
 # every process (issue 18), so a multi-process run of them is refused before any compute
 # rather than run wrong.
-MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo', 'ppo')
+MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo', 'ppo', 'pipeline')
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -130,6 +130,9 @@ def check_processes(config) -> None:
     variant = f'reward_model with rm.objective={config.rm.objective!r}'
   if stage == 'ppo' and config.ppo.get('reward', 'rm') == 'task':
     variant = "ppo with ppo.reward='task' (RL against a verifier)"
+  if stage == 'pipeline':  # each stage as it would be on its own
+    for sub in config.stages.values():
+      check_processes(sub)
   if variant:
     raise UserError(f'{variant} runs in one process only (this run has '
                     f'{jax.process_count()}); use one host with all its devices')
