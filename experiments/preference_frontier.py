@@ -444,10 +444,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     runner = Runner(args)
     from rlhf_jax.train import runs
-    runs.read_config(os.path.abspath(args.sft_run), role='--sft_run')
+    if not args.summary_only:  # a summary reads the runs' records only
+      runs.read_config(os.path.abspath(args.sft_run), role='--sft_run')
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # the runs compile the same programs
+    if not (args.summary_only or os.environ.get('JAX_COMPILATION_CACHE_DIR')):
+      # the runs compile the same programs
       import jax
       jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.xla_cache'))
     k, n = args.shard
