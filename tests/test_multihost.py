@@ -142,14 +142,19 @@ def feedback_runs(chain, tmp_path_factory):
 
 def assert_same_records(a_dir, b_dir, *, unidentified=()):
   """Every logged figure equal within 1e-5 relative, but those in `unidentified`, which
-  the loss leaves free (their gradient is rounding noise, whose sign Adam follows)."""
+  the loss leaves free (their gradient is rounding noise, whose sign Adam follows). Near
+  0, 1e-6 absolute; 1e-5 for the sampled sequence KLs (rl/kl, policy/kl_ref): sums over up
+  to 48 tokens of differences of float32 log-probs a few nats large, whose rounding is up
+  to about 48 x 4 x 6e-8 = 1e-5 nats however the reductions are ordered (measured: at
+  most 9e-7)."""
   a, b = records(a_dir), records(b_dir)
   assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 2, 4]
   for x, y in zip(a, b):
     assert set(x) == set(y)
     for key in set(x) - set(unidentified):  # the same batches and params; only the
       # all-reduce order may differ
-      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x['step'], key)
+      near_zero = 1e-5 if key in ('rl/kl', 'policy/kl_ref') else 1e-6
+      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=near_zero), (x['step'], key)
   assert len(list(b_dir.glob('events.out.tfevents.*'))) == 1  # process 0 alone wrote
 
 
