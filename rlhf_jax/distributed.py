@@ -14,8 +14,7 @@ through gloo (JAX's default CPU collectives).
 Every process runs the same program on the same config. The data sources produce the same
 global batch in every process (it is a function of the seed and the step); each process
 fills only its own devices' shards of it, and `put_global` assembles the global array from
-those. Outputs the host reads back (the
-sampler's tokens, evaluation sums) go through `to_host`, which gathers the rows other
+those. Outputs the host reads back (the sampler's tokens, evaluation sums) go through `to_host`, which gathers the rows other
 processes hold, so every process sees the same whole array. Process 0 alone writes metrics,
 config.json, progress and the data a stage makes for itself (`array_store.read_or_make`:
 the others wait at a `barrier`, then read it); orbax checkpoints are written and restored
@@ -102,13 +101,12 @@ def put_global(tree, sharding):
   that is a global jax Array already is resharded only if its sharding differs."""
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-  shardings = sharding if isinstance(sharding, jax.sharding.Sharding) else None
 
   def put(x, s):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return x if x.sharding == s else jax.device_put(x, s)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
-  if shardings is not None:
-    return jax.tree.map(lambda x: put(x, shardings), tree)
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: put(x, sharding), tree)
   return jax.tree.map(put, tree, sharding)

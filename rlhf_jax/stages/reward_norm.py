@@ -108,16 +108,14 @@ def score_members(rm, prompts, lengths, responses, mask, *, mesh, mesh_config,
                                                                 rm_model=rm.model))
   n = len(prompts)
   chunk = -(-min(SCORE_CHUNK, n) // dp) * dp
-  batch = sharding.batch_sharding(mesh, mesh_config)
-  layout = (batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch.spec[0])),
-            batch, batch)
   parts = []
   with sharding.activate(mesh, mesh_config):
     for lo in range(0, n, chunk):
       rows = np.arange(lo, lo + chunk)
       rows = np.where(rows < n, rows, lo)
+      chunk_rows = (prompts[rows], lengths[rows], responses[rows], mask[rows])
       out = score(rm.params, *distributed.put_global(
-          (prompts[rows], lengths[rows], responses[rows], mask[rows]), layout))
+          chunk_rows, sharding.batch_tree_sharding(mesh, mesh_config, chunk_rows)))
       parts.append(np.asarray(distributed.to_host(out))[:, :n - lo])
   return np.concatenate(parts, axis=1)
 
