@@ -14,8 +14,9 @@ through gloo (JAX's default CPU collectives).
 Every process runs the same program on the same config. The data sources produce the same
 global batch in every process (it is a function of the seed and the step); each process
 fills only its own devices' shards of it, and `put_global` assembles the global array from
-those. Outputs the host reads back (the sampler's tokens, evaluation sums) go through `to_host`, which gathers the rows other
-processes hold, so every process sees the same whole array. Process 0 alone writes metrics,
+those. Outputs the host reads back (the sampler's tokens, evaluation sums) go through
+`to_host`, which gathers the rows other processes hold, so every process sees the same whole
+array. Process 0 alone writes metrics,
 config.json, progress and the data a stage makes for itself (`array_store.read_or_make`:
 the others wait at a `barrier`, then read it); orbax checkpoints are written and restored
 by all processes.
