@@ -1,9 +1,10 @@
 """Multi-controller runs on this machine: 2 processes x 4 CPU devices (JAX's gloo collectives
 between them) give the losses of 1 process x 8 devices, only process 0 writes, and the
 2-process run resumes from its checkpoint (every process restoring its data position) to
-the same metrics, here when its newest checkpoint is damaged. SFT, the reward model and
-DPO give the same data (sampled on the global mesh, written once) and the same figures as
-one process; the stages not yet made multi-process refuse with one line."""
+the same metrics, here when its newest checkpoint is damaged. SFT, the reward model, DPO,
+PPO and the pipeline and rlhf_rounds loops give the same data (sampled on the global mesh,
+written once) and the same figures as one process; the stages not yet made multi-process
+refuse with one line."""
 import json
 import os
 import shutil
@@ -154,15 +155,17 @@ def assert_same_records(a_dir, b_dir, *, unidentified=()):
     for key in set(x) - set(unidentified):  # the same batches and params; only the
       # all-reduce order may differ
       near_zero = 1e-5 if key in ('rl/kl', 'policy/kl_ref') else 1e-6
-      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=near_zero), (x['step'], key)
+      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=near_zero, nan_ok=True), (
+          x['step'], key)  # nan: e.g. an AUC of labels of one class
   assert len(list(b_dir.glob('events.out.tfevents.*'))) == 1  # process 0 alone wrote
 
 
 def assert_same_store(a_dir, b_dir, names):
+  """The same arrays and lineage (but the paths of the runs it names, each group's own)."""
   from rlhf_jax.data import array_store
   (a, a_lineage), (b, b_lineage) = (array_store.read(str(d), names) for d in (a_dir, b_dir))
-  assert {k: v for k, v in a_lineage.items() if k != 'init_run'} == {
-      k: v for k, v in b_lineage.items() if k != 'init_run'}
+  assert {k: v for k, v in a_lineage.items() if not k.endswith('_run')} == {
+      k: v for k, v in b_lineage.items() if not k.endswith('_run')}
   for name in names:
     np.testing.assert_array_equal(b[name], a[name], err_msg=name)
   assert sorted(p.name for p in b_dir.parent.iterdir() if p.name.startswith(b_dir.name)) == [
@@ -238,6 +241,52 @@ def test_ppo_and_the_pipeline_on_two_processes_equal_one(feedback_runs):
                 if p.suffix or p.name.startswith('summary')) == ['config.json', 'summary.json']
 
 
+# Iterated RLHF by rejection sampling, one round cut short, from the 1-process group's
+# pipeline SFT run for both groups: comparisons of the SFT policy, reward model 0, SFT on its
+# best of 2 samples per prompt, then the comparisons of policy 1 its drift is measured on.
+ROUNDS = lambda d: [
+    '--config=configs/rlhf_rounds.py:tiny_rejection_sampling', '--config.rounds.num=1',
+    f'--config.rounds.init_run={d.parent / "one" / "pipeline" / "sft"}',
+    *(f'--config.stages.{stage}.{short}' for stage in ('reward_model', 'sft')
+      for short in SHORT),
+    *(f'--config.stages.{stage}.policy_eval.num_prompts=16' for stage in ('reward_model', 'sft')),
+    '--config.stages.reward_model.prefs.num_prompts=48',
+    '--config.stages.sft.sft.num_prompts=64', '--config.stages.sft.sft.samples_per_prompt=2']
+
+
+@pytest.mark.slow
+def test_rlhf_rounds_on_two_processes_equal_one(feedback_runs):
+  """The loop's host-side work on the global mesh: the comparisons (sampled, labelled, one
+  shard each, written once), the demonstrations chosen by reward model 0's centred scores
+  of the samples, and the round's figures (the policy against the SFT run, with reward model
+  0's proxy score, and its gold agreement on the fresh comparisons) and its runs'."""
+  from rlhf_jax.data import demos, preferences
+  one, two = (d / 'rounds' for d in feedback_runs)
+  finish_processes(start_processes(one, processes=1, devices=8, args=ROUNDS(feedback_runs[0])),
+                   start_processes(two, processes=2, devices=4, args=ROUNDS(feedback_runs[1])))
+  for r in (0, 1):
+    shards = preferences.shard_paths(str(two / 'prefs' / f'round_{r}'))
+    assert [os.path.basename(p) for p in shards] == ['shard_00000']
+    assert_same_store(one / 'prefs' / f'round_{r}' / 'shard_00000',
+                      two / 'prefs' / f'round_{r}' / 'shard_00000', preferences.ALL_FIELDS)
+  assert_same_store(one / 'round_0' / 'policy' / 'demos', two / 'round_0' / 'policy' / 'demos',
+                    demos.FIELDS)
+  assert_same_records(one / 'round_0' / 'rm', two / 'round_0' / 'rm',
+                      unidentified=('rm/reference_mean',))
+  assert_same_records(one / 'round_0' / 'policy', two / 'round_0' / 'policy')
+  a, b = records(one), records(two)
+  assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1]
+  assert {'rounds/proxy_reward', 'rounds/rm_drift_gold_accuracy'} <= b[1].keys()
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      near_zero = 1e-5 if key == 'rounds/kl_sft' else 1e-6  # as for policy/kl_ref
+      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=near_zero), (x['step'], key)
+  assert json.load(open(two / 'round_0' / 'summary.json'))['lineage']['round'] == 0
+  assert sorted(p.name for p in two.iterdir()) == [
+      'base_summary.json', 'config.json', 'metrics.jsonl', 'prefs', 'round_0']
+
+
 @pytest.mark.slow
 def test_pipeline_stopped_in_ppo_resumes_on_two_processes(feedback_runs):
   """As if killed inside its PPO stage after step 2's checkpoint, before the table: the
@@ -262,6 +311,178 @@ def test_pipeline_stopped_in_ppo_resumes_on_two_processes(feedback_runs):
     np.testing.assert_array_equal(a, b)
 
 
+# RL against a verifier, cut short, from the chain's pretraining run: the warm start (SFT on
+# solved traces), an outcome reward model on its verifier-labelled samples, GRPO scored by
+# that learned verifier, and PPO with its critic against the verifier itself.
+TASK = {
+    'sft': lambda d: ['--config=configs/sft.py:task_tiny', f'--config.init.run={d["pretrain"]}',
+                      '--config.sft.num_prompts=128', '--config.sft.eval_prompts=16',
+                      '--config.sft.eval_samples=2'],
+    'orm': lambda d: ['--config=configs/reward_model.py:task_tiny',
+                      f'--config.init.run={d["sft"]}', '--config.outcome.num_problems=64',
+                      '--config.outcome.samples_per_problem=2',
+                      '--config.outcome.eval_prompts=16', '--config.outcome.eval_samples=2'],
+    'grpo': lambda d: ['--config=configs/grpo.py:tiny_orm', f'--config.init.run={d["sft"]}',
+                       f'--config.grpo.rm_run={d["orm"]}', '--config.grpo.num_prompts=64',
+                       '--config.grpo.eval_prompts=16', '--config.grpo.eval_samples=2',
+                       '--config.grpo.group_size=4', '--config.train.batch_size=8'],
+    'ppo': lambda d: ['--config=configs/ppo.py:task_tiny', f'--config.init.run={d["sft"]}',
+                      '--config.ppo.num_prompts=64', '--config.ppo.eval_prompts=16',
+                      '--config.ppo.eval_samples=2', '--config.train.batch_size=16'],
+}
+
+
+@pytest.mark.slow
+def test_rl_against_a_verifier_on_two_processes_equals_one(chain, tmp_path):
+  """Each group's own chain, stage after stage (the two groups at once): the same solved
+  traces and verifier-labelled outcomes (written once), and every train/*, eval/* (pass@k,
+  maj@k, greedy pass, KL), orm/*, rl/*, grpo/* and ppo/* figure as on one process."""
+  from rlhf_jax.stages import sft
+  groups = {n: {'pretrain': chain['pretrain'], **{s: tmp_path / n / s for s in TASK}}
+            for n in ('one', 'two')}
+  for stage, args in TASK.items():
+    finish_processes(*(start_processes(d[stage], processes=p, devices=8 // p,
+                                       args=[*args(d), *(f'--config.{x}' for x in SHORT)])
+                       for p, d in zip((1, 2), groups.values())))
+  one, two = groups['one'], groups['two']
+  assert_same_store(one['sft'] / 'demos', two['sft'] / 'demos', sft.TASK_FIELDS)
+  a, b = (np.load(d['orm'] / 'outcomes.npz') for d in (one, two))
+  assert a.files == b.files
+  for name in a.files:
+    np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+  for stage, figure in (('sft', 'eval/pass@2'), ('orm', 'orm/accuracy'),
+                        ('grpo', 'rl/orm_score'), ('ppo', 'eval/maj@2')):
+    assert any(figure in r for r in records(two[stage])), (stage, figure)
+    assert_same_records(one[stage], two[stage])
+
+
+SELF_IMPROVE = [
+    '--config=configs/self_improve.py:tiny', '--config.self_improve.rounds=1',
+    '--config.self_improve.filter=learned', '--config.self_improve.prompts=16',
+    '--config.self_improve.samples=2', '--config.self_improve.label_budget=16',
+    '--config.self_improve.eval_prompts=16', '--config.self_improve.eval_samples=2',
+    '--config.self_improve.kl_rows=32',
+    *(f'--config.stages.{stage}.{short}' for stage in ('sft', 'reward_model') for short in SHORT),
+    '--config.stages.reward_model.outcome.eval_prompts=16',
+    '--config.stages.reward_model.outcome.eval_samples=2',
+    '--config.stages.sft.sft.eval_prompts=16', '--config.stages.sft.sft.eval_samples=2']
+
+
+@pytest.mark.slow
+def test_self_improvement_on_two_processes_equals_one(task_warm_start, tmp_path):
+  """One round of the learned filter from the warm start: samples graded, 16 of them
+  labelled, an outcome reward model refit on them scoring the rest, the kept samples as
+  the next policy's demonstrations (every store written once), and every eval/*,
+  self_improve/*, orm/* and train/* figure as on one process."""
+  from rlhf_jax.stages import sft
+  from rlhf_jax.loops import self_improve
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  args = [*SELF_IMPROVE, f'--config.self_improve.init_run={task_warm_start}']
+  finish_processes(start_processes(one, processes=1, devices=8, args=args),
+                   start_processes(two, processes=2, devices=4, args=args))
+  for store, names in (('samples', self_improve.SAMPLE_FIELDS),
+                       ('labels', ['prompts', 'response', 'label', 'row']),
+                       ('kept', ['kept', 'score']), ('policy/demos', sft.TASK_FIELDS)):
+    assert_same_store(one / 'round_0' / store, two / 'round_0' / store, names)
+  assert_same_records(one / 'round_0' / 'orm', two / 'round_0' / 'orm')
+  assert_same_records(one / 'round_0' / 'policy', two / 'round_0' / 'policy')
+  a, b = records(one), records(two)
+  assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1]
+  assert b[0]['self_improve/kept_rows'] > 0 and 'self_improve/orm_auc' in b[0]
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-5, nan_ok=True), (x['step'], key)
+  assert sorted(p.name for p in (two / 'round_0').iterdir()) == [
+      'kept', 'labels', 'orm', 'policy', 'samples', 'summary.json']
+
+
+DISTILL = ['--config=configs/distill.py:tiny_gkd', '--config.distill.eval_prompts=32',
+           '--config.policy_eval.num_prompts=16', '--config.train.eval_batches=2',
+           *(f'--config.{short}' for short in SHORT)]
+
+
+@pytest.mark.slow
+def test_distill_on_two_processes_equals_one(chain, tmp_path):
+  """GKD of the chain's SFT policy into the 1-layer student, half of each batch the
+  student's own samples: every train/*, eval/*, distill/* (the KLs to and from the teacher
+  on the global mesh) and policy/* figure (student and teacher against the teacher's
+  reference) as on one process."""
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  args = [*DISTILL, f'--config.distill.teacher_run={chain["sft"]}']
+  finish_processes(start_processes(one, processes=1, devices=8, args=args),
+                   start_processes(two, processes=2, devices=4, args=args))
+  assert {'distill/kl_to_teacher', 'distill/teacher_gold_reward',
+          'policy/gold_reward'} <= records(two)[0].keys()
+  assert_same_records(one, two)
+
+
+COLLAPSE = ['--config=configs/collapse.py:tiny', '--config.collapse.generations=2',
+            '--config.collapse.samples=128', '--config.collapse.heldout_rows=64',
+            '--config.collapse.schedule=mix', '--config.collapse.init=finetune',
+            *(f'--config.{short}' for short in SHORT)]
+
+
+@pytest.mark.slow
+def test_collapse_on_two_processes_equals_one(tmp_path):
+  """Two generations (the second fine-tuned from the first on half fresh real rows, half its
+  samples): the same real, fresh and sampled rows (sampled on the global mesh, written once)
+  and the same collapse/* figures (the held-out rows scored on the global mesh) and
+  generation runs' figures."""
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  finish_processes(start_processes(one, processes=1, devices=8, args=COLLAPSE),
+                   start_processes(two, processes=2, devices=4, args=COLLAPSE))
+  for store in ('real', 'gen_1/fresh', 'gen_0/samples', 'gen_1/samples'):
+    names = ['rows', 'heldout'] if store == 'real' else ['rows']
+    assert_same_store(one / store, two / store, names)
+  for g in (0, 1):
+    assert_same_records(one / f'gen_{g}' / 'model', two / f'gen_{g}' / 'model')
+  a, b = records(one), records(two)
+  assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1]
+  assert {'collapse/true_kl', 'collapse/sample_distinct_2',
+          'collapse/data_real_rows'} <= b[1].keys()
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x['step'], key)
+  assert sorted(p.name for p in two.iterdir()) == [
+      'config.json', 'gen_0', 'gen_1', 'metrics.jsonl', 'real']
+  assert sorted(p.name for p in (two / 'gen_1').iterdir()) == [
+      'data.json', 'fresh', 'model', 'samples', 'summary.json']
+
+
+SELFPLAY = ['--config=configs/selfplay.py:tic_tac_toe', '--config.selfplay.iterations=2',
+            '--config.selfplay.games=64', '--config.train.steps=10',
+            '--config.train.batch_size=64', '--config.search.num_simulations=8',
+            '--config.arena.games=32', '--config.arena.num_simulations=8']
+
+
+@pytest.mark.slow
+def test_selfplay_on_two_processes_equals_one(tmp_path):
+  """Two iterations of tic-tac-toe self-play (games and replay positions along the data
+  axis of the global mesh), each rated in the arena against the fixed opponents and against
+  the checkpoint one evaluation earlier (read back from process 0's params file): every
+  selfplay/*, train/*, replay/*, arena/* and elo/* figure as on one process. One group after
+  the other: the arena's in-process all-gathers time out when the two cores are
+  oversubscribed."""
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  run_processes(one, processes=1, devices=8, args=SELFPLAY)
+  run_processes(two, processes=2, devices=4, args=SELFPLAY)
+  a, b = records(one), records(two)
+  assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1, 2]
+  assert {'train/total', 'replay/positions', 'arena/search_vs_lag_1/win',
+          'elo/net'} <= b[2].keys()
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x['step'], key)
+  assert len(list(two.glob('events.out.tfevents.*'))) == 1
+  assert sorted(p.name for p in (two / 'params').iterdir()) == [
+      f'iter_{i}.msgpack' for i in range(3)]
+  assert sorted(p.name for p in (two / 'iterations').iterdir()) == [
+      'iter_0.json', 'iter_1.json', 'iter_1_train.json', 'iter_2.json', 'iter_2_train.json']
+
+
 def test_bad_process_flags(run_cli, tmp_path):
   result = run_cli(*ARGS, f'--workdir={tmp_path / "bad"}', '--num_processes=2',
                    '--process_id=0')
@@ -270,42 +491,20 @@ def test_bad_process_flags(run_cli, tmp_path):
   assert len(lines) == 1 and lines[0].startswith('error: ') and '--coordinator' in lines[0]
 
 
-REFUSED = {  # config -> the start of its one error line
-    'configs/ppo.py:task_tiny': "ppo with ppo.reward='task' (RL against a verifier) runs "
-                                'in one process only (this run has 2)',
-    'configs/grpo.py:tiny': 'stage grpo runs in one process only (this run has 2',
-    'configs/selfplay.py:tic_tac_toe': 'stage selfplay runs in one process only (this run has 2',
-    'configs/distill.py:tiny': 'stage distill runs in one process only (this run has 2',
-    'configs/sft.py:task_tiny': 'sft with a task block (the warm start for RL against a '
-                                'verifier) runs in one process only (this run has 2)',
-    'configs/reward_model.py:task_tiny': "reward_model with rm.objective='outcome' runs in "
-                                         'one process only (this run has 2)',
-}
-
-
-@pytest.mark.parametrize('config', [  # each ~6 s: one in the quick tier
-    c if c == 'configs/grpo.py:tiny' else pytest.param(c, marks=pytest.mark.slow)
-    for c in REFUSED])
-def test_stages_not_yet_multi_process_are_refused_with_one_error_line(tmp_path, config):
-  """A 2-process run of a stage (or a variant of one) not yet made multi-process (stages/
-  dispatch.check_processes) stops before any compute, in every process, with one error
-  line, and leaves no workdir."""
-  port, workdir = free_port(), tmp_path / 'run'
-  stage = config.split('/')[1].split('.')[0]
-  init = ([] if stage in ('selfplay', 'distill')  # no init block
-          else [f'--config.init.run={tmp_path / "unused"}'])
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'rlhf_jax.main', f'--config={config}', f'--workdir={workdir}',
-       *init, f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=REPO, env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
-    for p in procs:
-      _, err = p.communicate(timeout=120)
-      assert p.returncode == 2, err[-3000:]
-      lines = err.splitlines()
-      assert len(lines) == 1 and lines[0].startswith(f'error: {REFUSED[config]}'), err
-  finally:
-    for p in procs:
-      p.kill()
-  assert not workdir.exists()
+def test_a_stage_not_made_multi_process_is_refused(monkeypatch):
+  """Every stage and loop runs on several processes now; one added to the registry
+  without its multi-process work (left out of dispatch.MULTI_PROCESS) is refused before
+  any compute, on its own and as a loop's stage, with one error line naming it."""
+  import jax
+  from rlhf_jax.config import load_named
+  from rlhf_jax.errors import UserError
+  from rlhf_jax.stages import dispatch
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  for stage in dispatch.STAGES:  # each one's config (configs/<stage>.py) passes as it is
+    dispatch.check_processes(load_named(stage, 'tic_tac_toe' if stage == 'selfplay' else 'tiny'))
+  monkeypatch.setattr(dispatch, 'MULTI_PROCESS',
+                      tuple(s for s in dispatch.MULTI_PROCESS if s != 'ppo'))
+  for config in (load_named('ppo', 'tiny'), load_named('pipeline', 'tiny')):
+    with pytest.raises(UserError, match=r'^stage ppo runs in one process only \(this run '
+                                        r'has 2; only pretrain, sft, .* runs on several\)'):
+      dispatch.check_processes(config)

@@ -26,6 +26,11 @@ logs the held-out real rows' own statistics (collapse/real_*), on the world the 
 model's tail mass (collapse/true_tail_mass), and on text what reading the corpus found
 (data/invalid_bytes_replaced, data/skipped_files). The text tail is the rarest tokens of
 the real rows generation 0 trains on, not of the whole corpus.
+
+Several processes (one GSPMD program, stages/dispatch.MULTI_PROCESS): every process trains,
+samples and measures alike on the global mesh; process 0 alone writes the real rows, the
+fresh rows, the samples, data.json, the summaries and metrics.jsonl (orbax checkpoints: all
+of them), and the others wait for each write at a barrier before they read it.
 """
 import copy
 import dataclasses
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sampling, sharding
+from rlhf_jax import distributed, sampling, sharding
 from rlhf_jax.analysis import collapse_metrics as cm
 from rlhf_jax.data import array_store, collapse_data
 from rlhf_jax.data.batch import from_rows
@@ -161,17 +166,21 @@ def fresh_real(config, real: collapse_data.RealData, paths: Paths, g: int) -> No
   """Generation g's fresh real rows for `mix`: new true samples on the world, rows drawn
   with replacement from the corpus's pool on text (made once)."""
   n = round(config.collapse.mix_fraction * config.collapse.samples)
-  if os.path.isdir(paths.fresh(g)) or n == 0:
+  if n == 0:
     return
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xF2E5), g)
-  if real.lang is not None:
-    rows = np.asarray(language.sample(real.lang, key=key, batch_size=n,
-                                      seq_len=real.train.shape[1]))
-  else:
-    rows = real.train[np.asarray(jax.random.randint(key, (n,), 0, len(real.train)))]
-  os.makedirs(paths.gen(g), exist_ok=True)
-  array_store.write(paths.fresh(g), {'rows': rows}, lineage={'generation': g, 'real': True,
-                                                             'source': config.data.source})
+
+  def make():
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0xF2E5), g)
+    if real.lang is not None:
+      rows = np.asarray(language.sample(real.lang, key=key, batch_size=n,
+                                        seq_len=real.train.shape[1]))
+    else:
+      rows = real.train[np.asarray(jax.random.randint(key, (n,), 0, len(real.train)))]
+    if distributed.is_primary():
+      os.makedirs(paths.gen(g), exist_ok=True)
+      array_store.write(paths.fresh(g), {'rows': rows},
+                        lineage={'generation': g, 'real': True, 'source': config.data.source})
+  distributed.make_once(paths.fresh(g), exists=os.path.isdir(paths.fresh(g)), make=make)
 
 
 def generation_config(config, g: int):
@@ -200,8 +209,9 @@ def train_generation(config, real, paths: Paths, g: int) -> None:
   sub = generation_config(config, g)
   init = None
   model_dir = paths.gen(g, 'model')
-  os.makedirs(model_dir, exist_ok=True)
   fresh_start = not os.path.isdir(os.path.join(model_dir, 'checkpoints'))
+  distributed.barrier(f'collapse: looked for generation {g} checkpoints')  # before any is made
+  os.makedirs(model_dir, exist_ok=True)
   if c.init == 'finetune' and g > 0 and fresh_start:
     mesh = sharding.make_mesh(sub.mesh)
     init = runs.load(paths.gen(g - 1, 'model'), mesh=mesh, mesh_config=sub.mesh).params
@@ -213,6 +223,7 @@ class Measure:
 
   def __init__(self, config, real: collapse_data.RealData):
     self.config, self.real = config, real
+    self.mesh = sharding.make_mesh(config.mesh)
     v = real.vocab_size
     if real.lang is not None:
       self.true_logp = jnp.asarray(cm.true_logp_table(real.lang), jnp.float32)
@@ -259,8 +270,10 @@ class Measure:
     b = self.config.train.batch_size
     for lo in range(0, len(self.real.heldout) - b + 1, b):
       batch = from_rows(self.real.heldout[lo:lo + b], pad_id=language.PAD_ID)
-      part = jax.device_get(sums(loaded.params, batch.inputs, batch.targets,
-                                 batch.segment_ids, batch.positions))
+      inputs = (batch.inputs, batch.targets, batch.segment_ids, batch.positions)
+      inputs = distributed.put_global(inputs, sharding.batch_tree_sharding(
+          self.mesh, self.config.mesh, inputs))
+      part = distributed.to_host(sums(loaded.params, *inputs))
       total = part if total is None else jax.tree.map(np.add, total, part)
     metrics = cm.finish_positionwise(total)
     out = {'collapse/perplexity': float(metrics.perplexity),
@@ -271,8 +284,12 @@ class Measure:
 
 
 def sample_generation(config, paths: Paths, g: int, loaded) -> None:
-  if os.path.isdir(paths.samples(g)):
-    return
+  """collapse.samples rows from generation g's model (made once; process 0 writes them)."""
+  distributed.make_once(paths.samples(g), exists=os.path.isdir(paths.samples(g)),
+                        make=lambda: _sample(config, paths, g, loaded))
+
+
+def _sample(config, paths: Paths, g: int, loaded) -> None:
   c = config.collapse
   mesh = sharding.make_mesh(config.mesh)
   sampler = sampling.Sampler(
@@ -284,6 +301,8 @@ def sample_generation(config, paths: Paths, g: int, loaded) -> None:
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3F), g)
   out = sampler.sample_in_chunks(loaded.params, prompts, np.ones(c.samples, np.int32), key)
   rows = np.concatenate([prompts, out.response], axis=1).astype(np.int32)
+  if not distributed.is_primary():
+    return
   array_store.write(paths.samples(g), {'rows': rows}, lineage={
       'generation': g, 'model_run': paths.gen(g, 'model'), 'checkpoint': loaded.step,
       'temperature': c.temperature, 'schedule': c.schedule, 'rows': c.samples})
@@ -303,7 +322,8 @@ def run(config, *, workdir: str) -> None:
   for g in range(c.generations):
     print(f'collapse: generation {g}', flush=True)
     summary = paths.gen(g, 'summary.json')
-    if not os.path.exists(summary):
+    distributed.barrier(f'collapse: looked for generation {g}')  # no process decides after
+    if not os.path.exists(summary):                              # another has written
       if c.schedule == 'mix' and g > 0:
         fresh_real(config, real, paths, g)
       train_generation(config, real, paths, g)
@@ -321,9 +341,11 @@ def run(config, *, workdir: str) -> None:
       row.update(measure.row_stats(np.asarray(samples['rows']), 'sample'))
       row['collapse/data_rows'] = sum(p.rows for p in parts)
       records.write_json(summary, row)
+      distributed.barrier(f'collapse: summary of generation {g}')
     rows.append(json.load(open(summary)))
     records.write_metrics(workdir, rows)
-  print(table(rows), flush=True)
+  if distributed.is_primary():
+    print(table(rows), flush=True)
 
 
 def table(rows: list[dict]) -> str:

@@ -1,10 +1,16 @@
 """What a loop writes beside its stages' runs: per-round (or per-generation) summaries and the
-loop's own metrics.jsonl, each replaced atomically so a killed loop never leaves half a file."""
+loop's own metrics.jsonl, each replaced atomically so a killed loop never leaves half a file.
+In a multi-process run process 0 alone writes; a loop has the others wait at a barrier
+(distributed.barrier) before they read what it wrote."""
 import json
 import os
 
+from rlhf_jax import distributed
+
 
 def write_json(path: str, value) -> None:
+  if not distributed.is_primary():
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:
     json.dump(value, f, indent=2)
@@ -14,6 +20,8 @@ def write_json(path: str, value) -> None:
 def write_metrics(workdir: str, rows: list[dict]) -> None:
   """DIR/metrics.jsonl, one line per row, rewritten whole (a resumed loop re-derives it
   from its summaries); a row's `lineage` stays in its summary only."""
+  if not distributed.is_primary():
+    return
   path = os.path.join(workdir, 'metrics.jsonl')
   with open(path + '.tmp', 'w') as f:
     for row in rows:

@@ -30,6 +30,11 @@ rounds/rm_drift_gold_accuracy (reward model r on the comparisons of policy r+1, 
 never saw: how far the policy moved off its data). Every step of the loop resumes:
 finished sets, runs and summaries are kept, a stopped run goes on from its checkpoint, and
 a round whose summary is written is read back without re-entering its runs.
+
+Several processes (one GSPMD program, stages/dispatch.MULTI_PROCESS): every process runs
+every stage and measurement alike; process 0 alone writes the comparisons, the rejection
+sampling demos, the summaries and metrics.jsonl, and the others wait for each write at a
+barrier before they read it (distributed.make_once).
 """
 import copy
 import functools
@@ -39,7 +44,7 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import sampling, sharding
+from rlhf_jax import distributed, sampling, sharding
 from rlhf_jax.data import array_store, demos, preferences
 from rlhf_jax.errors import UserError
 from rlhf_jax.loops import records
@@ -105,22 +110,27 @@ def _with(config, **fields):
 
 
 def make_comparisons(config, paths: Paths, r: int) -> str:
-  """The labelled comparisons of policy r's responses (made once)."""
+  """The labelled comparisons of policy r's responses (made once; process 0 writes them)."""
   directory = paths.prefs(r)
-  if not preferences.shard_paths(directory):
+
+  def make():
     sub = _with(config.stages.reward_model, **{'init.run': paths.policy(r), 'prefs.round': r})
     runs.adopt(sub)
     preference_data.make_shard(sub, FromRun(sub, rows_per_step=sub.train.batch_size),
                                directory=directory)
+  distributed.make_once(directory, exists=bool(preferences.shard_paths(directory)), make=make)
   return directory
 
 
 def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
   """Policy r's best of sft.samples_per_prompt samples under reward model r, written
-  (once) where the SFT stage of round r reads its demonstrations."""
+  (once, by process 0) where the SFT stage of round r reads its demonstrations."""
   path = os.path.join(paths.policy(r + 1), 'demos')
-  if os.path.isdir(path):
-    return
+  distributed.make_once(path, exists=os.path.isdir(path),
+                        make=lambda: _make_demos(sft_config, paths, r, path))
+
+
+def _make_demos(sft_config, paths: Paths, r: int, path: str) -> None:
   config = copy.deepcopy(sft_config)
   runs.adopt(config)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
@@ -132,14 +142,18 @@ def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
                                                  members=rm.config.rm.ensemble,
                                                  role=f'reward model {r}'), mode='mean')
   proxy = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=rm.model))
+  chunk = -(-SCORE_CHUNK // setup.dp) * setup.dp
 
   def score(prompts, lengths, responses, mask):
     out = []
-    for lo in range(0, len(prompts), SCORE_CHUNK):
-      rows = np.arange(lo, lo + SCORE_CHUNK)
+    for lo in range(0, len(prompts), chunk):
+      rows = np.arange(lo, lo + chunk)
       rows = np.where(rows < len(prompts), rows, lo)
-      out.append(np.asarray(proxy(rm.params, norm, prompts[rows], lengths[rows],
-                                  responses[rows], mask[rows]))[:len(prompts) - lo])
+      inputs = (prompts[rows], lengths[rows], responses[rows], mask[rows])
+      inputs = distributed.put_global(
+          inputs, sharding.batch_tree_sharding(setup.mesh, config.mesh, inputs))
+      out.append(np.asarray(distributed.to_host(proxy(rm.params, norm, *inputs)))
+                 [:len(prompts) - lo])
     return np.concatenate(out)
 
   sampler = sampling.Sampler(
@@ -151,6 +165,8 @@ def rejection_sampling_demos(sft_config, paths: Paths, r: int) -> None:
     arrays = demos.best_of_k(sampler, setup.init.params, world=setup.world, key=key,
                              num_prompts=s.num_prompts, k=s.samples_per_prompt,
                              prompt_len=s.prompt_len, score=score)
+  if not distributed.is_primary():
+    return
   os.makedirs(paths.policy(r + 1), exist_ok=True)
   array_store.write(path, arrays, lineage={
       **setup.lineage(), 'round': r, 'rm_run': paths.rm(r), 'k': s.samples_per_prompt,
@@ -202,7 +218,8 @@ class Measure:
     if rm is not None:
       (loaded, norm) = rm
       score = jax.jit(functools.partial(ppo_step.proxy_reward, rm_model=loaded.model))
-      self.policy.proxy = lambda *rollout: score(loaded.params, norm, *rollout)
+      self.policy.proxy = lambda *rollout: score(loaded.params, norm, *distributed.put_global(
+          rollout, sharding.batch_tree_sharding(s.mesh, self.config.mesh, rollout)))
     with sharding.activate(s.mesh, self.config.mesh):
       return self.policy(params)
 
@@ -218,9 +235,9 @@ class Measure:
         rows = np.arange(lo, lo + b)
         valid = rows < len(pairs)
         batch = preference_data.pair_rows(pairs, np.where(valid, rows, lo), valid)
-        batch = jax.device_put(batch, sharding.batch_tree_sharding(self.setup.mesh,
-                                                                    self.config.mesh, batch))
-        c, r = jax.device_get(rewards(loaded.params, batch))
+        batch = distributed.put_global(batch, sharding.batch_tree_sharding(
+            self.setup.mesh, self.config.mesh, batch))
+        c, r = distributed.to_host(rewards(loaded.params, batch))
         chosen.append(np.asarray(c)[:, valid])
         rejected.append(np.asarray(r)[:, valid])
     out = reward_eval.metrics(np.concatenate(chosen, 1), np.concatenate(rejected, 1), pairs,
@@ -244,12 +261,16 @@ def run(config, *, workdir: str) -> None:
   measure = None
   rows = []
   base_summary = os.path.join(workdir, 'base_summary.json')
-  if not os.path.exists(base_summary):
-    measure = measure or Measure(config, paths)
+
+  def measure_base():
+    nonlocal measure
+    measure = Measure(config, paths)
     records.write_json(base_summary, _row(0, measure.policy_metrics(paths.base)))
+  distributed.make_once(base_summary, exists=os.path.exists(base_summary), make=measure_base)
   rows.append(json.load(open(base_summary)))
   for r in range(rounds.num):
-    if os.path.exists(paths.summary(r)):
+    distributed.barrier(f'rlhf_rounds: looked for round {r}')  # no process decides after
+    if os.path.exists(paths.summary(r)):                        # another has written
       # A finished round (its summary is written last) is read, not re-entered: its runs'
       # configs are fixed by this loop's config.json, checked above.
       rows.append(json.load(open(paths.summary(r))))
@@ -260,6 +281,7 @@ def run(config, *, workdir: str) -> None:
         else paths.prefs(r)
     dispatch.run(_with(config.stages.reward_model, **{'init.run': paths.base,
                                                        'prefs.dir': data}), paths.rm(r))
+    distributed.barrier(f'rlhf_rounds: reward model {r}')  # its metrics, read below
     if rounds.policy_update == 'ppo':
       sub = _with(config.stages.ppo, **{'init.run': paths.policy(r), 'ppo.rm_run': paths.rm(r)})
     elif rounds.policy_update == 'dpo':
@@ -268,6 +290,7 @@ def run(config, *, workdir: str) -> None:
       sub = _with(config.stages.sft, **{'init.run': paths.policy(r)})
       rejection_sampling_demos(sub, paths, r)
     dispatch.run(sub, paths.policy(r + 1))
+    distributed.barrier(f'rlhf_rounds: policy {r + 1}')  # its metrics and reward_norm.json
     measure = measure or Measure(config, paths)
     rm = measure.load_rm(r)
     row = _row(r + 1, measure.policy_metrics(paths.policy(r + 1), rm))
@@ -279,10 +302,12 @@ def run(config, *, workdir: str) -> None:
                       'policy_run': paths.policy(r + 1), 'rm_run': paths.rm(r),
                       'comparisons': data.split(',')}
     records.write_json(paths.summary(r), row)
+    distributed.barrier(f'rlhf_rounds: summary of round {r}')
     rows.append(json.load(open(paths.summary(r))))
     records.write_metrics(workdir, rows)
   records.write_metrics(workdir, rows)
-  print(table(rows), flush=True)
+  if distributed.is_primary():
+    print(table(rows), flush=True)
 
 
 def table(rows: list[dict]) -> str:

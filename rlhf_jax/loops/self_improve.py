@@ -48,6 +48,11 @@ train_rows, and self_improve/labels: the exact labels the filter has used so far
 every sample it graded; learned: the rows it bought; the others: 0). Every step resumes:
 stores are made once, runs continue from their checkpoints, a finished round is read back
 from its summary.
+
+Several processes (one GSPMD program, stages/dispatch.MULTI_PROCESS): every process samples,
+judges, trains and measures alike on the global mesh; process 0 alone writes the stores,
+no_update.json, the summaries and metrics.jsonl, and the others wait at a barrier before
+they read them.
 """
 import copy
 import dataclasses
@@ -58,7 +63,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sampling, sharding, tasks
+from rlhf_jax import distributed, sampling, sharding, tasks
 from rlhf_jax.analysis import self_improve_metrics as sim
 from rlhf_jax.data import array_store, collapse_data
 from rlhf_jax.errors import UserError
@@ -230,7 +235,8 @@ class Round:
     extra = {}
     if f == 'learned':
       labelled, score, extra = self._learned(r, data)
-    if not os.path.isdir(path):
+
+    def make():
       if f == 'exact':
         kept = correct
       elif f == 'none':
@@ -241,7 +247,9 @@ class Round:
       else:
         kept = learned_keep(labelled, score, correct)
       arrays = {'kept': kept, **({'score': score} if f == 'learned' else {})}
-      array_store.write(path, arrays, lineage={'round': r, 'filter': f})
+      if distributed.is_primary():
+        array_store.write(path, arrays, lineage={'round': r, 'filter': f})
+    distributed.make_once(path, exists=os.path.isdir(path), make=make)
     kept = np.asarray(array_store.read(path, ['kept'])[0]['kept'], bool)
     # The exact labels spent: every graded sample, the bought ones, or none.
     labels = int(labelled.sum()) if f == 'learned' else len(correct) if f == 'exact' else 0
@@ -253,23 +261,28 @@ class Round:
     s = self.config.self_improve
     n = len(data['correct'])
     path = self.paths.round(r, 'labels')
-    if not os.path.isdir(path):
+
+    def make():
       rng = np.random.default_rng((self.config.seed, 0x1ABE, r))
       # All of them if the round has fewer samples (held-out problems were drawn).
       rows = np.sort(rng.choice(n, size=min(s.label_budget, n), replace=False))
       arrays = {name: data[name][rows] for name in ('prompts', 'prompt_lengths', 'response',
                                                     'mask')}
       arrays.update(label=data['correct'][rows].astype(np.float32), row=rows)
-      array_store.write(path, arrays, lineage={'round': r, 'labels': len(rows),
-                                               'from': self.paths.round(r, 'samples')})
+      if distributed.is_primary():
+        array_store.write(path, arrays, lineage={'round': r, 'labels': len(rows),
+                                                 'from': self.paths.round(r, 'samples')})
+    distributed.make_once(path, exists=os.path.isdir(path), make=make)
     rows = np.asarray(array_store.read(path, ['row'])[0]['row'])
     orm_dir = self.paths.round(r, 'orm')
     sub = _stage(self.config, 'reward_model', **{
         'init.run': self.paths.policy(r),
         'outcome.labels_from': ','.join(self.paths.round(q, 'labels') for q in range(r + 1))})
     dispatch.run(sub, orm_dir)
+    distributed.barrier(f'self_improve: outcome reward model {r}')  # its metrics, read below
     rm = runs.load_reward_model(orm_dir, mesh=self.setup.mesh, mesh_config=self.sub.mesh)
-    scorer = outcome_data.OutcomeScorer(model=rm.model, params=rm.params)
+    scorer = outcome_data.OutcomeScorer(model=rm.model, params=rm.params, mesh=self.setup.mesh,
+                                        mesh_config=self.sub.mesh, dp=self.setup.dp)
     with sharding.activate(self.setup.mesh, self.sub.mesh):
       score = scorer(data['prompts'], data['prompt_lengths'], data['response'], data['mask'])
     labelled = np.zeros(n, bool)
@@ -290,10 +303,14 @@ class Round:
       if s.filter == 'learned':
         fields['grpo.rm_run'] = self.paths.round(r, 'orm')
       dispatch.run(_stage(self.config, 'grpo', **fields), policy_dir)
+      distributed.barrier(f'self_improve: policy {r + 1}')  # its metrics, read next
       return
-    if os.path.exists(self.paths.round(r, 'no_update.json')):
+    no_update = os.path.exists(self.paths.round(r, 'no_update.json'))
+    has_demos = os.path.isdir(os.path.join(policy_dir, 'demos'))
+    distributed.barrier(f'self_improve: looked for the demos of policy {r + 1}')
+    if no_update:
       return
-    if not os.path.isdir(os.path.join(policy_dir, 'demos')):
+    if not has_demos:  # every process makes the same demos; process 0 writes them
       rounds = range(r + 1) if s.schedule == 'accumulate' else [r]
       parts = []
       for q in rounds:
@@ -305,14 +322,18 @@ class Round:
         records.write_json(self.paths.round(r, 'no_update.json'), {
             'round': r, 'train_rows': int(len(demos['prompt_id'])),
             'why': 'the kept samples cover fewer than two problems: policy r+1 = policy r'})
+        distributed.barrier(f'self_improve: no update of policy {r + 1}')
         return
-      os.makedirs(policy_dir, exist_ok=True)
-      array_store.write(os.path.join(policy_dir, 'demos'), demos, lineage={
-          'round': r, 'filter': s.filter, 'schedule': s.schedule,
-          'scheme': f'samples of policies {list(rounds)} kept by the {s.filter} filter',
-          'rounds': [self.paths.round(q, 'samples') for q in rounds],
-          'demos': int(len(demos['prompt_id']))})
+      if distributed.is_primary():
+        os.makedirs(policy_dir, exist_ok=True)
+        array_store.write(os.path.join(policy_dir, 'demos'), demos, lineage={
+            'round': r, 'filter': s.filter, 'schedule': s.schedule,
+            'scheme': f'samples of policies {list(rounds)} kept by the {s.filter} filter',
+            'rounds': [self.paths.round(q, 'samples') for q in rounds],
+            'demos': int(len(demos['prompt_id']))})
+      distributed.barrier(f'self_improve: the demos of policy {r + 1}')
     dispatch.run(_stage(self.config, 'sft', **{'init.run': init}), policy_dir)
+    distributed.barrier(f'self_improve: policy {r + 1}')  # its metrics, read next
 
   def train_rows(self, r: int) -> int:
     """The rows policy r+1 trained on: its demonstrations, or GRPO's rollouts."""
@@ -359,7 +380,8 @@ def run(config, *, workdir: str) -> None:
   rows, labels = [], 0
   for r in range(s.rounds + 1):
     summary = paths.round(r, 'summary.json')
-    if not os.path.exists(summary):
+    distributed.barrier(f'self_improve: looked for round {r}')  # no process decides after
+    if not os.path.exists(summary):                            # another has written
       print(f'self_improve: round {r}', flush=True)
       state = state or Round(config, paths)
       policy = state.load(r)
@@ -378,10 +400,12 @@ def run(config, *, workdir: str) -> None:
       row['lineage'] = {'round': r, 'policy_run': paths.policy(r), 'filter': s.filter,
                         'schedule': s.schedule}
       records.write_json(summary, row)
+      distributed.barrier(f'self_improve: summary of round {r}')
     rows.append(json.load(open(summary)))
     labels = rows[-1].get('self_improve/labels', labels)
     records.write_metrics(workdir, rows)
-  print(table(rows, k=task_eval.powers_of_two(s.eval_samples)[-1]), flush=True)
+  if distributed.is_primary():
+    print(table(rows, k=task_eval.powers_of_two(s.eval_samples)[-1]), flush=True)
 
 
 def table(rows: list[dict], *, k: int) -> str:

@@ -18,6 +18,12 @@ Layout of DIR:
   metrics.jsonl, elo.png, TensorBoard events (the same rows)
 A killed run resumes from its newest checkpoint and, every step being a function of
 (seed, iteration), ends with the numbers of an uninterrupted one.
+
+Several processes (one GSPMD program, stages/dispatch.MULTI_PROCESS): games and replay
+positions are laid along the data axis of the global mesh, the network is replicated;
+every figure is read back through distributed.to_host; process 0 alone writes params/,
+iterations/, metrics.jsonl, the events and elo.png (orbax checkpoints: all of them), and
+the others wait at a barrier before they read them.
 """
 import json
 import os
@@ -30,7 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.loops import records
 from rlhf_jax.selfplay import arena, elo, games, networks, play, replay as replay_lib, search
@@ -224,10 +230,15 @@ def _path(workdir: str, *names: str) -> str:
 
 
 def save_params(workdir: str, i: int, params) -> None:
+  """Every process calls this alike (the params are read back from the mesh); process 0
+  writes."""
+  params = distributed.to_host(params)
+  if not distributed.is_primary():
+    return
   path = _path(workdir, 'params', f'iter_{i}.msgpack')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'wb') as f:
-    f.write(flax.serialization.to_bytes(jax.device_get(params)))
+    f.write(flax.serialization.to_bytes(params))
   os.replace(path + '.tmp', path)
 
 
@@ -263,7 +274,9 @@ def lag_iteration(config, i: int, lag: int) -> int:
 def evaluate(engine: Engine, workdir: str, i: int, params, root) -> dict:
   """Iteration i's arena results and Elo ratings, keyed arena/<player>_vs_<opponent>/*."""
   c = engine.config
-  row, like = {}, jax.device_get(params)
+  row, like = {}, params
+  put = lambda p: distributed.put_global(p, engine.replicated)  # host params onto the mesh
+  params = put(params)
   earlier = {}  # iteration -> params: both players meet the same checkpoints
   for p, player in enumerate(c.arena.players):
     results, ratings = [], []
@@ -276,14 +289,14 @@ def evaluate(engine: Engine, workdir: str, i: int, params, root) -> dict:
                           len(FIXED_OPPONENTS) + o))
     for label, kind, j, openings, slot in opponents:
       if j is not None and j not in earlier:
-        earlier[j] = load_params(workdir, j, like)
+        earlier[j] = put(load_params(workdir, j, like))
       other = params if j is None else earlier[j]
       # Keyed by (iteration, player, opponent slot) only, so that a result does not depend
       # on which other matches were played (arena.every, the lags that exist yet).
       key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, _ARENA), i),
                                p * 1024 + slot)
       result = engine.match(player, kind, opening_moves=openings)(params, other, key)
-      t = arena.tally(result)
+      t = arena.tally(distributed.to_host(result))
       row.update({f'arena/{player}_vs_{label}/{k}': v for k, v in t.items()})
       if j is not None:
         row[f'arena/{player}_vs_{label}/iteration'] = j
@@ -310,7 +323,7 @@ def run(config, *, workdir: str) -> None:
     resumed = ckpt.restore_newest(state_shardings=engine.state_shardings,
                                   like_state=engine.like_state)
     if resumed is None:
-      run_state = jax.device_put(engine.init_state(root), engine.state_shardings)
+      run_state = distributed.put_global(engine.init_state(root), engine.state_shardings)
       save_params(workdir, 0, run_state['train'].params)
       ckpt.save(0, state=run_state, data_state={'iteration': 0})
       done = 0
@@ -328,9 +341,13 @@ def run(config, *, workdir: str) -> None:
         ckpt.save(i, state=run_state, data_state={'iteration': i})
         done = i
       summary = _path(workdir, 'iterations', f'iter_{i}.json')
-      if evaluated(config, i) and not os.path.exists(summary):
+      # Looked for before the barrier (no process decides after another has written it);
+      # after it, iteration i's params and figures are written.
+      evaluate_now = evaluated(config, i) and not os.path.exists(summary)
+      distributed.barrier(f'selfplay: iteration {i}')
+      if evaluate_now:
         start = time.perf_counter()
-        params = load_params(workdir, i, jax.device_get(run_state['train'].params))
+        params = load_params(workdir, i, distributed.to_host(run_state['train'].params))
         train_path = _path(workdir, 'iterations', f'iter_{i}_train.json')
         row = {'step': i, **(_read_json(train_path) if i else {}),
                **evaluate(engine, workdir, i, params, root)}
@@ -341,15 +358,18 @@ def run(config, *, workdir: str) -> None:
             if k != 'step':
               tb.add_scalar(k, v, i)
           tb.flush()
-        print(_progress(i, row, timing), flush=True)
+        if distributed.is_primary():
+          print(_progress(i, row, timing), flush=True)
+      distributed.barrier(f'selfplay: summary of iteration {i}')
       if os.path.exists(summary):
         rows.append(_read_json(summary))
         records.write_metrics(workdir, rows)
     ckpt.close()
     if tb is not None:
       tb.close()
-  plot_elo(rows, _path(workdir, 'elo.png'))
-  print(table(config, rows), flush=True)
+  if distributed.is_primary():
+    plot_elo(rows, _path(workdir, 'elo.png'))
+    print(table(config, rows), flush=True)
 
 
 def iteration(engine: Engine, run_state: dict, i: int, root):
@@ -366,9 +386,10 @@ def iteration(engine: Engine, run_state: dict, i: int, root):
   state, terms = update_lib.train(engine.step, run_state['train'], buffer, key,
                                   steps=c.train.steps)
   run_state = {'train': state, 'replay': buffer}
-  figures = {k: float(v) for k, v in jax.device_get(stats).items()}
-  figures.update({f'train/{k}': float(v) for k, v in jax.device_get(terms).items()})
-  figures['replay/positions'] = int(jax.device_get(buffer.valid.sum()))
+  stats, terms, positions = distributed.to_host((stats, terms, buffer.valid.sum()))
+  figures = {k: float(v) for k, v in stats.items()}
+  figures.update({f'train/{k}': float(v) for k, v in terms.items()})
+  figures['replay/positions'] = int(positions)
   if not np.isfinite(figures['train/total']):
     raise NonFiniteLoss(f'iteration {i}: the training loss is {figures["train/total"]}')
   return run_state, figures, {'selfplay': mid - start, 'train': time.perf_counter() - mid}

@@ -29,7 +29,8 @@ STAGES = {
 # one writer. The others still read batch-sharded outputs on the host or write files from
 # every process (issue 18), so a multi-process run of them is refused before any compute
 # rather than run wrong.
-MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo', 'ppo', 'pipeline')
+MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo', 'ppo', 'grpo', 'distill',
+                 'pipeline', 'rlhf_rounds', 'collapse', 'selfplay', 'self_improve')
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -113,8 +114,9 @@ def finished(config, workdir: str) -> bool:
 
 
 def check_processes(config) -> None:
-  """Refuses a multi-process run of a stage, or of a variant of one, whose host-side work
-  has not been made multi-process (and tested against one process) yet."""
+  """Refuses a multi-process run of a stage whose host-side work has not been made
+  multi-process (and tested against one process) yet; a loop's stages are checked as they
+  would be on their own."""
   import jax
   if jax.process_count() == 1:
     return
@@ -123,19 +125,8 @@ def check_processes(config) -> None:
     raise UserError(f'stage {stage} runs in one process only (this run has '
                     f'{jax.process_count()}; only {", ".join(MULTI_PROCESS)} runs on several); '
                     'use one host with all its devices')
-  variant = None
-  if stage == 'sft' and 'task' in config:
-    variant = 'sft with a task block (the warm start for RL against a verifier)'
-  if stage == 'reward_model' and config.rm.get('objective', 'pairs') != 'pairs':
-    variant = f'reward_model with rm.objective={config.rm.objective!r}'
-  if stage == 'ppo' and config.ppo.get('reward', 'rm') == 'task':
-    variant = "ppo with ppo.reward='task' (RL against a verifier)"
-  if stage == 'pipeline':  # each stage as it would be on its own
-    for sub in config.stages.values():
-      check_processes(sub)
-  if variant:
-    raise UserError(f'{variant} runs in one process only (this run has '
-                    f'{jax.process_count()}); use one host with all its devices')
+  for sub in config.get('stages', {}).values():
+    check_processes(sub)
 
 
 def _fresh_paths(workdir: str) -> set | None:

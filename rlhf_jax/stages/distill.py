@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -115,7 +115,7 @@ def run(config, *, workdir: str) -> None:
   frozen_shardings = distill_step.Frozen(
       teacher_params=teacher.param_shardings,
       lang=jax.tree.map(lambda _: replicated, world.lang))
-  frozen = jax.device_put(frozen, frozen_shardings)
+  frozen = distributed.put_global(frozen, frozen_shardings)
   step_config = distill_step.StepConfig(
       loss=d.loss, data=d.data, on_policy_rows=on_policy, max_new_tokens=d.max_new_tokens,
       temperature=d.temperature, alpha=d.alpha, beta=d.beta, top_k=d.teacher_top_k,
@@ -148,5 +148,5 @@ def run(config, *, workdir: str) -> None:
   with sharding.activate(mesh, config.mesh):
     loop.run(spec=spec, state=state, state_shardings=shardings,
              step=lambda state, batch: step(state, frozen, batch), source=source,
-             put_batch=lambda b: jax.device_put(b, batch_shardings), evaluate=evaluate,
-             static_metrics=static)
+             put_batch=lambda b: distributed.put_global(b, batch_shardings),
+             evaluate=evaluate, static_metrics=static)

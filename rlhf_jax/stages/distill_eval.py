@@ -19,7 +19,7 @@ import functools
 import jax
 import numpy as np
 
-from rlhf_jax import sampling, sharding
+from rlhf_jax import distributed, sampling, sharding
 from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.world_source import WorldSource
 from rlhf_jax.stages import pretrain
@@ -59,7 +59,7 @@ class DistillEvaluator:
     mc = config.mesh
     batch_sharding = sharding.batch_sharding(mesh, mc)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0]))
-    put = lambda b: jax.device_put(b, batch_sharding)
+    put = lambda b: distributed.put_global(b, batch_sharding)
     source = WorldSource(world=config.world, seed=config.seed,
                          batch_size=config.train.batch_size, seq_len=config.train.seq_len)
 
@@ -72,9 +72,9 @@ class DistillEvaluator:
                                 num_batches=config.train.eval_batches)
     self.true_kl = true_kl_of(s_model, s_shardings)
     self.teacher_true_kl = true_kl_of(self.teacher_model, t_shardings)
-    self.prompts, self.lengths = prompt_set(
+    self.prompts, self.lengths = distributed.put_global(prompt_set(
         config, world.lang, key=jax.random.fold_in(jax.random.key(config.world.seed), 0xD157),
-        num=-(-config.distill.eval_prompts // dp) * dp)
+        num=-(-config.distill.eval_prompts // dp) * dp), (batch_sharding, rows))
     sample_config = sampling.SampleConfig(max_new_tokens=config.distill.max_new_tokens)
     self.student_sampler = sampling.Sampler(model=s_model, config=sample_config, mesh=mesh,
                                             mesh_config=mc, param_shardings=s_shardings)
@@ -92,7 +92,7 @@ class DistillEvaluator:
 
   def _kl(self, params, response, mask) -> tuple[float, float]:
     with sharding.activate(self.mesh, self.mesh_config):
-      rev, fwd, n = jax.device_get(self.kl_sums(params, self.teacher_params, self.prompts,
+      rev, fwd, n = distributed.to_host(self.kl_sums(params, self.teacher_params, self.prompts,
                                                 self.lengths, response, mask))
     n = max(float(n), 1.0)
     return float(rev) / n, float(fwd) / n

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sharding, tasks
+from rlhf_jax import distributed, sharding, tasks
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
 from rlhf_jax.stages import from_run, outcome_data, task_eval
@@ -163,8 +163,9 @@ def run(config, *, workdir: str) -> None:
                             model=lm, mesh=setup.mesh, mesh_config=config.mesh,
                             param_shardings=shardings.params, ref_params=setup.init.params,
                             dp=setup.dp,
-                            orm=rm and outcome_data.OutcomeScorer(model=rm.model,
-                                                                  params=rm.params))
+                            orm=rm and outcome_data.OutcomeScorer(
+                                model=rm.model, params=rm.params, mesh=setup.mesh,
+                                mesh_config=config.mesh, dp=setup.dp))
   pool = prompt_pool(config, task, held_out=evaluator.batch, dp=setup.dp)
   make_batch = lambda rows, valid: grpo_step.TaskPrompts(
       prompts=pool.prompts[rows], prompt_lengths=pool.prompt_lengths[rows],
@@ -179,8 +180,9 @@ def run(config, *, workdir: str) -> None:
                                           answer_lengths=rows_sharding)
   frozen_shardings = grpo_step.Frozen(ref_params=setup.init.param_shardings,
                                       rm_params=rm and rm.param_shardings)
-  frozen = jax.device_put(grpo_step.Frozen(ref_params=setup.init.params,
-                                           rm_params=rm and rm.params), frozen_shardings)
+  frozen = distributed.put_global(grpo_step.Frozen(ref_params=setup.init.params,
+                                                   rm_params=rm and rm.params),
+                                  frozen_shardings)
   replicated = sharding.replicated(setup.mesh)
   step = jax.jit(functools.partial(grpo_step.train_step, lm=lm, task=task, tx=setup.tx,
                                    schedule=setup.schedule, config=step_config(config),
@@ -197,5 +199,5 @@ def run(config, *, workdir: str) -> None:
   with sharding.activate(setup.mesh, config.mesh):
     loop.run(spec=spec, state=state, state_shardings=shardings,
              step=lambda state, batch: step(state, frozen, batch), source=source,
-             put_batch=lambda b: jax.device_put(b, batch_shardings),
+             put_batch=lambda b: distributed.put_global(b, batch_shardings),
              evaluate=lambda state: evaluator(state.params), static_metrics=static)

@@ -20,7 +20,7 @@ import flax.struct
 import jax
 import numpy as np
 
-from rlhf_jax import sampling, sharding
+from rlhf_jax import distributed, sampling, sharding
 from rlhf_jax.analysis import orm_metrics
 from rlhf_jax.data import array_store
 from rlhf_jax.errors import UserError
@@ -79,46 +79,51 @@ def sample_and_label(sampler, params, problems, *, samples: int, key, verify) ->
 
 def load_or_make(config, setup, task, *, workdir: str) -> tuple[Outcomes, Outcomes]:
   """(training, held-out) outcomes of DIR/outcomes.npz, made there on first use."""
-  from rlhf_jax.stages import grpo  # late: grpo loads ORMs through this module
   path = os.path.join(workdir, FILE)
-  if not os.path.exists(path):
-    o = config.outcome
-    held_out = task_eval.held_out_problems(task, seed=config.world.seed,
-                                           num_prompts=o.eval_prompts, dp=setup.dp)
-    given = read_labelled(o.get('labels_from', ''))
-    if given is None:
-      pool = grpo.prompt_pool(config, task, held_out=held_out, dp=setup.dp,
-                              field='outcome.pool_prompts')
-      if pool.prompts.shape[0] < o.num_problems:
-        raise UserError(f'outcome.num_problems={o.num_problems}: the pool holds only '
-                        f'{pool.prompts.shape[0]} problems that are not held out')
-      train_problems = jax.tree.map(lambda x: x[:o.num_problems], pool)
-    make = lambda temperature: sampling.Sampler(
-        model=setup.init.model,
-        config=sampling.SampleConfig(max_new_tokens=o.max_new_tokens,
-                                     temperature=temperature),
-        mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
-    verify = jax.jit(task.verify)
-    key = jax.random.fold_in(jax.random.key(config.seed), 0x0A11)
-    with sharding.activate(setup.mesh, config.mesh):
-      train = given if given is not None else sample_and_label(
-          make(o.temperature), setup.init.params, train_problems,
-          samples=o.samples_per_problem, key=key, verify=verify)
-      # At temperature 1, as the TaskEvaluator samples.
-      held = sample_and_label(make(1.0), setup.init.params, held_out, samples=o.eval_samples,
-                              key=task_eval.eval_key(config.world.seed), verify=verify)
-    if jax.process_index() == 0:
-      arrays = {**{f'train_{k}': getattr(train, k) for k in FIELDS},
-                **{f'held_{k}': getattr(held, k) for k in FIELDS}}
-      with open(path + '.tmp', 'wb') as f:
-        np.savez(f, **arrays)
-      os.replace(path + '.tmp', path)
+  distributed.make_once(path, exists=os.path.exists(path),
+                        make=lambda: _make(config, setup, task, path))
   try:
     with np.load(path) as z:
       return tuple(Outcomes(**{k: z[f'{split}_{k}'] for k in FIELDS})
                    for split in ('train', 'held'))
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f'{path} is unreadable ({e}); use a fresh --workdir') from None
+
+
+def _make(config, setup, task, path: str) -> None:
+  """Samples and labels the outcomes in every process alike; process 0 writes them."""
+  from rlhf_jax.stages import grpo  # late: grpo loads ORMs through this module
+  o = config.outcome
+  held_out = task_eval.held_out_problems(task, seed=config.world.seed,
+                                         num_prompts=o.eval_prompts, dp=setup.dp)
+  given = read_labelled(o.get('labels_from', ''))
+  if given is None:
+    pool = grpo.prompt_pool(config, task, held_out=held_out, dp=setup.dp,
+                            field='outcome.pool_prompts')
+    if pool.prompts.shape[0] < o.num_problems:
+      raise UserError(f'outcome.num_problems={o.num_problems}: the pool holds only '
+                      f'{pool.prompts.shape[0]} problems that are not held out')
+    train_problems = jax.tree.map(lambda x: x[:o.num_problems], pool)
+  make = lambda temperature: sampling.Sampler(
+      model=setup.init.model,
+      config=sampling.SampleConfig(max_new_tokens=o.max_new_tokens,
+                                   temperature=temperature),
+      mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
+  verify = jax.jit(task.verify)
+  key = jax.random.fold_in(jax.random.key(config.seed), 0x0A11)
+  with sharding.activate(setup.mesh, config.mesh):
+    train = given if given is not None else sample_and_label(
+        make(o.temperature), setup.init.params, train_problems,
+        samples=o.samples_per_problem, key=key, verify=verify)
+    # At temperature 1, as the TaskEvaluator samples.
+    held = sample_and_label(make(1.0), setup.init.params, held_out, samples=o.eval_samples,
+                            key=task_eval.eval_key(config.world.seed), verify=verify)
+  if distributed.is_primary():
+    arrays = {**{f'train_{k}': getattr(train, k) for k in FIELDS},
+              **{f'held_{k}': getattr(held, k) for k in FIELDS}}
+    with open(path + '.tmp', 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(path + '.tmp', path)
 
 
 def read_labelled(labels_from: str) -> Outcomes | None:
@@ -133,23 +138,27 @@ def read_labelled(labels_from: str) -> Outcomes | None:
 
 class OutcomeScorer:
   """P(correct) of an outcome reward model's params, host numpy, `chunk` rows per call
-  (one compiled shape; the last chunk padded with copies of a row)."""
+  (one compiled shape, a multiple of the dp data-parallel devices; the last chunk padded
+  with copies of a row), the rows laid over the mesh's batch axes."""
 
-  def __init__(self, *, model, params, chunk: int = 1024):
-    self.params, self.chunk = params, chunk
+  def __init__(self, *, model, params, mesh, mesh_config, dp: int, chunk: int = 1024):
+    self.params, self.chunk, self.dp = params, chunk, dp
+    self.mesh, self.mesh_config = mesh, mesh_config
     self._prob = jax.jit(lambda params, *rows: reward_step.outcome_probability(
         params, *rows, model=model))
 
   def __call__(self, prompts, prompt_lengths, response, mask, *, params=None):
     params = self.params if params is None else params
     n, parts = prompts.shape[0], []
-    chunk = min(self.chunk, n)
+    chunk = -(-min(self.chunk, n) // self.dp) * self.dp
     for lo in range(0, n, chunk):
       rows = np.arange(lo, lo + chunk)
       rows = np.where(rows < n, rows, lo)
-      p = self._prob(params, *(np.asarray(x)[rows] for x in (prompts, prompt_lengths,
-                                                              response, mask)))
-      parts.append(np.asarray(jax.device_get(p), np.float64)[:min(chunk, n - lo)])
+      inputs = tuple(np.asarray(x)[rows] for x in (prompts, prompt_lengths, response, mask))
+      inputs = distributed.put_global(inputs, sharding.batch_tree_sharding(
+          self.mesh, self.mesh_config, inputs))
+      p = distributed.to_host(self._prob(params, *inputs))
+      parts.append(np.asarray(p, np.float64)[:min(chunk, n - lo)])
     return np.concatenate(parts)
 
 
@@ -159,9 +168,10 @@ class OutcomeEvaluator:
   orm/bon@k, best-of-k of the init policy's held-out samples under the ORM (beside
   orm/pass@k_oracle, the share of problems with a right one among the first k)."""
 
-  def __init__(self, *, held: Outcomes, model, samples: int):
+  def __init__(self, *, held: Outcomes, model, samples: int, mesh, mesh_config, dp: int):
     self.held, self.samples = held, samples
-    self.scorer = OutcomeScorer(model=model, params=None)
+    self.scorer = OutcomeScorer(model=model, params=None, mesh=mesh, mesh_config=mesh_config,
+                                dp=dp)
 
   def __call__(self, state) -> dict:
     h = self.held

@@ -192,7 +192,9 @@ def run_outcome(config, *, workdir: str) -> None:
   batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh, example)
   step = _jit_step(reward_step.outcome_train_step, config, setup, model=model,
                    shardings=shardings, batch_shardings=batch_shardings)
-  evaluate = outcome_data.OutcomeEvaluator(held=held, model=model, samples=o.eval_samples)
+  evaluate = outcome_data.OutcomeEvaluator(held=held, model=model, samples=o.eval_samples,
+                                           mesh=setup.mesh, mesh_config=config.mesh,
+                                           dp=setup.dp)
   static = {'orm/train_responses': n, 'orm/train_base_rate': float(train.label.mean()),
             'rm/ensemble': config.rm.ensemble}
   spec = loop.LoopSpec.from_config(
@@ -201,5 +203,5 @@ def run_outcome(config, *, workdir: str) -> None:
                                                  train.response.shape[1]))
   with sharding.activate(setup.mesh, config.mesh):
     loop.run(spec=spec, state=state, state_shardings=shardings, step=step, source=source,
-             put_batch=lambda b: jax.device_put(b, batch_shardings), evaluate=evaluate,
-             static_metrics=static)
+             put_batch=lambda b: distributed.put_global(b, batch_shardings),
+             evaluate=evaluate, static_metrics=static)
