@@ -1,10 +1,9 @@
 """Multi-controller runs on this machine: 2 processes x 4 CPU devices (JAX's gloo collectives
 between them) give the losses of 1 process x 8 devices, only process 0 writes, and the
 2-process run resumes from its checkpoint (every process restoring its data position) to
-the same metrics, here when its newest checkpoint is damaged. SFT, the reward model, DPO,
-PPO and the pipeline and rlhf_rounds loops give the same data (sampled on the global mesh,
-written once) and the same figures as one process; the stages not yet made multi-process
-refuse with one line."""
+the same metrics, here when its newest checkpoint is damaged. Every other stage and loop
+gives the same data (sampled on the global mesh, written once) and the same figures as one
+process; a stage left out of dispatch.MULTI_PROCESS is refused with one line."""
 import json
 import os
 import shutil

