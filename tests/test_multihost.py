@@ -159,14 +159,20 @@ def assert_same_records(a_dir, b_dir, *, unidentified=()):
   assert len(list(b_dir.glob('events.out.tfevents.*'))) == 1  # process 0 alone wrote
 
 
-def assert_same_store(a_dir, b_dir, names):
-  """The same arrays and lineage (but the paths of the runs it names, each group's own)."""
+def assert_same_store(a_dir, b_dir, names, *, close=()):
+  """The same arrays and lineage (but the paths it names, each group's own); the float
+  arrays named in `close` (a model's scores) to float32 rounding."""
   from rlhf_jax.data import array_store
   (a, a_lineage), (b, b_lineage) = (array_store.read(str(d), names) for d in (a_dir, b_dir))
-  assert {k: v for k, v in a_lineage.items() if not k.endswith('_run')} == {
-      k: v for k, v in b_lineage.items() if not k.endswith('_run')}
+  is_path = lambda v: (isinstance(v, str) and v.startswith(os.sep)) or (
+      isinstance(v, list) and v and all(map(is_path, v)))
+  assert {k: v for k, v in a_lineage.items() if not is_path(v)} == {
+      k: v for k, v in b_lineage.items() if not is_path(v)}
   for name in names:
-    np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    if name in close:
+      np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    else:
+      np.testing.assert_array_equal(b[name], a[name], err_msg=name)
   assert sorted(p.name for p in b_dir.parent.iterdir() if p.name.startswith(b_dir.name)) == [
       b_dir.name]  # one writer: no second copy, no temporary left
 
@@ -311,8 +317,8 @@ def test_pipeline_stopped_in_ppo_resumes_on_two_processes(feedback_runs):
 
 
 # RL against a verifier, cut short, from the chain's pretraining run: the warm start (SFT on
-# solved traces), an outcome reward model on its verifier-labelled samples, GRPO scored by
-# that learned verifier, and PPO with its critic against the verifier itself.
+# solved traces), an outcome reward model on its verifier-labelled samples, and GRPO scored
+# by that learned verifier.
 TASK = {
     'sft': lambda d: ['--config=configs/sft.py:task_tiny', f'--config.init.run={d["pretrain"]}',
                       '--config.sft.num_prompts=128', '--config.sft.eval_prompts=16',
@@ -325,9 +331,6 @@ TASK = {
                        f'--config.grpo.rm_run={d["orm"]}', '--config.grpo.num_prompts=64',
                        '--config.grpo.eval_prompts=16', '--config.grpo.eval_samples=2',
                        '--config.grpo.group_size=4', '--config.train.batch_size=8'],
-    'ppo': lambda d: ['--config=configs/ppo.py:task_tiny', f'--config.init.run={d["sft"]}',
-                      '--config.ppo.num_prompts=64', '--config.ppo.eval_prompts=16',
-                      '--config.ppo.eval_samples=2', '--config.train.batch_size=16'],
 }
 
 
@@ -335,7 +338,7 @@ TASK = {
 def test_rl_against_a_verifier_on_two_processes_equals_one(chain, tmp_path):
   """Each group's own chain, stage after stage (the two groups at once): the same solved
   traces and verifier-labelled outcomes (written once), and every train/*, eval/* (pass@k,
-  maj@k, greedy pass, KL), orm/*, rl/*, grpo/* and ppo/* figure as on one process."""
+  maj@k, greedy pass, KL), orm/*, rl/* and grpo/* figure as on one process."""
   from rlhf_jax.stages import sft
   groups = {n: {'pretrain': chain['pretrain'], **{s: tmp_path / n / s for s in TASK}}
             for n in ('one', 'two')}
@@ -350,7 +353,7 @@ def test_rl_against_a_verifier_on_two_processes_equals_one(chain, tmp_path):
   for name in a.files:
     np.testing.assert_array_equal(b[name], a[name], err_msg=name)
   for stage, figure in (('sft', 'eval/pass@2'), ('orm', 'orm/accuracy'),
-                        ('grpo', 'rl/orm_score'), ('ppo', 'eval/maj@2')):
+                        ('grpo', 'eval/maj@2'), ('grpo', 'rl/orm_score')):
     assert any(figure in r for r in records(two[stage])), (stage, figure)
     assert_same_records(one[stage], two[stage])
 
@@ -382,7 +385,8 @@ def test_self_improvement_on_two_processes_equals_one(task_warm_start, tmp_path)
   for store, names in (('samples', self_improve.SAMPLE_FIELDS),
                        ('labels', ['prompts', 'response', 'label', 'row']),
                        ('kept', ['kept', 'score']), ('policy/demos', sft.TASK_FIELDS)):
-    assert_same_store(one / 'round_0' / store, two / 'round_0' / store, names)
+    assert_same_store(one / 'round_0' / store, two / 'round_0' / store, names,
+                      close=('score',))  # the ORM's: its all-reduces' order differs
   assert_same_records(one / 'round_0' / 'orm', two / 'round_0' / 'orm')
   assert_same_records(one / 'round_0' / 'policy', two / 'round_0' / 'policy')
   a, b = records(one), records(two)
@@ -451,9 +455,10 @@ def test_collapse_on_two_processes_equals_one(tmp_path):
 
 
 SELFPLAY = ['--config=configs/selfplay.py:tic_tac_toe', '--config.selfplay.iterations=2',
-            '--config.selfplay.games=64', '--config.train.steps=10',
-            '--config.train.batch_size=64', '--config.search.num_simulations=8',
-            '--config.arena.games=32', '--config.arena.num_simulations=8']
+            '--config.selfplay.games=32', '--config.train.steps=5',
+            '--config.train.batch_size=32', '--config.search.num_simulations=4',
+            '--config.arena.games=16', '--config.arena.num_simulations=4',
+            "--config.arena.players=('search',)", "--config.arena.lags=(1,)"]
 
 
 @pytest.mark.slow
@@ -470,7 +475,7 @@ def test_selfplay_on_two_processes_equals_one(tmp_path):
   a, b = records(one), records(two)
   assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1, 2]
   assert {'train/total', 'replay/positions', 'arena/search_vs_lag_1/win',
-          'elo/net'} <= b[2].keys()
+          'arena/search_vs_perfect/loss', 'elo/search'} <= b[2].keys()
   for x, y in zip(a, b):
     assert x.keys() == y.keys()
     for key in x:
