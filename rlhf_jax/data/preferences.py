@@ -54,9 +54,15 @@ class PreferencePairs:
                   chosen (0 where none): the truth behind the label, never for training.
   soft_label:     [N] float32 the aggregate's estimate that chosen is preferred, >= 1/2
                   (1/2: a tie); 1 for a single hard label.
+  labeller:       [N] int32 who gave the label: HUMAN (the annotators, whose raw labels
+                  are above) or JUDGE (AI feedback, data/ai_feedback.py: no raw label,
+                  annotator and group -1, soft_label and annotator_prob the judge's
+                  order-averaged P(chosen better)).
+  principle:      [N] int32 the constitution's principle a judge judged under (-1: none).
 
-  The last four may be left out (None): then the pair has the one label its annotator
-  gave, hard, as in a set written before they existed.
+  raw_* and soft_label may be left out (None): then the pair has the one label its
+  annotator gave, hard, as in a set written before they existed; labeller and principle
+  likewise (None: every label human, no principle).
   """
   prompts: np.ndarray
   prompt_lengths: np.ndarray
@@ -75,8 +81,14 @@ class PreferencePairs:
   raw_label: np.ndarray = None
   raw_prob: np.ndarray = None
   soft_label: np.ndarray = None
+  labeller: np.ndarray = None
+  principle: np.ndarray = None
 
   def __post_init__(self):
+    if self.labeller is None:
+      object.__setattr__(self, 'labeller', np.full(len(self.annotator), HUMAN, np.int32))
+    if self.principle is None:
+      object.__setattr__(self, 'principle', np.full(len(self.annotator), -1, np.int32))
     if self.soft_label is None:  # one label per pair, given by `annotator`, for chosen
       n = len(self.annotator)
       one = dict(raw_annotator=np.asarray(self.annotator, np.int32).reshape(n, 1),
@@ -94,10 +106,14 @@ class PreferencePairs:
                               for f in dataclasses.fields(self)})
 
 
-# FIELDS every shard holds; LABEL_FIELDS those of shards with raw labels (all or none).
+HUMAN, JUDGE = 0, 1  # PreferencePairs.labeller
+
+# FIELDS every shard holds; LABEL_FIELDS those of shards with raw labels (all or none);
+# FEEDBACK_FIELDS those of shards written since AI feedback (all or none).
 LABEL_FIELDS = ('raw_annotator', 'raw_label', 'raw_prob', 'soft_label')
+FEEDBACK_FIELDS = ('labeller', 'principle')
 ALL_FIELDS = tuple(f.name for f in dataclasses.fields(PreferencePairs))
-FIELDS = tuple(n for n in ALL_FIELDS if n not in LABEL_FIELDS)
+FIELDS = tuple(n for n in ALL_FIELDS if n not in LABEL_FIELDS + FEEDBACK_FIELDS)
 
 
 def _first_label(labels, observed, who):
@@ -278,7 +294,9 @@ def read(directory: str, *, rounds=None) -> tuple[PreferencePairs, list[dict]]:
   for path in paths:
     # A shard written before raw labels were stored reads as one hard label per pair.
     labelled = os.path.exists(os.path.join(path, 'soft_label.npy'))
-    arrays, lineage = array_store.read(path, ALL_FIELDS if labelled else FIELDS)
+    judged = os.path.exists(os.path.join(path, 'labeller.npy'))
+    arrays, lineage = array_store.read(path, FIELDS + LABEL_FIELDS * labelled +
+                                       FEEDBACK_FIELDS * judged)
     if rounds is None or lineage.get('round') in rounds:
       parts.append(PreferencePairs(**arrays))
       lineages.append(lineage)
@@ -297,10 +315,11 @@ def read(directory: str, *, rounds=None) -> tuple[PreferencePairs, list[dict]]:
 
 def check(pairs: PreferencePairs, where: str) -> None:
   """A set a stage can learn from: some pairs, no empty response, chosen != rejected,
-  every pair labelled, soft labels in [0, 1]."""
+  every pair labelled (by an annotator, or by a judge), soft labels in [0, 1]."""
   if len(pairs) == 0:
     raise UserError(f'{where} holds no preference pairs')
-  if not (np.asarray(pairs.raw_annotator) >= 0).any(axis=1).all():
+  human = np.asarray(pairs.labeller) == HUMAN
+  if not (np.asarray(pairs.raw_annotator)[human] >= 0).any(axis=1).all():
     raise UserError(f'{where} has a pair without a label')
   soft = np.asarray(pairs.soft_label)
   if not ((soft >= 0) & (soft <= 1)).all():

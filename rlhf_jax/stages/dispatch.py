@@ -16,11 +16,13 @@ STAGES = {
     'ppo': 'rlhf_jax.stages.ppo',
     'grpo': 'rlhf_jax.stages.grpo',
     'distill': 'rlhf_jax.stages.distill',
+    'judge': 'rlhf_jax.stages.judge',
     'pipeline': 'rlhf_jax.loops.pipeline',
     'rlhf_rounds': 'rlhf_jax.loops.rlhf_rounds',
     'collapse': 'rlhf_jax.loops.collapse',
     'selfplay': 'rlhf_jax.loops.selfplay',
     'self_improve': 'rlhf_jax.loops.self_improve',
+    'constitutional': 'rlhf_jax.loops.constitutional',
 }
 
 # The stages that run on several processes (one GSPMD program over every host's devices),
@@ -125,6 +127,10 @@ def check_processes(config) -> None:
     raise UserError(f'stage {stage} runs in one process only (this run has '
                     f'{jax.process_count()}; only {", ".join(MULTI_PROCESS)} runs on several); '
                     'use one host with all its devices')
+  if 'judge' in config:
+    raise UserError(f'AI feedback (the judge block of stage {stage}) runs in one process '
+                    f'only (this run has {jax.process_count()}); use one host with all its '
+                    'devices')
   for sub in config.get('stages', {}).values():
     check_processes(sub)
 

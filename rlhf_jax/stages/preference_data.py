@@ -1,16 +1,19 @@
 """The preference set a stage learns from: `prefs.dir` if the config names one (or several,
 joined with commas), else the set in DIR/preferences, made on first use from the init run's policy (k samples per world
 prompt, every pair labelled by prefs.labels_per_pair distinct random annotators of the pool
-and their labels aggregated by prefs.aggregate) with its lineage."""
+and their labels aggregated by prefs.aggregate) with its lineage. With a `judge` block
+(AI feedback) only judge.human_fraction of the pairs go to the annotators and the rest to
+the judge, under the config's constitution (data/ai_feedback.py)."""
 import os
 
 import jax
 import numpy as np
 
-from rlhf_jax import distributed, sampling
-from rlhf_jax.data import preferences
+from rlhf_jax import distributed, judges, sampling
+from rlhf_jax.data import ai_feedback, preferences
 from rlhf_jax.data.batch import PairBatch
 from rlhf_jax.stages.from_run import FromRun
+from rlhf_jax.world import constitution
 
 
 def read_given(config):
@@ -58,13 +61,26 @@ def make_shard(config, setup: FromRun, *, directory: str) -> None:
   raw = preferences.sample_pairs(sampler, setup.init.params, prompts=prompts,
                                  prompt_lengths=lengths, key=jax.random.fold_in(key, 1),
                                  k=p.responses_per_prompt)
-  pairs = preferences.label_pairs(**raw, gold=setup.world.gold, pool=setup.world.pool,
-                                  key=jax.random.fold_in(key, 2), round_=p.round,
-                                  labels_per_pair=p.labels_per_pair, method=p.aggregate)
+  label = dict(key=jax.random.fold_in(key, 2), round_=p.round,
+               labels_per_pair=p.labels_per_pair, method=p.aggregate)
+  feedback = {}
+  if 'judge' in config and config.judge.human_fraction < 1:  # AI feedback for the rest
+    principles = constitution.from_block(config.constitution)
+    judge = judges.make(config.judge, gold=setup.world.gold, num_principles=len(principles),
+                        mesh=setup.mesh, mesh_config=config.mesh, dp=setup.dp)
+    pairs = ai_feedback.label_mixed(raw, gold=setup.world.gold, pool=setup.world.pool,
+                                    judge=judge, principles=principles,
+                                    human_fraction=config.judge.human_fraction, **label)
+    feedback = {'judge': config.judge.to_dict(), 'constitution': config.constitution.to_dict(),
+                'human_labelled_pairs': int((pairs.labeller == preferences.HUMAN).sum()),
+                'judge_labelled_pairs': int((pairs.labeller == preferences.JUDGE).sum())}
+  else:
+    pairs = preferences.label_pairs(**raw, gold=setup.world.gold, pool=setup.world.pool,
+                                    **label)
   who = pairs.raw_annotator[pairs.raw_annotator >= 0]
   if not distributed.is_primary():
     return
-  preferences.write_shard(directory, pairs, lineage={
+  preferences.write_shard(directory, pairs, lineage={**feedback,
       **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
       'temperature': p.temperature, 'annotators': config.annotators.to_dict(),
       'reward': config.reward.to_dict(), 'labels_per_pair': p.labels_per_pair,

@@ -1,0 +1,66 @@
+r"""Constitutional AI on the world: a judge LM, SL-CAI (SFT on the policy's responses
+revised under the judge's critiques), then RL-CAI (a reward model on judge-labelled
+comparisons and PPO against it, or DPO on them); rlhf_jax/loops/constitutional.py.
+
+  python -m rlhf_jax.main --config=configs/pretrain.py:tiny --workdir=runs/pretrain_tiny
+  python -m rlhf_jax.main --config=configs/sft.py:tiny --workdir=runs/sft_tiny
+  python -m rlhf_jax.main --config=configs/cai.py:tiny --workdir=runs/cai_tiny
+
+`cai.init_run` is the policy CAI starts from: the pretrained policy (default
+runs/pretrain_tiny), which has never been taught to avoid the world's forbidden tokens.
+The judge is made from the same run (stages.judge, configs/judge.py:tiny) unless
+`cai.judge_run` names a judge run; its self-preference is measured on the samples of
+stages.judge.judge_data.other_run (default runs/sft_tiny). `constitution` holds the
+principles ({statement, about, weight}), used by the judge's training, the critiques and
+the labels; `judge.human_fraction` of RL-CAI's comparisons go to the annotators instead.
+
+Variants:
+  tiny       SL -> RL with PPO: the judge (600 steps), 2048 prompts with 2 revisions,
+             SFT 300 steps, a reward model on 1024 prompts x 4 samples of the SL policy,
+             all labelled by the judge (human_fraction 0), PPO 100 iterations.
+  tiny_sl    SL-CAI alone.
+  tiny_rl    RL-CAI alone, from the init policy.
+  tiny_dpo   SL -> RL with DPO on the judge's comparisons instead of reward model + PPO.
+
+Any leaf can be overridden: --config.judge.human_fraction=0.5 --config.cai.revisions=4
+--config.stages.ppo.ppo.kl_coef=0.1.
+"""
+import ml_collections
+
+from rlhf_jax.config import load_named
+from rlhf_jax.world.constitution import default_block
+
+VARIANTS = ('tiny', 'tiny_sl', 'tiny_rl', 'tiny_dpo')
+
+
+def get_config(arg: str = 'tiny'):
+  if arg not in VARIANTS:
+    raise ValueError(f'unknown variant {arg!r} of configs/cai.py; choose one of {VARIANTS}')
+  stages = ml_collections.ConfigDict({
+      'judge': load_named('judge', 'tiny'),
+      **{name: load_named(name, 'tiny') for name in ('sft', 'reward_model', 'ppo', 'dpo')}})
+  for name, stage in stages.items():
+    stage.init.run = 'set by the loop'
+    stage.train.progress = False
+  del stages.judge['constitution']  # the loop's own, below, goes to every stage that uses one
+  stages.judge.judge_data.other_run = 'runs/sft_tiny'
+  stages.ppo.ppo.rm_run = 'set by the loop'
+  stages.ppo.train.update(steps=100, eval_every=50, ckpt_every=50)
+  cai = ml_collections.ConfigDict(dict(
+      init_run='runs/pretrain_tiny',
+      judge_run='',            # '': train the judge in DIR/judge from stages.judge
+      plan={'tiny_sl': 'sl', 'tiny_rl': 'rl'}.get(arg, 'sl_rl'),  # 'sl_rl' | 'sl' | 'rl'
+      rl='dpo' if arg == 'tiny_dpo' else 'ppo',  # RL-CAI: 'ppo' (reward model) | 'dpo'
+      revisions=2,             # critique-revision rounds per response
+      num_prompts=2048,        # SL-CAI demonstrations
+      prompt_len=8,
+      max_new_tokens=48,
+      temperature=1.0,
+  ))
+  judge = ml_collections.ConfigDict(dict(
+      kind='lm',               # 'lm' (a judge run) | 'rm' (a reward model on a human budget)
+      run='set by the loop',
+      human_fraction=0.0,      # comparisons labelled by the annotators instead of the judge
+  ))
+  return ml_collections.ConfigDict(dict(stage='constitutional', seed=0, cai=cai, judge=judge,
+                                        constitution=default_block(), stages=stages))

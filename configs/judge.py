@@ -1,0 +1,52 @@
+r"""A judge LM for AI feedback: a world LM fine-tuned to give a principle's verdict on two
+responses, from the verdicts of a noisy annotator under that principle
+(rlhf_jax/stages/judge.py, rlhf_jax/data/judge_docs.py).
+
+  python -m rlhf_jax.main --config=configs/judge.py:tiny --workdir=runs/judge_tiny
+
+`init.run` names the policy the judge is made from (default runs/sft_tiny); its samples
+are the judge's training pairs. `judge_data.other_run` (default runs/pretrain_tiny)
+names another policy whose samples measure the judge's self-preference; '' skips it.
+`constitution` holds the principles ({statement, about, weight}; world/constitution.py).
+
+Variants:
+  tiny       the judge is the tiny SFT model (2 layers, d_model 64), 1024 prompts x 4
+             samples (about 6000 pairs), 600 steps of 64.
+  tiny_wide  the same on the pretrain run runs/pretrain_tiny_wide (the judge of another
+             size: configs/pretrain.py:tiny with --config.model.d_model=128
+             --config.model.n_layers=4).
+
+Any leaf can be overridden: --config.judge_data.teacher_temperature=0.1
+--config.constitution.harmless.weight=4.
+"""
+import ml_collections
+
+from rlhf_jax.config import feedback_config
+from rlhf_jax.world.constitution import default_block
+
+
+def judge_data_block() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_prompts=1024,
+      responses_per_prompt=4,  # every pair of them is one judge document
+      prompt_len=8,
+      max_new_tokens=48,
+      temperature=1.0,         # of the policy's samples
+      teacher_temperature=0.3,  # the principle annotator's noise, in units of the
+                                # principle utility's std (0: always the better one)
+      eval_fraction=0.1,       # prompts held out, with all their pairs
+      eval_pairs=1024,         # at most this many held-out pairs are read at eval
+      other_run='runs/pretrain_tiny',  # another policy's pairs (self-preference); '': none
+  ))
+
+
+def get_config(arg: str = 'tiny'):
+  if arg not in ('tiny', 'tiny_wide'):
+    raise ValueError(f'unknown variant {arg!r} of configs/judge.py; choose tiny or tiny_wide')
+  config = feedback_config('judge')
+  config.init.run = 'runs/sft_tiny' if arg == 'tiny' else 'runs/pretrain_tiny_wide'
+  config.constitution = default_block()
+  config.judge_data = judge_data_block()
+  config.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.0)
+  config.train.update(steps=600, batch_size=64, log_every=50, eval_every=200, ckpt_every=200)
+  return config
