@@ -63,8 +63,6 @@ def resolve(config) -> None:
   if config.judge.kind not in judges.KINDS:
     raise UserError(f'judge.kind={config.judge.kind!r} is not one of {judges.KINDS}')
   constitution.from_block(config.constitution)
-  runs.read_config(os.path.abspath(c.init_run), role='cai.init_run')
-  runs.checkpoint_step(c.init_run, step=None, role='cai.init_run')
   if c.judge_run:
     judge = runs.read_config(os.path.abspath(c.judge_run), role='cai.judge_run')
     want = 'judge' if config.judge.kind == 'lm' else 'reward_model'
@@ -74,6 +72,8 @@ def resolve(config) -> None:
   elif config.judge.kind != 'lm':
     raise UserError("judge.kind='rm' needs cai.judge_run: a reward_model run trained on "
                     'the human budget')
+  runs.read_config(os.path.abspath(c.init_run), role='cai.init_run')
+  runs.checkpoint_step(c.init_run, step=None, role='cai.init_run')
 
 
 def _with(config, **fields):
