@@ -49,6 +49,8 @@ def get_config(arg: str = 'tiny'):
   cai = ml_collections.ConfigDict(dict(
       init_run='runs/pretrain_tiny',
       judge_run='',            # '': train the judge in DIR/judge from stages.judge
+      judge_init='',           # the run that judge is made from; '': init_run (another
+                               # pretrain run: a judge of another size)
       plan={'tiny_sl': 'sl', 'tiny_rl': 'rl'}.get(arg, 'sl_rl'),  # 'sl_rl' | 'sl' | 'rl'
       rl='dpo' if arg == 'tiny_dpo' else 'ppo',  # RL-CAI: 'ppo' (reward model) | 'dpo'
       revisions=2,             # critique-revision rounds per response

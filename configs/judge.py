@@ -4,17 +4,17 @@ responses, from the verdicts of a noisy annotator under that principle
 
   python -m rlhf_jax.main --config=configs/judge.py:tiny --workdir=runs/judge_tiny
 
-`init.run` names the policy the judge is made from (default runs/sft_tiny); its samples
-are the judge's training pairs. `judge_data.other_run` (default runs/pretrain_tiny)
+`init.run` names the run the judge is made from (default runs/sft_tiny); its samples are
+the judge's training pairs, or those of `judge_data.policy_run` when it names a run. `judge_data.other_run` (default runs/pretrain_tiny)
 names another policy whose samples measure the judge's self-preference; '' skips it.
 `constitution` holds the principles ({statement, about, weight}; world/constitution.py).
 
 Variants:
   tiny       the judge is the tiny SFT model (2 layers, d_model 64), 1024 prompts x 4
              samples (about 6000 pairs), 600 steps of 64.
-  tiny_wide  the same on the pretrain run runs/pretrain_tiny_wide (the judge of another
-             size: configs/pretrain.py:tiny with --config.model.d_model=128
-             --config.model.n_layers=4).
+  tiny_wide  a judge of another size: made from runs/pretrain_tiny_wide
+             (configs/pretrain.py:tiny with --config.model.d_model=128
+             --config.model.n_layers=4), learning on runs/pretrain_tiny's samples.
 
 Any leaf can be overridden: --config.judge_data.teacher_temperature=0.1
 --config.constitution.harmless.weight=4.
@@ -36,6 +36,7 @@ def judge_data_block() -> ml_collections.ConfigDict:
                                 # principle utility's std (0: always the better one)
       eval_fraction=0.1,       # prompts held out, with all their pairs
       eval_pairs=1024,         # at most this many held-out pairs are read at eval
+      policy_run='',           # whose samples the judge learns on; '': the init run's
       other_run='runs/pretrain_tiny',  # another policy's pairs (self-preference); '': none
   ))
 
@@ -45,6 +46,9 @@ def get_config(arg: str = 'tiny'):
     raise ValueError(f'unknown variant {arg!r} of configs/judge.py; choose tiny or tiny_wide')
   config = feedback_config('judge')
   config.init.run = 'runs/sft_tiny' if arg == 'tiny' else 'runs/pretrain_tiny_wide'
+  if arg == 'tiny_wide':
+    config.judge_data.policy_run = 'runs/pretrain_tiny'
+    config.judge_data.other_run = 'runs/sft_tiny'
   config.constitution = default_block()
   config.judge_data = judge_data_block()
   config.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.0)

@@ -5,7 +5,8 @@ annotators): a reward model on them and PPO against it, or DPO on them directly
 (configs/cai.py; Bai et al. 2022).
 
 Layout of DIR:
-  judge/   the judge run (stages/judge.py), unless cai.judge_run names one
+  judge/   the judge run (stages/judge.py), unless cai.judge_run names one: made from
+           cai.judge_init (default: cai.init_run), learning on cai.init_run's samples
   sl/      SL-CAI: an SFT run from cai.init_run whose demos/ are the revised responses
            (data/revisions.py; made by this loop before the run starts)
   rm/      RL-CAI's reward model, on AI-labelled comparisons of the SL policy's samples
@@ -168,7 +169,8 @@ def run(config, *, workdir: str) -> None:
     print(f'cai: judge in {judge_run}', flush=True)
   init = os.path.abspath(c.init_run)
   if not c.judge_run:
-    _run(_with(st.judge, **{'init.run': init,
+    judge_init = os.path.abspath(c.judge_init) if c.get('judge_init') else init
+    _run(_with(st.judge, **{'init.run': judge_init, 'judge_data.policy_run': init,
                             'constitution': copy.deepcopy(config.constitution)}), judge_run)
   sft = _with(st.sft, **{'init.run': init})
   measure = Measure(sft)

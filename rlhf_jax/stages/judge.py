@@ -2,8 +2,10 @@
 responses (data/judge_docs.py), so that AI feedback comes from a model whose accuracy
 depends on its size and training, as a real judge's does.
 
-The init run (`init.run`, an SFT or pretraining run: the judge is that policy's model)
-samples every pair of judge_data.responses_per_prompt responses to world prompts; each
+The init run (`init.run`, an SFT or pretraining run: the judge is that model, fine-tuned),
+or judge_data.policy_run when it names another (the policy the judge will judge, when the
+judge is a model of another size), samples every pair of
+judge_data.responses_per_prompt responses to world prompts; each
 pair gets a principle of the constitution, drawn by weight, and the verdict of the
 principle's noisy annotator (judge_data.teacher_temperature). The pairs are made once
 into DIR/judge_pairs; the loss is the cross-entropy of the verdict token alone, the pair
@@ -42,8 +44,9 @@ def resolve(config) -> None:
   if d.responses_per_prompt < 2 or d.num_prompts < 2 or d.teacher_temperature < 0:
     raise UserError('judge_data: responses_per_prompt and num_prompts must be >= 2, '
                     'teacher_temperature >= 0')
-  if d.other_run:
-    runs.read_config(os.path.abspath(d.other_run), role='judge_data.other_run')
+  for role in ('policy_run', 'other_run'):
+    if d.get(role):
+      runs.read_config(os.path.abspath(d[role]), role=f'judge_data.{role}')
   from_run.resolve(config)
 
 
@@ -53,7 +56,7 @@ def make_pairs(setup: FromRun, config, principles, *, path: str, policy_run: str
 
   def make():
     loaded = setup.init if policy_run == setup.init.workdir else runs.load(
-        policy_run, mesh=setup.mesh, mesh_config=config.mesh, role='judge_data.other_run')
+        policy_run, mesh=setup.mesh, mesh_config=config.mesh, role='a judge_data run')
     sampler = sampling.Sampler(
         model=loaded.model,
         config=sampling.SampleConfig(max_new_tokens=d.max_new_tokens, temperature=d.temperature),
@@ -103,8 +106,9 @@ def run(config, *, workdir: str) -> None:
   principles = constitution.from_block(config.constitution)
   setup = FromRun(config, rows_per_step=config.train.batch_size // config.optim.grad_accum)
   config_lib.write_or_check(config, workdir)
-  data, lineage = make_pairs(setup, config, principles, path=os.path.join(workdir, 'judge_pairs'),
-                             policy_run=setup.init.workdir, tag=0)
+  policy_run = os.path.abspath(d.policy_run) if d.get('policy_run') else setup.init.workdir
+  data, _ = make_pairs(setup, config, principles, path=os.path.join(workdir, 'judge_pairs'),
+                       policy_run=policy_run, tag=0)
   vocab = judge_docs.Vocabulary(setup.world.gold, len(principles))
   docs, lengths = judge_docs.documents(
       vocab, prompts=data['prompts'], prompt_lengths=data['prompt_lengths'],
