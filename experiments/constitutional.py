@@ -185,15 +185,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    inits = {'tiny': args.pretrain_run}
-    if 'wide' in args.judges:
-      inits['wide'] = wide_run(args, out)
     rows = []
     for judge in args.judges:
+      judge_init = args.pretrain_run if judge == 'tiny' else wide_run(args, out)
       for seed in range(args.seeds):
         base = os.path.join(out, judge, f'seed{seed}')
         sl_dir = os.path.join(base, 'sl')
-        sl = sl_loop(args, judge_init=inits[judge], seed=seed, workdir=sl_dir)
+        sl = sl_loop(args, judge_init=judge_init, seed=seed, workdir=sl_dir)
         init_row, sl_row = sl['rows']
         for f in args.fractions:
           rl = rl_loop(args, sl_dir=sl_dir, fraction=f, seed=seed,
