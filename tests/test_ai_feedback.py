@@ -13,6 +13,7 @@ from rlhf_jax import judges, sharding
 from rlhf_jax.data import ai_feedback, judge_docs, preferences
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.stages import reward_eval
 from rlhf_jax.world import constitution, language
 from rlhf_jax.world import reward as reward_lib
 from rlhf_jax.world import annotators
@@ -240,6 +241,12 @@ def test_mixture_labels_each_pair_by_whom_it_says(world, tmp_path):
   h = got.take(np.nonzero(human)[0])
   for name in ('chosen', 'rejected', 'raw_annotator', 'raw_label', 'soft_label'):
     np.testing.assert_array_equal(getattr(h, name), getattr(alone, name), err_msg=name)
+  # The reward model's label figures count the judge's labels apart, graded against gold.
+  figures = reward_eval.label_metrics(got)
+  assert figures['prefs/judge_labels'] == len(j) and figures['prefs/labels'] == human.sum()
+  hits = [0.5 if s == 0.5 else float(c > r)
+          for c, r, s in zip(j.gold_chosen, j.gold_rejected, j.soft_label) if c != r]
+  assert figures['prefs/judge_gold_agreement'] == pytest.approx(np.mean(hits))
   # Written and read back: who labelled each pair survives, and the set passes the checks.
   preferences.write_shard(str(tmp_path / 'set'), got, lineage={})
   back, _ = preferences.read(str(tmp_path / 'set'))

@@ -24,9 +24,12 @@ and, of the labels a reward model trains on (`label_metrics`, once per run):
                         soft label 1/2, counts half)
   prefs/labels_per_pair, prefs/labels, prefs/labelling_annotators  mean raw labels per
                         pair, their number, and how many annotators gave them
+  prefs/judge_labels    pairs labelled by a judge (AI feedback) instead; with any,
+                        prefs/judge_gold_agreement is their agreement with gold alone
 """
 import numpy as np
 
+from rlhf_jax.data.preferences import JUDGE
 from rlhf_jax.world import reward as reward_lib
 
 
@@ -59,12 +62,18 @@ def label_metrics(pairs) -> dict:
   gold_gap = np.asarray(pairs.gold_chosen, np.float64) - pairs.gold_rejected
   tie = np.asarray(pairs.soft_label) == 0.5
   who = np.asarray(pairs.raw_annotator)
-  return {
+  out = {
       'prefs/aggregate_gold_agreement': _agreement(np.where(tie, 0.0, 1.0), gold_gap),
       'prefs/labels_per_pair': float((who >= 0).sum(axis=1).mean()),
       'prefs/labels': int((who >= 0).sum()),
       'prefs/labelling_annotators': int(len(np.unique(who[who >= 0]))),
   }
+  judged = np.asarray(pairs.labeller) == JUDGE
+  if judged.any():
+    out['prefs/judge_labels'] = int(judged.sum())
+    out['prefs/judge_gold_agreement'] = _agreement(np.where(tie, 0.0, 1.0)[judged],
+                                                   gold_gap[judged])
+  return out
 
 
 def group_utilities(world, pairs) -> np.ndarray:
