@@ -496,16 +496,25 @@ def test_bad_process_flags(run_cli, tmp_path):
 
 
 def test_a_stage_not_made_multi_process_is_refused(monkeypatch):
-  """Every stage and loop runs on several processes now; one added to the registry
-  without its multi-process work (left out of dispatch.MULTI_PROCESS) is refused before
-  any compute, on its own and as a loop's stage, with one error line naming it."""
+  """Every stage and loop but AI feedback's runs on several processes; one left out of
+  dispatch.MULTI_PROCESS (the judge stage, the constitutional loop, or one added to the
+  registry without its multi-process work) is refused before any compute, on its own and
+  as a loop's stage, with one error line naming it; so is a stage with a judge block."""
   import jax
   from rlhf_jax.config import load_named
   from rlhf_jax.errors import UserError
   from rlhf_jax.stages import dispatch
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  for stage in dispatch.STAGES:  # each one's config (configs/<stage>.py) passes as it is
+  assert set(dispatch.STAGES) - set(dispatch.MULTI_PROCESS) == {'judge', 'constitutional'}
+  for stage in dispatch.MULTI_PROCESS:  # each one's config (configs/<stage>.py) passes
     dispatch.check_processes(load_named(stage, 'tic_tac_toe' if stage == 'selfplay' else 'tiny'))
+  for name, stage in (('judge', 'judge'), ('cai', 'constitutional')):
+    with pytest.raises(UserError, match=f'^stage {stage} runs in one process only'):
+      dispatch.check_processes(load_named(name, 'tiny'))
+  with_judge = load_named('reward_model', 'tiny')
+  with_judge.judge = load_named('cai', 'tiny').judge
+  with pytest.raises(UserError, match='^AI feedback .* runs in one process only'):
+    dispatch.check_processes(with_judge)
   monkeypatch.setattr(dispatch, 'MULTI_PROCESS',
                       tuple(s for s in dispatch.MULTI_PROCESS if s != 'ppo'))
   for config in (load_named('ppo', 'tiny'), load_named('pipeline', 'tiny')):
