@@ -46,11 +46,11 @@ def get_config(arg: str = 'tiny'):
     raise ValueError(f'unknown variant {arg!r} of configs/judge.py; choose tiny or tiny_wide')
   config = feedback_config('judge')
   config.init.run = 'runs/sft_tiny' if arg == 'tiny' else 'runs/pretrain_tiny_wide'
+  config.constitution = default_block()
+  config.judge_data = judge_data_block()
   if arg == 'tiny_wide':
     config.judge_data.policy_run = 'runs/pretrain_tiny'
     config.judge_data.other_run = 'runs/sft_tiny'
-  config.constitution = default_block()
-  config.judge_data = judge_data_block()
   config.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.0)
   config.train.update(steps=600, batch_size=64, log_every=50, eval_every=200, ckpt_every=200)
   return config
