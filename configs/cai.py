@@ -17,10 +17,17 @@ the labels; `judge.human_fraction` of RL-CAI's comparisons go to the annotators 
 Variants:
   tiny       SL -> RL with PPO: the judge (600 steps), 2048 prompts with 2 revisions,
              SFT 300 steps, a reward model on 1024 prompts x 4 samples of the SL policy,
-             all labelled by the judge (human_fraction 0), PPO 100 iterations.
-  tiny_sl    SL-CAI alone.
-  tiny_rl    RL-CAI alone, from the init policy.
+             all labelled by the judge (human_fraction 0), PPO 100 iterations; 4 min 49 s
+             on a 2-core CPU shared with another job. Measured (one seed): gold reward
+             -0.467 -> -0.132 (SL) -> 0.210 (RL), harm rate 0.336 -> 0.199 -> 0.016, KL
+             to the init policy 0.41 / 1.40 nats, response length 17.6 -> 12.8 -> 5.3
+             tokens (the judge prefers short responses, and PPO finds it); 6067 judge
+             labels, 0 human (docs/constitutional-ai.md).
+  tiny_sl    SL-CAI alone (experiments/constitutional.py runs it once per judge and seed).
+  tiny_rl    RL-CAI alone, from the init policy (there: from the SL policy, with
+             cai.judge_run naming the judge).
   tiny_dpo   SL -> RL with DPO on the judge's comparisons instead of reward model + PPO.
+             Not measured here: no runtime or result is claimed.
 
 Any leaf can be overridden: --config.judge.human_fraction=0.5 --config.cai.revisions=4
 --config.stages.ppo.ppo.kl_coef=0.1.
@@ -43,7 +50,6 @@ def get_config(arg: str = 'tiny'):
     stage.init.run = 'set by the loop'
     stage.train.progress = False
   del stages.judge['constitution']  # the loop's own, below, goes to every stage that uses one
-  stages.judge.judge_data.other_run = 'runs/sft_tiny'
   stages.ppo.ppo.rm_run = 'set by the loop'
   stages.ppo.train.update(steps=100, eval_every=50, ckpt_every=50)
   cai = ml_collections.ConfigDict(dict(
