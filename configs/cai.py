@@ -26,6 +26,9 @@ Variants:
   tiny_sl    SL-CAI alone (experiments/constitutional.py runs it once per judge and seed).
   tiny_rl    RL-CAI alone, from the init policy (there: from the SL policy, with
              cai.judge_run naming the judge).
+  tiny_rm    SL -> RL with a reward-model judge (semi-automated RLHF): a reward model on
+             384 human comparisons labels the rest. Not measured here: no runtime or result
+             is claimed.
   tiny_dpo   SL -> RL with DPO on the judge's comparisons instead of reward model + PPO.
              Not measured here: no runtime or result is claimed.
 
@@ -37,7 +40,7 @@ import ml_collections
 from rlhf_jax.config import load_named
 from rlhf_jax.world.constitution import default_block
 
-VARIANTS = ('tiny', 'tiny_sl', 'tiny_rl', 'tiny_dpo')
+VARIANTS = ('tiny', 'tiny_sl', 'tiny_rl', 'tiny_rm', 'tiny_dpo')
 
 
 def get_config(arg: str = 'tiny'):
@@ -66,9 +69,11 @@ def get_config(arg: str = 'tiny'):
       temperature=1.0,
   ))
   judge = ml_collections.ConfigDict(dict(
-      kind='lm',               # 'lm' (a judge run) | 'rm' (a reward model on a human budget)
+      kind='rm' if arg == 'tiny_rm' else 'lm',  # 'lm' (a judge LM) | 'rm' (a reward model
+                                                # on a human budget)
       run='set by the loop',
       human_fraction=0.0,      # comparisons labelled by the annotators instead of the judge
+      human_budget=384,        # kind 'rm': the human comparisons its reward model learns from
   ))
   return ml_collections.ConfigDict(dict(stage='constitutional', seed=0, cai=cai, judge=judge,
                                         constitution=default_block(), stages=stages))

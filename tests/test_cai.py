@@ -23,7 +23,7 @@ CAI = '--config=configs/cai.py:tiny'
     (('--config.constitution.harmless.weight=-1',), ('constitution.harmless.weight', '>= 0')),
     (('--config.judge.human_fraction=1.5',), ('judge.human_fraction',)),
     (('--config.cai.judge_run=/no/such/judge',), ('cai.judge_run', '/no/such/judge')),
-    (('--config.judge.kind=rm',), ('cai.judge_run',)),
+    (('--config.judge.kind=rm', '--config.judge.human_budget=0'), ('judge.human_budget',)),
     (('--config.cai.plan=rl_sl',), ('cai.plan',)),
 ])
 def test_bad_input_is_one_line(run_cli, tmp_path, overrides, mentions):

@@ -5,8 +5,10 @@ annotators): a reward model on them and PPO against it, or DPO on them directly
 (configs/cai.py; Bai et al. 2022).
 
 Layout of DIR:
-  judge/   the judge run (stages/judge.py), unless cai.judge_run names one: made from
-           cai.judge_init (default: cai.init_run), learning on cai.init_run's samples
+  judge/   the judge run, unless cai.judge_run names one. judge.kind='lm': a judge LM
+           (stages/judge.py) made from cai.judge_init (default: cai.init_run), learning
+           on cai.init_run's samples; 'rm': a reward model (stages.reward_model) on
+           about judge.human_budget human comparisons of cai.init_run's samples
   sl/      SL-CAI: an SFT run from cai.init_run whose demos/ are the revised responses
            (data/revisions.py; made by this loop before the run starts)
   rm/      RL-CAI's reward model, on AI-labelled comparisons of the SL policy's samples
@@ -70,9 +72,9 @@ def resolve(config) -> None:
     if judge.get('stage') != want:
       raise UserError(f'cai.judge_run {c.judge_run} is a {judge.get("stage")!r} run; '
                       f'judge.kind={config.judge.kind!r} needs a {want} run')
-  elif config.judge.kind != 'lm':
-    raise UserError("judge.kind='rm' needs cai.judge_run: a reward_model run trained on "
-                    'the human budget')
+  elif config.judge.kind == 'rm' and config.judge.human_budget < 1:
+    raise UserError(f'judge.human_budget={config.judge.human_budget} must be >= 1: the '
+                    'human comparisons the reward-model judge learns from')
   runs.read_config(os.path.abspath(c.init_run), role='cai.init_run')
   runs.checkpoint_step(c.init_run, step=None, role='cai.init_run')
 
@@ -100,6 +102,16 @@ def _feedback(config, judge_run: str) -> dict:
   with judge.unlocked():
     judge.run = judge_run
   return {'judge': judge, 'constitution': copy.deepcopy(config.constitution)}
+
+
+def rm_judge_config(config, init: str):
+  """The reward-model judge of semi-automated RLHF: stages.reward_model from the init
+  policy on about judge.human_budget human comparisons of its samples (every pair of
+  prefs.responses_per_prompt responses to ceil(budget / pairs per prompt) prompts)."""
+  sub = config.stages.reward_model
+  k = sub.prefs.responses_per_prompt
+  prompts = -(-config.judge.human_budget // (k * (k - 1) // 2))
+  return _with(sub, **{'init.run': init, 'prefs.num_prompts': max(prompts, 2)})
 
 
 def make_revisions(config, sft_config, judge_run: str, path: str) -> None:
@@ -168,7 +180,9 @@ def run(config, *, workdir: str) -> None:
   if not c.judge_run:
     print(f'cai: judge in {judge_run}', flush=True)
   init = os.path.abspath(c.init_run)
-  if not c.judge_run:
+  if not c.judge_run and config.judge.kind == 'rm':
+    _run(rm_judge_config(config, init), judge_run)
+  elif not c.judge_run:
     judge_init = os.path.abspath(c.judge_init) if c.get('judge_init') else init
     _run(_with(st.judge, **{'init.run': judge_init, 'judge_data.policy_run': init,
                             'constitution': copy.deepcopy(config.constitution)}), judge_run)
@@ -203,9 +217,16 @@ def run(config, *, workdir: str) -> None:
                  'cai/human_labels': int((pairs.labeller == preferences.HUMAN).sum()),
                  'cai/judge_labels': int((pairs.labeller == preferences.JUDGE).sum()),
                  'cai/label_gold_agreement': float(np.mean(
-                     pairs.gold_chosen > pairs.gold_rejected))})
-  judge_row = {k: v for k, v in _last(judge_run, 'judge/agreement').items()
-               if k.startswith('judge/')} if config.judge.kind == 'lm' else {}
+                     pairs.gold_chosen > pairs.gold_rejected)),
+                 **({'cai/judge_human_labels': _last(judge_run, 'rm/train_pairs')[
+                     'rm/train_pairs']} if config.judge.kind == 'rm' else {})})
+  if config.judge.kind == 'lm':
+    judge_row = {k: v for k, v in _last(judge_run, 'judge/agreement').items()
+                 if k.startswith('judge/')}
+  else:  # a reward model's own held-out figures, and the human labels it cost
+    last = _last(judge_run, 'rm/gold_accuracy')
+    judge_row = {'judge/gold_agreement': last['rm/gold_accuracy'],
+                 'judge/human_labels': _last(judge_run, 'rm/train_pairs')['rm/train_pairs']}
   records.write_json(os.path.join(workdir, 'summary.json'),
                      {'rows': rows, 'judge': judge_row, 'lineage': {
                          'init_run': init, 'judge_run': judge_run, **{
