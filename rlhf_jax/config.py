@@ -3,6 +3,7 @@
 A config file under `configs/` composes these blocks into one `ConfigDict` and picks
 sizes per variant (`tiny`, `small`, `tpu_*`). Every field is documented where it is made.
 """
+import copy
 import datetime
 import importlib.util
 import json
@@ -24,6 +25,20 @@ def load_file(path: str, variant: str | None = None) -> ml_collections.ConfigDic
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config() if variant is None else module.get_config(variant)
+
+
+def with_fields(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields set (`**{'init.run': DIR}`), new ones added: how
+  a loop fills in the runs its stages start from."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for dotted, value in fields.items():
+      *parents, leaf = dotted.split('.')
+      node = out
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return out
 
 
 def load_named(name: str, variant: str) -> ml_collections.ConfigDict:

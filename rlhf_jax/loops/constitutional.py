@@ -35,6 +35,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import distributed, judges, sampling, sharding
 from rlhf_jax.data import array_store, preferences, revisions
+from rlhf_jax.config import with_fields
 from rlhf_jax.errors import UserError
 from rlhf_jax.loops import records
 from rlhf_jax.stages import dispatch
@@ -79,18 +80,6 @@ def resolve(config) -> None:
   runs.checkpoint_step(c.init_run, step=None, role='cai.init_run')
 
 
-def _with(config, **fields):
-  out = copy.deepcopy(config)
-  with out.unlocked():
-    for dotted, value in fields.items():
-      *parents, leaf = dotted.split('.')
-      node = out
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return out
-
-
 def _run(sub, workdir: str) -> None:
   if not dispatch.finished(sub, workdir):
     dispatch.run(sub, workdir)
@@ -111,7 +100,7 @@ def rm_judge_config(config, init: str):
   sub = config.stages.reward_model
   k = sub.prefs.responses_per_prompt
   prompts = -(-config.judge.human_budget // (k * (k - 1) // 2))
-  return _with(sub, **{'init.run': init, 'prefs.num_prompts': max(prompts, 2)})
+  return with_fields(sub, **{'init.run': init, 'prefs.num_prompts': max(prompts, 2)})
 
 
 def make_revisions(config, sft_config, judge_run: str, path: str) -> None:
@@ -184,9 +173,10 @@ def run(config, *, workdir: str) -> None:
     _run(rm_judge_config(config, init), judge_run)
   elif not c.judge_run:
     judge_init = os.path.abspath(c.judge_init) if c.get('judge_init') else init
-    _run(_with(st.judge, **{'init.run': judge_init, 'judge_data.policy_run': init,
-                            'constitution': copy.deepcopy(config.constitution)}), judge_run)
-  sft = _with(st.sft, **{'init.run': init})
+    _run(with_fields(st.judge, **{'init.run': judge_init, 'judge_data.policy_run': init,
+                                  'constitution': copy.deepcopy(config.constitution)}),
+         judge_run)
+  sft = with_fields(st.sft, **{'init.run': init})
   measure = Measure(sft)
   rows = [measure(0, None)]
   start = init
@@ -206,11 +196,11 @@ def run(config, *, workdir: str) -> None:
     print(f'cai: RL-CAI ({c.rl}) in {dirs["rl"]}', flush=True)
     feedback = _feedback(config, judge_run)
     if c.rl == 'ppo':
-      _run(_with(st.reward_model, **{'init.run': start}, **feedback), dirs['rm'])
-      _run(_with(st.ppo, **{'init.run': start, 'ppo.rm_run': dirs['rm']}), dirs['rl'])
+      _run(with_fields(st.reward_model, **{'init.run': start}, **feedback), dirs['rm'])
+      _run(with_fields(st.ppo, **{'init.run': start, 'ppo.rm_run': dirs['rm']}), dirs['rl'])
       labelled = os.path.join(dirs['rm'], 'preferences')
     else:
-      _run(_with(st.dpo, **{'init.run': start}, **feedback), dirs['rl'])
+      _run(with_fields(st.dpo, **{'init.run': start}, **feedback), dirs['rl'])
       labelled = os.path.join(dirs['rl'], 'preferences')
     pairs, _ = preferences.read(labelled)
     rows.append({**measure(len(rows), dirs['rl']),

@@ -46,6 +46,7 @@ import numpy as np
 
 from rlhf_jax import distributed, sampling, sharding
 from rlhf_jax.data import array_store, demos, preferences
+from rlhf_jax.config import with_fields
 from rlhf_jax.errors import UserError
 from rlhf_jax.loops import records
 from rlhf_jax.stages import dispatch, preference_data, reward_eval, reward_norm
@@ -96,25 +97,13 @@ class Paths:
     return os.path.join(self.workdir, f'round_{r}', 'summary.json')
 
 
-def _with(config, **fields):
-  """A copy of a stage config with dotted fields set."""
-  out = copy.deepcopy(config)
-  with out.unlocked():
-    for dotted, value in fields.items():
-      *parents, leaf = dotted.split('.')
-      node = out
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return out
-
-
 def make_comparisons(config, paths: Paths, r: int) -> str:
   """The labelled comparisons of policy r's responses (made once; process 0 writes them)."""
   directory = paths.prefs(r)
 
   def make():
-    sub = _with(config.stages.reward_model, **{'init.run': paths.policy(r), 'prefs.round': r})
+    sub = with_fields(config.stages.reward_model,
+                      **{'init.run': paths.policy(r), 'prefs.round': r})
     runs.adopt(sub)
     preference_data.make_shard(sub, FromRun(sub, rows_per_step=sub.train.batch_size),
                                directory=directory)
@@ -185,7 +174,7 @@ class Measure:
 
   def __init__(self, config, paths: Paths):
     self.loop_config, self.paths = config, paths
-    self.config = _with(config.stages.reward_model, **{'init.run': paths.base})
+    self.config = with_fields(config.stages.reward_model, **{'init.run': paths.base})
     runs.adopt(self.config)
     self.setup = FromRun(self.config, rows_per_step=self.config.train.batch_size)
     s = self.setup
@@ -279,15 +268,16 @@ def run(config, *, workdir: str) -> None:
     make_comparisons(config, paths, r)
     data = ','.join(paths.prefs(k) for k in range(r + 1)) if rounds.rm_data == 'all' \
         else paths.prefs(r)
-    dispatch.run(_with(config.stages.reward_model, **{'init.run': paths.base,
-                                                       'prefs.dir': data}), paths.rm(r))
+    dispatch.run(with_fields(config.stages.reward_model, **{'init.run': paths.base,
+                                                            'prefs.dir': data}), paths.rm(r))
     distributed.barrier(f'rlhf_rounds: reward model {r}')  # its metrics, read below
     if rounds.policy_update == 'ppo':
-      sub = _with(config.stages.ppo, **{'init.run': paths.policy(r), 'ppo.rm_run': paths.rm(r)})
+      sub = with_fields(config.stages.ppo, **{'init.run': paths.policy(r),
+                                              'ppo.rm_run': paths.rm(r)})
     elif rounds.policy_update == 'dpo':
-      sub = _with(config.stages.dpo, **{'init.run': paths.policy(r), 'prefs.dir': data})
+      sub = with_fields(config.stages.dpo, **{'init.run': paths.policy(r), 'prefs.dir': data})
     else:
-      sub = _with(config.stages.sft, **{'init.run': paths.policy(r)})
+      sub = with_fields(config.stages.sft, **{'init.run': paths.policy(r)})
       rejection_sampling_demos(sub, paths, r)
     dispatch.run(sub, paths.policy(r + 1))
     distributed.barrier(f'rlhf_rounds: policy {r + 1}')  # its metrics and reward_norm.json

@@ -1,5 +1,6 @@
 """What every stage that starts from an earlier run needs: the mesh, the world, the earlier
 run's model loaded onto the mesh, the optimiser, and a step-0 state from given params."""
+import functools
 import os
 
 import jax
@@ -63,6 +64,17 @@ class FromRun:
     with sharding.activate(self.mesh, self.config.mesh):
       state = state_from_params(params, tx=self.tx, rng=self.rng, shardings=shardings)
     return state, shardings
+
+  def lm_train_step(self, shardings):
+    """lm_step.train_step for the init run's model, jitted on the mesh with the state
+    `shardings` (lm_state's) and the state donated: the step of every stage that fine-tunes
+    the LM by next-token cross-entropy (SFT, the judge)."""
+    from rlhf_jax.train import lm_step
+    step = functools.partial(lm_step.train_step, model=self.init.model, tx=self.tx,
+                             schedule=self.schedule, grad_accum=self.config.optim.grad_accum)
+    return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
 
   def tokenizer(self):
     """The init run's sentencepiece tokenizer (a run on a text corpus keeps it in its

@@ -19,7 +19,6 @@ judge/gold_agreement, per principle; judge/position_flip_rate, judge/first_shown
 judge/length_bias; judge/agreement_own, _other and judge/self_preference.
 judge/teacher_agreement is the teacher's own agreement with the truth: the ceiling.
 """
-import functools
 import os
 
 import jax
@@ -34,7 +33,7 @@ from rlhf_jax.data.row_source import RowSource, split_by_prompt
 from rlhf_jax.errors import UserError
 from rlhf_jax.stages import from_run
 from rlhf_jax.stages.from_run import FromRun
-from rlhf_jax.train import lm_step, loop, runs
+from rlhf_jax.train import loop, runs
 from rlhf_jax.world import constitution
 
 
@@ -126,11 +125,7 @@ def run(config, *, workdir: str) -> None:
                      seed=config.seed, make_batch=make_batch, what='judge documents')
   model = setup.init.model
   state, shardings = setup.lm_state(setup.init.params)
-  step = functools.partial(lm_step.train_step, model=model, tx=setup.tx,
-                           schedule=setup.schedule, grad_accum=config.optim.grad_accum)
-  step = jax.jit(step, in_shardings=(shardings, setup.batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  step = setup.lm_train_step(shardings)
   held = held_out_rows(held_rows, d.eval_pairs, config.seed)
   sets = [({k: np.asarray(v)[held] for k, v in data.items()}, 0)]
   if d.other_run:

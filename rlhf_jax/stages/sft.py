@@ -119,11 +119,7 @@ def run(config, *, workdir: str) -> None:
                      seed=config.seed, make_batch=make_batch, what='SFT demonstrations')
   model = setup.init.model
   state, shardings = setup.lm_state(setup.init.params)
-  step = functools.partial(lm_step.train_step, model=model, tx=setup.tx,
-                           schedule=setup.schedule, grad_accum=config.optim.grad_accum)
-  step = jax.jit(step, in_shardings=(shardings, setup.batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  step = setup.lm_train_step(shardings)
   eval_logprobs = jax.jit(functools.partial(lm_step.eval_logprobs, model=model),
                           in_shardings=(shardings.params, setup.batch_sharding),
                           out_shardings=setup.batch_sharding)
