@@ -54,7 +54,6 @@ judges, trains and measures alike on the global mesh; process 0 alone writes the
 no_update.json, the summaries and metrics.jsonl, and the others wait at a barrier before
 they read them.
 """
-import copy
 import dataclasses
 import json
 import os
@@ -68,7 +67,6 @@ from rlhf_jax.analysis import self_improve_metrics as sim
 from rlhf_jax.data import array_store, collapse_data
 from rlhf_jax.errors import UserError
 from rlhf_jax.loops import collapse, records
-from rlhf_jax.loops.rlhf_rounds import _with
 from rlhf_jax.stages import dispatch, grpo, outcome_data, sft, task_eval
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.task_eval import TaskEvaluator
@@ -140,7 +138,7 @@ class Paths:
 def _stage(config, name: str, **fields):
   """stages.<name> with the loop's seed (unless `fields` sets one) and the given dotted
   fields, its init run adopted."""
-  sub = _with(config.stages[name], **{'seed': config.seed, **fields})
+  sub = config_lib.with_fields(config.stages[name], **{'seed': config.seed, **fields})
   runs.adopt(sub)
   return sub
 
