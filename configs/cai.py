@@ -31,6 +31,9 @@ Variants:
              is claimed.
   tiny_dpo   SL -> RL with DPO on the judge's comparisons instead of reward model + PPO.
              Not measured here: no runtime or result is claimed.
+  tiny_direct  SL -> RL with direct RLAIF: PPO whose reward is the judge's order-averaged
+             verdict on each rollout against the SL policy's response to the same prompt
+             (stages/ppo.py, ppo.reward='judge'); no reward model.
 
 Any leaf can be overridden: --config.judge.human_fraction=0.5 --config.cai.revisions=4
 --config.stages.ppo.ppo.kl_coef=0.1.
@@ -40,7 +43,7 @@ import ml_collections
 from rlhf_jax.config import load_named
 from rlhf_jax.world.constitution import default_block
 
-VARIANTS = ('tiny', 'tiny_sl', 'tiny_rl', 'tiny_rm', 'tiny_dpo')
+VARIANTS = ('tiny', 'tiny_sl', 'tiny_rl', 'tiny_rm', 'tiny_dpo', 'tiny_direct')
 
 
 def get_config(arg: str = 'tiny'):
@@ -61,7 +64,8 @@ def get_config(arg: str = 'tiny'):
       judge_init='',           # the run that judge is made from; '': init_run (another
                                # pretrain run: a judge of another size)
       plan={'tiny_sl': 'sl', 'tiny_rl': 'rl'}.get(arg, 'sl_rl'),  # 'sl_rl' | 'sl' | 'rl'
-      rl='dpo' if arg == 'tiny_dpo' else 'ppo',  # RL-CAI: 'ppo' (reward model) | 'dpo'
+      rl={'tiny_dpo': 'dpo', 'tiny_direct': 'direct'}.get(arg, 'ppo'),  # RL-CAI: 'ppo'
+                               # (reward model) | 'dpo' | 'direct' (the judge's score)
       revisions=2,             # critique-revision rounds per response
       num_prompts=2048,        # SL-CAI demonstrations
       prompt_len=8,

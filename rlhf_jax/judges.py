@@ -18,25 +18,16 @@ The registry (`judge.kind`):
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import distributed, sampling, sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.data import judge_docs
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import ppo_step, runs
+from rlhf_jax.train.judge_reward import verdict_logprobs
 
 KINDS = ('lm', 'rm')
 CHUNK = 512  # rows per judge forward: one compiled shape
-
-
-def verdict_logprobs(params, docs, doc_lengths, *, model, first: int, second: int):
-  """[B] log P(first verdict) - log P(second verdict) after each left-padded document
-  [B, D]: the judge's log-odds that the response shown first is the better one."""
-  logits = sampling.response_logits(params, docs, doc_lengths,
-                                    jnp.zeros((docs.shape[0], 1), jnp.int32), model=model)
-  logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
-  return logp[:, first] - logp[:, second]
 
 
 def _chunked(fn, arrays: tuple, *, mesh, mesh_config, dp: int) -> np.ndarray:

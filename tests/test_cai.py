@@ -25,6 +25,9 @@ CAI = '--config=configs/cai.py:tiny'
     (('--config.cai.judge_run=/no/such/judge',), ('cai.judge_run', '/no/such/judge')),
     (('--config.judge.kind=rm', '--config.judge.human_budget=0'), ('judge.human_budget',)),
     (('--config.cai.plan=rl_sl',), ('cai.plan',)),
+    (('--config.cai.rl=direct', '--config.judge.kind=rm'), ("cai.rl='direct'", 'judge LM')),
+    (('--config.cai.rl=direct', '--config.judge.human_fraction=0.5'),
+     ('judge.human_fraction', 'must be 0')),
 ])
 def test_bad_input_is_one_line(run_cli, tmp_path, overrides, mentions):
   result = run_cli(CAI, f'--workdir={tmp_path / "run"}', *overrides)

@@ -1,8 +1,9 @@
 """Constitutional AI on the world: a judge LM is trained (or named), then SL-CAI fine-tunes
 the policy on its own responses revised under the judge's critiques, then RL-CAI learns
 from comparisons the judge labels (all, or all but judge.human_fraction, which go to the
-annotators): a reward model on them and PPO against it, or DPO on them directly
-(configs/cai.py; Bai et al. 2022).
+annotators): a reward model on them and PPO against it, or DPO on them directly; or PPO
+with the judge's verdict on each rollout as the reward itself (direct RLAIF, Lee et al.
+2023) (configs/cai.py; Bai et al. 2022).
 
 Layout of DIR:
   judge/   the judge run, unless cai.judge_run names one. judge.kind='lm': a judge LM
@@ -12,13 +13,15 @@ Layout of DIR:
   sl/      SL-CAI: an SFT run from cai.init_run whose demos/ are the revised responses
            (data/revisions.py; made by this loop before the run starts)
   rm/      RL-CAI's reward model, on AI-labelled comparisons of the SL policy's samples
-  rl/      RL-CAI's policy: PPO against rm/ (cai.rl='ppo') or DPO on the comparisons
-           (cai.rl='dpo'), from the SL policy
+  rl/      RL-CAI's policy: PPO against rm/ (cai.rl='ppo'), DPO on the comparisons
+           (cai.rl='dpo') or PPO against the judge (cai.rl='direct'; no rm/), from the SL
+           policy
   summary.json, metrics.jsonl (step 0: the init policy; 1: after SL; 2: after RL)
 
 Each row: cai/gold_reward (and _se), cai/harm_rate, cai/kl_init (sequence KL to the init
 policy, on the same fixed eval prompts as every stage), cai/response_length; the SL row
-adds the revisions' figures, the RL row the labels spent by people and by the judge; the
+adds the revisions' figures, the RL row the labels spent by people and by the judge (for
+'direct': the rollouts the judge scored, each against one reference response); the
 summary also holds the judge's own figures (judge/* of its last evaluation).
 
 Every step resumes: a finished stage is passed over (dispatch.finished), a stopped one goes
@@ -45,7 +48,7 @@ from rlhf_jax.train import runs
 from rlhf_jax.world import constitution
 
 PLANS = ('sl_rl', 'sl', 'rl')
-RL = ('ppo', 'dpo')
+RL = ('ppo', 'dpo', 'direct')
 
 
 def last_logged_step(flat: dict) -> int | None:
@@ -66,6 +69,12 @@ def resolve(config) -> None:
     raise UserError(f'judge.human_fraction={config.judge.human_fraction} must be in [0, 1]')
   if config.judge.kind not in judges.KINDS:
     raise UserError(f'judge.kind={config.judge.kind!r} is not one of {judges.KINDS}')
+  if c.rl == 'direct' and config.judge.kind != 'lm':
+    raise UserError("cai.rl='direct' scores rollouts with a judge LM (judge.kind='lm'); "
+                    "a reward-model judge is cai.rl='ppo'")
+  if c.rl == 'direct' and config.judge.human_fraction > 0 and c.plan != 'sl':
+    raise UserError("cai.rl='direct' asks no annotator (the judge scores every rollout); "
+                    f'judge.human_fraction={config.judge.human_fraction} must be 0')
   constitution.from_block(config.constitution)
   if c.judge_run:
     judge = runs.read_config(os.path.abspath(c.judge_run), role='cai.judge_run')
@@ -195,19 +204,26 @@ def run(config, *, workdir: str) -> None:
   if c.plan in ('sl_rl', 'rl'):
     print(f'cai: RL-CAI ({c.rl}) in {dirs["rl"]}', flush=True)
     feedback = _feedback(config, judge_run)
-    if c.rl == 'ppo':
-      _run(with_fields(st.reward_model, **{'init.run': start}, **feedback), dirs['rm'])
-      _run(with_fields(st.ppo, **{'init.run': start, 'ppo.rm_run': dirs['rm']}), dirs['rl'])
-      labelled = os.path.join(dirs['rm'], 'preferences')
+    if c.rl == 'direct':
+      ppo = with_fields(st.ppo, **{'init.run': start, 'ppo.reward': 'judge'}, **feedback)
+      _run(ppo, dirs['rl'])
+      spent = {'cai/human_labels': 0,
+               'cai/judge_labels': ppo.train.steps * ppo.train.batch_size}
     else:
-      _run(with_fields(st.dpo, **{'init.run': start}, **feedback), dirs['rl'])
-      labelled = os.path.join(dirs['rl'], 'preferences')
-    pairs, _ = preferences.read(labelled)
-    rows.append({**measure(len(rows), dirs['rl']),
-                 'cai/human_labels': int((pairs.labeller == preferences.HUMAN).sum()),
-                 'cai/judge_labels': int((pairs.labeller == preferences.JUDGE).sum()),
-                 'cai/label_gold_agreement': float(np.mean(
-                     pairs.gold_chosen > pairs.gold_rejected)),
+      if c.rl == 'ppo':
+        _run(with_fields(st.reward_model, **{'init.run': start}, **feedback), dirs['rm'])
+        _run(with_fields(st.ppo, **{'init.run': start, 'ppo.rm_run': dirs['rm']}),
+             dirs['rl'])
+        labelled = os.path.join(dirs['rm'], 'preferences')
+      else:
+        _run(with_fields(st.dpo, **{'init.run': start}, **feedback), dirs['rl'])
+        labelled = os.path.join(dirs['rl'], 'preferences')
+      pairs, _ = preferences.read(labelled)
+      spent = {'cai/human_labels': int((pairs.labeller == preferences.HUMAN).sum()),
+               'cai/judge_labels': int((pairs.labeller == preferences.JUDGE).sum()),
+               'cai/label_gold_agreement': float(np.mean(
+                   pairs.gold_chosen > pairs.gold_rejected))}
+    rows.append({**measure(len(rows), dirs['rl']), **spent,
                  **({'cai/judge_human_labels': _last(judge_run, 'rm/train_pairs')[
                      'rm/train_pairs']} if config.judge.kind == 'rm' else {})})
   if config.judge.kind == 'lm':

@@ -21,6 +21,13 @@ GRPO does (stages/grpo.py): the rollout prompts are the `task` block's training 
 (GRPO's pool, held-out eval problems removed), the score is task.verify (1 right, 0
 wrong; rl/pass_rate), no reward model is loaded (ppo.rm_run is ignored), and the eval is
 GRPO's eval/* (stages/task_eval.py: pass@k, maj@k on the same held-out problems).
+
+With ppo.reward='judge' (direct RLAIF; configs/cai.py:tiny_direct) the score is a judge
+LM's (the `judge` block: kind 'lm', run a judge run on the same world, its checkpoint
+judge.step pinned like ppo.rm_step) verdict on each rollout against a response the
+reference samples for the same prompt, under a principle of the `constitution` block
+drawn per row: r = 2 p - 1 with p the order-averaged P(rollout better)
+(train/judge_reward.py); no reward model is loaded and rl/judge_win_rate is logged.
 """
 import functools
 import os
@@ -32,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, sharding, tasks
+from rlhf_jax import distributed, judges, sharding, tasks
 from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
@@ -41,8 +48,11 @@ from rlhf_jax.stages import from_run, grpo, reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.stages.task_eval import TaskEvaluator
-from rlhf_jax.train import loop, ppo_step, ppo_update, runs
+from rlhf_jax.train import judge_reward, loop, ppo_step, ppo_update, runs
 from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
+from rlhf_jax.world import constitution
+
+REWARDS = ('rm', 'gold', 'task', 'judge')
 
 
 def resolve(config) -> None:
@@ -51,8 +61,12 @@ def resolve(config) -> None:
   same world. init.step and ppo.rm_step = -1 are pinned to the steps newest now (as
   from_run.resolve says why). With a task, its sizes are checked against that world."""
   from_run.resolve(config)
+  if config.ppo.reward not in REWARDS:
+    raise UserError(f'ppo.reward={config.ppo.reward!r} is not one of {REWARDS}')
   if config.ppo.reward == 'task':
     tasks.validate(config.task, world_vocab_size=config.world.vocab_size)
+  if config.ppo.reward == 'judge':
+    resolve_judge(config)
   if config.ppo.reward != 'rm':
     return
   rm = runs.read_config(os.path.abspath(config.ppo.rm_run), role='ppo.rm_run')
@@ -68,6 +82,50 @@ def resolve(config) -> None:
   with config.unlocked():
     for block in ('reward', 'annotators'):
       config[block] = ml_collections.ConfigDict(rm[block].to_dict())
+
+
+def resolve_judge(config) -> None:
+  """Direct RLAIF's judge block checked against its run, and its step pinned."""
+  if 'judge' not in config or 'constitution' not in config:
+    raise UserError("ppo.reward='judge' needs a judge block (kind, run) and a constitution "
+                    'block: configs/cai.py:tiny_direct has both')
+  if config.judge.kind != 'lm':
+    raise UserError(f"ppo.reward='judge' reads a judge LM (judge.kind='lm'), not "
+                    f"{config.judge.kind!r}; a reward-model judge is ppo.reward='rm'")
+  judge = runs.read_config(os.path.abspath(config.judge.run), role='judge.run')
+  if judge.get('stage') != 'judge':
+    raise UserError(f'judge.run {config.judge.run} is a {judge.get("stage")!r} run, not a '
+                    'judge run (configs/judge.py)')
+  if judge.world.to_dict() != config.world.to_dict():
+    raise UserError(f'judge.run {config.judge.run} learned on another world than '
+                    f'init.run {config.init.run}')
+  trained = len(judge.constitution)
+  if trained != len(constitution.from_block(config.constitution)):
+    raise UserError(f'judge.run {config.judge.run} was trained on {trained} principles; '
+                    f'this constitution has {len(config.constitution)}')
+  with config.judge.unlocked():
+    config.judge.step = runs.checkpoint_step(config.judge.run,
+                                             step=config.judge.get('step', -1),
+                                             role='judge.run')
+
+
+def judge_frozen(config, setup: FromRun):
+  """(judge_reward.JudgeFrozen, its shardings, the judge's Transformer, verdict tokens)."""
+  principles = constitution.from_block(config.constitution)
+  judge = judges.LMJudge(config.judge.run, gold=setup.world.gold,
+                         num_principles=len(principles), mesh=setup.mesh,
+                         mesh_config=config.mesh, dp=setup.dp, step=config.judge.step)
+  vocab = judge.reader.vocab
+  weights = np.array([p.weight for p in principles], np.float64)
+  with np.errstate(divide='ignore'):
+    log_weights = np.log(weights / weights.sum()).astype(np.float32)
+  frozen = judge_reward.JudgeFrozen(params=judge.loaded.params,
+                                    tags=np.asarray(vocab.tags, np.int32),
+                                    log_weights=log_weights)
+  replicated = sharding.replicated(setup.mesh)
+  shardings = judge_reward.JudgeFrozen(params=judge.loaded.param_shardings,
+                                       tags=replicated, log_weights=replicated)
+  return frozen, shardings, judge.loaded.model, (vocab.first, vocab.second)
 
 
 def prompt_pool(config, world, dp: int):
@@ -124,12 +182,15 @@ def run(config, *, workdir: str) -> None:
     rm_model, rm_params, rm_shardings = rm.model, rm.params, rm.param_shardings
     rm_norm = reward_norm.to_norm(reward_norm.for_ppo(config, setup, rm, workdir=workdir),
                                   mode=p.reward_norm)
+  judge, judge_shardings, judge_model, verdicts = None, None, None, (0, 0)
+  if p.reward == 'judge':
+    judge, judge_shardings, judge_model, verdicts = judge_frozen(config, setup)
   frozen = ppo_step.Frozen(ref_params=setup.init.params, rm_params=rm_params,
-                           rm_norm=rm_norm, gold=setup.world.gold)
+                           rm_norm=rm_norm, gold=setup.world.gold, judge=judge)
   frozen_shardings = ppo_step.Frozen(
       ref_params=setup.init.param_shardings, rm_params=rm_shardings,
       rm_norm=ppo_step.RewardNorm(mean=replicated, scale=replicated),
-      gold=jax.tree.map(lambda _: replicated, setup.world.gold))
+      gold=jax.tree.map(lambda _: replicated, setup.world.gold), judge=judge_shardings)
   frozen = distributed.put_global(frozen, frozen_shardings)
 
   policy_shardings = learner.shardings.params['policy']
@@ -160,11 +221,11 @@ def run(config, *, workdir: str) -> None:
   step_config = ppo_step.StepConfig(
       reward=p.reward, no_eos_penalty=p.no_eos_penalty, kl_control=p.kl_control,
       kl_target=p.kl_target, kl_horizon=p.kl_horizon, max_new_tokens=p.max_new_tokens,
-      ppo=ppo_update.PPOConfig.from_config(p))
+      ppo=ppo_update.PPOConfig.from_config(p), judge_verdicts=verdicts)
   step = jax.jit(functools.partial(ppo_step.train_step, model=learner.model,
                                    lm=setup.init.model, rm_model=rm_model, tx=learner.tx,
                                    schedule=learner.schedule, config=step_config,
-                                   task=task),
+                                   task=task, judge_model=judge_model),
                  in_shardings=(learner.shardings, frozen_shardings, batch_shardings),
                  out_shardings=(learner.shardings, replicated), donate_argnums=(0,))
   put = lambda b: distributed.put_global(b, batch_shardings)

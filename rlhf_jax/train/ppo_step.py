@@ -1,6 +1,7 @@
 """One PPO iteration on a language model as a single pure function of (state, frozen,
-prompts): sample responses with the KV-cached sampler, score them (reward model, gold or
-a task's verifier, plus a penalty for running out of tokens without EOS), take the
+prompts): sample responses with the KV-cached sampler, score them (reward model, gold,
+a task's verifier, or a judge LM against the reference's response, train/judge_reward.py;
+plus a penalty for running out of tokens without EOS), take the
 reference's log-probs, then ppo_update.update. Jitted once, the rollout and the update run
 on the same mesh with no host round trip in between.
 """
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, sampling
-from rlhf_jax.train import kl_control, ppo_update
+from rlhf_jax.train import judge_reward, kl_control, ppo_update
 from rlhf_jax.train.reward_step import response_sequences
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.world import language
@@ -50,22 +51,25 @@ class RewardNorm:
 class Frozen:
   """What the step reads and never trains: ref_params (an LM's), rm_params (a reward-model
   ensemble's, or None when the score is gold), rm_norm (a RewardNorm: how each member is
-  centred and scaled), gold (the world's GoldReward)."""
+  centred and scaled), gold (the world's GoldReward), judge (a judge_reward.JudgeFrozen
+  with reward='judge'; None otherwise)."""
   ref_params: object
   rm_params: object
   rm_norm: RewardNorm
   gold: reward_lib.GoldReward
+  judge: judge_reward.JudgeFrozen | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  reward: str                  # 'rm' | 'gold' | 'task' (the task's verifier)
+  reward: str                  # 'rm' | 'gold' | 'task' (the task's verifier) | 'judge'
   no_eos_penalty: float
   kl_control: str
   kl_target: float
   kl_horizon: float
   max_new_tokens: int
   ppo: ppo_update.PPOConfig
+  judge_verdicts: tuple[int, int] = (0, 0)  # reward='judge': its FIRST and SECOND tokens
 
 
 def member_rewards(rm_params, prompts, prompt_lengths, responses, mask, *, rm_model):
@@ -104,10 +108,11 @@ def make_apply(model, *, prompt_len: int):
 
 
 def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm, rm_model,
-               tx, schedule, config: StepConfig, task=None):
+               tx, schedule, config: StepConfig, task=None, judge_model=None):
   """model: the PolicyValue learner; lm: the bare Transformer (the policy and reference
   sample and score with it); rm_model: the reward ensemble (None for gold and task);
-  task: the rlhf_jax.tasks Task whose verifier scores the responses (reward='task')."""
+  task: the rlhf_jax.tasks Task whose verifier scores the responses (reward='task');
+  judge_model: the judge LM's Transformer (reward='judge')."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_sample, k_update = jax.random.split(key)
   prompts, lengths = batch.prompts, batch.prompt_lengths
@@ -125,6 +130,14 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
     proxy = gold
   elif config.reward == 'task':
     proxy = task.verify(batch.answers, batch.answer_lengths, response, mask)
+  elif config.reward == 'judge':
+    ref = sampling.sample(frozen.ref_params, prompts, lengths, jax.random.fold_in(key, 1),
+                          model=lm, config=sampling.SampleConfig(
+                              max_new_tokens=config.max_new_tokens))
+    proxy, _ = judge_reward.direct_reward(
+        frozen.judge, jax.random.fold_in(key, 2), prompts=prompts, prompt_lengths=lengths,
+        response=response, mask=mask, ref_response=ref.response, ref_mask=ref.mask,
+        model=judge_model, first=config.judge_verdicts[0], second=config.judge_verdicts[1])
   else:
     proxy = proxy_reward(frozen.rm_params, frozen.rm_norm, prompts, lengths, response, mask,
                          rm_model=rm_model)
@@ -150,6 +163,8 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
   })
   if config.reward == 'task':  # named as GRPO's step names it, for comparison
     metrics['rl/pass_rate'] = proxy.mean()
+  if config.reward == 'judge':  # how often the judge prefers the rollout to the reference's
+    metrics['rl/judge_win_rate'] = (proxy > 0).mean() + 0.5 * (proxy == 0).mean()
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        kl_coef=kl_coef), metrics
 
