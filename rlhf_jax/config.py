@@ -53,7 +53,7 @@ def model_block() -> ml_collections.ConfigDict:
       n_layers=2,
       n_heads=4,
       d_ff=256,
-      mlp='swiglu',            # 'swiglu' | 'gelu'
+      mlp='swiglu',            # 'swiglu' | 'gelu' | 'geglu' (gated, tanh-GELU)
       dtype='float32',         # compute dtype: 'float32' | 'bfloat16'
       param_dtype='float32',
       rope_theta=10000.0,
@@ -61,6 +61,28 @@ def model_block() -> ml_collections.ConfigDict:
       attention='xla',         # 'xla' (einsum + softmax) | 'dot_product_attention' (jax.nn)
       attention_block=64,      # 'xla': query block; keys after a block's end are skipped (0: off)
       remat='none',            # 'none' | 'full' | 'dots' (save matmul outputs only)
+      # What released checkpoint families need (models/transformer.py); all off here.
+      n_kv_heads=0,            # grouped-query attention: key/value heads (0: n_heads)
+      head_dim=0,              # 0: d_model // n_heads
+      norm='rms',              # 'rms' | 'layer' (LayerNorm with a bias)
+      norm_eps=1e-6,
+      norm_offset=0.0,         # RMSNorm scales by (norm_offset + scale); Gemma: 1
+      post_norms=False,        # a norm on each sub-block's output too (Gemma 2)
+      positions='rope',        # 'rope' | 'learned' (absolute, max_positions rows)
+      max_positions=0,
+      rope_scaling='none',     # 'none' | 'linear' | 'llama3'
+      rope_factor=1.0,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      rope_original_max_positions=8192,
+      qkv_bias=False,
+      attn_out_bias=False,
+      mlp_bias=False,
+      qk_norm=False,           # RMSNorm over head_dim on queries and keys
+      attn_softcap=0.0,        # cap * tanh(x / cap) on attention scores (0: off)
+      logit_softcap=0.0,       # ... and on the output logits
+      embed_scale=False,       # embeddings times sqrt(d_model)
+      tied_scale=True,         # tied logits times d_model^-0.5 (released checkpoints: False)
   ))
 
 
@@ -323,18 +345,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if 'model' not in config:
     return  # no language model (self-play): the stage's resolve() checks its own blocks
   m, t, o = config.model, config.train, config.optim
-  if m.d_model % m.n_heads:
-    raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
-  if (m.d_model // m.n_heads) % 2:
-    raise UserError('model.d_model / model.n_heads must be even for rotary embeddings')
-  for name, choices in (('mlp', ('swiglu', 'gelu')), ('dtype', ('float32', 'bfloat16')),
-                        ('param_dtype', ('float32', 'bfloat16')),
-                        ('attention', ('xla', 'dot_product_attention')),
-                        ('remat', ('none', 'full', 'dots'))):
-    if m[name] not in choices:
-      raise UserError(f'model.{name}={m[name]!r} is not one of {choices}')
-  if m.attention_block < 0:
-    raise UserError(f'model.attention_block={m.attention_block} must be >= 0 (0: no blocks)')
+  _validate_model(m, seq_len=t.seq_len)
   for name in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'ckpt_every',
                'keep_ckpts'):
     if t[name] <= 0:
@@ -409,10 +420,58 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
                       f"{p.labels_per_pair}: choose 'majority' or 'consistency'")
 
 
+def _validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
+  """The model block; a field a run written before it existed lacks takes its default
+  (ModelConfig.from_config), so it is read with .get here."""
+  defaults = model_block()
+  get = lambda name: m.get(name, defaults[name])
+  head_dim, kv_heads = get('head_dim'), get('n_kv_heads')
+  if head_dim < 0 or kv_heads < 0:
+    raise UserError(f'model.head_dim={head_dim} and model.n_kv_heads={kv_heads} must be '
+                    '>= 0 (0: derived from d_model and n_heads)')
+  if not head_dim and m.d_model % m.n_heads:
+    raise UserError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
+  if kv_heads and m.n_heads % kv_heads:
+    raise UserError(f'model.n_heads={m.n_heads} is not divisible by model.n_kv_heads='
+                    f'{kv_heads}: each key/value head serves a whole group of query heads')
+  if get('positions') == 'rope' and (head_dim or m.d_model // m.n_heads) % 2:
+    raise UserError('model.d_model / model.n_heads (or model.head_dim) must be even for '
+                    'rotary embeddings')
+  for name, choices in (('mlp', ('swiglu', 'gelu', 'geglu')),
+                        ('dtype', ('float32', 'bfloat16')),
+                        ('param_dtype', ('float32', 'bfloat16')),
+                        ('attention', ('xla', 'dot_product_attention')),
+                        ('remat', ('none', 'full', 'dots')), ('norm', ('rms', 'layer')),
+                        ('positions', ('rope', 'learned')),
+                        ('rope_scaling', ('none', 'linear', 'llama3'))):
+    if get(name) not in choices:
+      raise UserError(f'model.{name}={get(name)!r} is not one of {choices}')
+  if m.attention_block < 0:
+    raise UserError(f'model.attention_block={m.attention_block} must be >= 0 (0: no blocks)')
+  if get('norm_eps') <= 0:
+    raise UserError(f'model.norm_eps={get("norm_eps")} must be positive')
+  if get('positions') == 'learned' and not 0 < seq_len <= get('max_positions'):
+    raise UserError(f'model.positions=\'learned\' has model.max_positions='
+                    f'{get("max_positions")} rows; train.seq_len={seq_len} needs at least as '
+                    'many')
+  if get('rope_scaling') != 'none' and get('rope_factor') <= 0:
+    raise UserError(f'model.rope_factor={get("rope_factor")} must be positive')
+  if get('rope_scaling') == 'llama3' and not (
+      get('rope_high_freq_factor') > get('rope_low_freq_factor') > 0):
+    raise UserError('model.rope_scaling=\'llama3\' needs rope_high_freq_factor > '
+                    'rope_low_freq_factor > 0')
+  for name in ('attn_softcap', 'logit_softcap'):
+    if get(name) < 0:
+      raise UserError(f'model.{name}={get(name)} must be >= 0 (0: off)')
+  if get('attn_softcap') and m.attention == 'dot_product_attention':
+    raise UserError("model.attn_softcap needs model.attention='xla': "
+                    'jax.nn.dot_product_attention has no soft-capping')
+
+
 def _validate_ppo(config: ml_collections.ConfigDict) -> None:
   p = config.ppo
-  for name, choices in (('reward', ('rm', 'gold', 'task')), ('value', ('head', 'critic')),
-                        ('kl_control', ('fixed', 'adaptive')),
+  for name, choices in (('reward', ('rm', 'gold', 'task', 'judge')),
+                        ('value', ('head', 'critic')), ('kl_control', ('fixed', 'adaptive')),
                         ('reward_norm', ('mean', 'mean_std'))):
     if p[name] not in choices:
       raise UserError(f'ppo.{name}={p[name]!r} is not one of {choices}')

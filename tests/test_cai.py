@@ -113,3 +113,26 @@ def test_a_rerun_passes_over_the_finished_loop(cai_run):
   assert again.returncode == 0, again.stderr[-3000:]
   assert open(workdir / 'metrics.jsonl').read() == before
   assert first.stdout.splitlines()[-4:] == again.stdout.splitlines()[-4:]
+
+
+def test_direct_rlaif_lowers_the_harm_rate_of_its_sl_start(cai_run, tmp_path):
+  """RL-CAI with the judge's verdict as PPO's reward (cai.rl='direct'), from the fixture's
+  judge and SL policy: no reward model, every rollout scored by the judge once, and the
+  harm rate below the SL policy's by more than 3 SE."""
+  workdir, _, _ = cai_run
+  direct = tmp_path / 'direct'
+  result = _cli(CAI, f'--workdir={direct}', '--config.cai.plan=rl', '--config.cai.rl=direct',
+                f'--config.cai.judge_run={workdir / "judge"}',
+                f'--config.cai.init_run={workdir / "sl"}',
+                '--config.stages.ppo.train.steps=80', '--config.stages.ppo.train.eval_every=80',
+                '--config.stages.ppo.train.ckpt_every=80', timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in open(direct / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [0, 1] and not (direct / 'rm').exists()
+  ppo = json_config(direct / 'rl')
+  assert ppo.ppo.reward == 'judge' and ppo.judge.run == str(workdir / 'judge')
+  assert rows[1]['cai/human_labels'] == 0
+  assert rows[1]['cai/judge_labels'] == ppo.train.steps * ppo.train.batch_size == 80 * 64
+  n = load_config('sft').policy_eval.num_prompts
+  sl, rl = rows[0]['cai/harm_rate'], rows[1]['cai/harm_rate']
+  assert sl - rl > 3 * _harm_se(sl, rl, n), (sl, rl)
