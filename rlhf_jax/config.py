@@ -345,7 +345,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if 'model' not in config:
     return  # no language model (self-play): the stage's resolve() checks its own blocks
   m, t, o = config.model, config.train, config.optim
-  _validate_model(m, seq_len=t.seq_len)
+  validate_model(m, seq_len=t.seq_len)
   for name in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'ckpt_every',
                'keep_ckpts'):
     if t[name] <= 0:
@@ -420,7 +420,7 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
                       f"{p.labels_per_pair}: choose 'majority' or 'consistency'")
 
 
-def _validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
+def validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
   """The model block; a field a run written before it existed lacks takes its default
   (ModelConfig.from_config), so it is read with .get here."""
   defaults = model_block()

@@ -52,7 +52,8 @@ def test_rotary_matches_reference():
   x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
   positions = np.array([[0, 1, 2, 3, 4], [7, 0, 1, 30, 2]], np.int32)
   theta = 10000.0
-  got = np.asarray(rotary(jnp.asarray(x), *rotary_angles(jnp.asarray(positions), 8, theta)))
+  cfg = ModelConfig(vocab_size=3, d_model=24, n_layers=1, n_heads=3, d_ff=4, rope_theta=theta)
+  got = np.asarray(rotary(jnp.asarray(x), *rotary_angles(jnp.asarray(positions), cfg)))
   want = np.zeros_like(x, dtype=np.float64)
   for i in range(4):  # pair (i, i + 4) turns by position * theta**(-i/4)
     angle = positions[:, :, None] * theta ** (-i / 4)
@@ -65,7 +66,7 @@ def test_rotary_matches_reference():
   def dot_at(m, n):
     pos = jnp.array([[m, n]], jnp.int32)
     both = rotary(jnp.asarray(np.stack([q, k])[None, :, None], jnp.float32),
-                  *rotary_angles(pos, 8, theta))
+                  *rotary_angles(pos, cfg))
     return float(both[0, 0, 0] @ both[0, 1, 0])
   assert abs(dot_at(9, 4) - dot_at(25, 20)) < 1e-4
 

@@ -1,10 +1,29 @@
-"""Decoder-only Transformer: RMSNorm, rotary positions, causal attention, SwiGLU/GELU MLP.
+"""Decoder-only Transformer: pre-norm blocks, causal attention, a gated or plain MLP.
 
-Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`);
+The defaults are our own model (RMSNorm, rotary positions, multi-head attention, SwiGLU,
+no biases). Config fields give what the released checkpoint families need, each off by
+default:
+- `n_kv_heads`: grouped-query attention (Llama 2 70B, Llama 3, Mistral, Qwen2; 1: MQA);
+- `head_dim`: a head width other than d_model / n_heads (Gemma);
+- `norm='layer'`: LayerNorm with a bias (GPT-2); `norm_offset=1`: RMSNorm scaled by
+  1 + scale (Gemma); `post_norms`: a norm on each sub-block's output too (Gemma 2);
+- `positions='learned'`: absolute position embeddings of `max_positions` rows (GPT-2);
+- `rope_scaling='llama3'` (Llama 3.1's frequency-dependent stretch) or 'linear';
+- `qkv_bias`, `attn_out_bias`, `mlp_bias`: biases (Qwen2: qkv; GPT-2: all);
+- `qk_norm`: RMSNorm over head_dim on queries and keys (Qwen3, Gemma 3);
+- `attn_softcap`, `logit_softcap`: cap * tanh(x / cap) on scores and logits (Gemma 2);
+- `embed_scale`: embeddings times sqrt(d_model) (Gemma);
+- `tie_embeddings` with `tied_scale=False`: logits = hidden @ embed^T, unscaled, as
+  released checkpoints are (ours scale them by d_model^-0.5);
+- `mlp='geglu'`: the gated MLP with tanh-GELU (Gemma).
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`;
+key and value heads use `heads` too, so with GQA n_kv_heads must divide like n_heads);
 activations are constrained with `batch`, `length`, `act_*` names. The mapping of names to
 mesh axes lives in `config.mesh.rules`, never here.
 """
 import dataclasses
+import math
 
 import flax.linen as nn
 import flax.struct
@@ -29,32 +48,79 @@ class ModelConfig:
   attention: str = 'xla'
   attention_block: int = 64
   remat: str = 'none'
+  n_kv_heads: int = 0            # 0: n_heads
+  head_dim_override: int = 0     # config field `head_dim`; 0: d_model // n_heads
+  norm: str = 'rms'              # 'rms' | 'layer'
+  norm_eps: float = 1e-6
+  norm_offset: float = 0.0       # RMSNorm multiplies by (norm_offset + scale)
+  post_norms: bool = False
+  positions: str = 'rope'        # 'rope' | 'learned'
+  max_positions: int = 0         # rows of the learned position table
+  rope_scaling: str = 'none'     # 'none' | 'linear' | 'llama3'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  qkv_bias: bool = False
+  attn_out_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  attn_softcap: float = 0.0      # 0: off
+  logit_softcap: float = 0.0
+  embed_scale: bool = False
+  tied_scale: bool = True
 
   @classmethod
   def from_config(cls, block) -> 'ModelConfig':
-    return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls)})
+    """From a config's model block; a field the block lacks (a run written before the
+    field existed) takes its default, which is the behaviour that run had."""
+    names = {'head_dim_override': 'head_dim'}
+    values = {}
+    for f in dataclasses.fields(cls):
+      key = names.get(f.name, f.name)
+      if key in block:
+        values[f.name] = block[key]
+    return cls(**values)
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.head_dim_override or self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def gated(self) -> bool:
+    return self.mlp in ('swiglu', 'geglu')
+
+  def _matmul_params(self) -> tuple[int, int]:
+    """(attention, MLP) kernel parameters of one layer."""
+    d, h = self.d_model, self.head_dim
+    attention = d * h * (2 * self.n_heads + 2 * self.kv_heads)
+    return attention, (3 if self.gated else 2) * d * self.d_ff
 
   def num_params(self) -> int:
     """Parameter count, embeddings included."""
-    d, f = self.d_model, self.d_ff
-    mlp = (3 if self.mlp == 'swiglu' else 2) * d * f
-    per_layer = 4 * d * d + mlp + 2 * d
+    d, h = self.d_model, self.head_dim
+    attention, mlp = self._matmul_params()
+    norms = (2 + 2 * self.post_norms) * d * (2 if self.norm == 'layer' else 1)
+    biases = (self.qkv_bias * h * (self.n_heads + 2 * self.kv_heads) + self.attn_out_bias * d
+              + self.mlp_bias * ((2 if self.gated else 1) * self.d_ff + d))
+    per_layer = attention + mlp + norms + biases + 2 * h * self.qk_norm
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.n_layers * per_layer + emb + d
+    emb += self.max_positions * d if self.positions == 'learned' else 0
+    return self.n_layers * per_layer + emb + d * (2 if self.norm == 'layer' else 1)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (non-embedding matmul params + output projection)
     plus causal attention scores and values, forward and backward (PaLM appendix B, with
     the causal half counted)."""
-    d, f = self.d_model, self.d_ff
-    mlp = (3 if self.mlp == 'swiglu' else 2) * d * f
-    matmul_params = self.n_layers * (4 * d * d + mlp) + self.vocab_size * d
-    attention = 6 * self.n_layers * seq_len * d  # 12 * L * T * d, halved for causality
-    return 6.0 * matmul_params + attention
+    attention, mlp = self._matmul_params()
+    matmul_params = self.n_layers * (attention + mlp) + self.vocab_size * self.d_model
+    # 12 * L * T * (query width), halved for causality
+    scores = 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
+    return 6.0 * matmul_params + scores
 
 
 def _dense_init(fan_in: int):
@@ -62,25 +128,62 @@ def _dense_init(fan_in: int):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm (norm_offset 0: x * scale; 1: x * (1 + scale), scale starting at 0) or, with
+  kind='layer', LayerNorm with a bias. Statistics in float32."""
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   eps: float = 1e-6
+  kind: str = 'rms'
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
+    if self.kind == 'layer':
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    y = y * (self.offset + scale.astype(jnp.float32))
+    if self.kind == 'layer':
+      y = y + self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                         (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    return y.astype(self.dtype)
 
 
-def rotary_angles(positions: jax.Array, head_dim: int, theta: float):
+def _norm(cfg: 'ModelConfig', name: str) -> RMSNorm:
+  return RMSNorm(_DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], cfg.norm_eps, cfg.norm,
+                 cfg.norm_offset, name=name)
+
+
+def rotary_frequencies(cfg: 'ModelConfig') -> jax.Array:
+  """[head_dim / 2] float32 angular frequencies theta^(-2i/D), stretched by the scaling:
+  'linear' divides all by rope_factor; 'llama3' (Llama 3.1) divides those whose wavelength
+  exceeds original_max / low_freq_factor by rope_factor, keeps those shorter than
+  original_max / high_freq_factor, and interpolates linearly in original_max / wavelength
+  between the two."""
+  half = cfg.head_dim // 2
+  freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_scaling == 'linear':
+    return freq / cfg.rope_factor
+  if cfg.rope_scaling == 'llama3':
+    wavelength = 2 * math.pi / freq
+    ratio = cfg.rope_original_max_positions / wavelength
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    smooth = jnp.clip((ratio - low) / (high - low), 0.0, 1.0)
+    return (1 - smooth) * freq / cfg.rope_factor + smooth * freq
+  return freq
+
+
+def rotary_angles(positions: jax.Array, cfg: 'ModelConfig'):
   """(sin, cos), each [B, T, 1, D/2], computed once per forward and shared by all layers."""
-  half = head_dim // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None].astype(jnp.float32) * freq
+  angle = positions[..., None].astype(jnp.float32) * rotary_frequencies(cfg)
   return jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  return x if not cap else cap * jnp.tanh(x / cap)
 
 
 def rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -98,15 +201,19 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
   return (causal[None] & same & (segment_ids[:, None, :] > 0))[:, None]
 
 
-def _attend(q, k, v, mask, dtype):
-  """q [B, H, Tq, D] over k, v [B, H, Tk, D] under mask [B, 1, Tq, Tk] -> [B, H, Tq, D]."""
-  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+def _attend(q, k, v, mask, dtype, cap: float = 0.0):
+  """q [B, H, Tq, D] over k, v [B, K, Tk, D] under mask [B, 1, Tq, Tk] -> [B, H, Tq, D].
+  K divides H: query head h reads key head h // (H / K) (grouped-query attention)."""
+  b, h, tq, d = q.shape
+  kh = k.shape[1]
+  q = q.reshape(b, kh, h // kh, tq, d)
+  scores = softcap(jnp.einsum('bkgqd,bkjd->bkgqj', q, k).astype(jnp.float32), cap)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  return jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+  return jnp.einsum('bkgqj,bkjd->bkgqd', probs, v).reshape(b, h, tq, d)
 
 
-def causal_block_attention(q, k, v, *, mask, block: int, dtype) -> jax.Array:
+def causal_block_attention(q, k, v, *, mask, block: int, dtype, cap: float = 0.0) -> jax.Array:
   """Softmax attention of q over k, v ([B, T, H, D], q already scaled) under `mask`
   [B, 1, T, T], which must include the causal mask.
 
@@ -122,7 +229,7 @@ def causal_block_attention(q, k, v, *, mask, block: int, dtype) -> jax.Array:
   block = t if block <= 0 else min(block, t)
   outs = [_attend(q[:, :, start:start + block], k[:, :, :start + block],
                   v[:, :, :start + block], mask[:, :, start:start + block, :start + block],
-                  dtype)
+                  dtype, cap)
           for start in range(0, t, block)]
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   return out.transpose(0, 2, 1, 3)
@@ -132,7 +239,7 @@ def causal_block_attention(q, k, v, *, mask, block: int, dtype) -> jax.Array:
 class KVCache:
   """Keys and values of every layer for the slots decoded so far (one slot per token).
 
-  keys, values: tuple over layers of [B, H, S, D]; segment_ids: [B, S] int32 of the token
+  keys, values: tuple over layers of [B, K, S, D] (K: key/value heads); segment_ids: [B, S] int32 of the token
   in each slot (0: padding or not yet written); index: [] int32, the first free slot.
   Slots are filled left to right, so slot order is token order: a query at slot s sees
   keys at slots <= s of its own segment.
@@ -144,7 +251,7 @@ class KVCache:
 
   @classmethod
   def empty(cls, cfg: 'ModelConfig', *, batch: int, length: int) -> 'KVCache':
-    shape = (batch, cfg.n_heads, length, cfg.head_dim)
+    shape = (batch, cfg.kv_heads, length, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, _DTYPES[cfg.dtype]) for _ in range(cfg.n_layers))
     return cls(keys=zeros(), values=zeros(), segment_ids=jnp.zeros((batch, length), jnp.int32),
                index=jnp.zeros((), jnp.int32))
@@ -156,17 +263,26 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, angles, kv=None, index=None):
     """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T]. With kv = (keys,
-    values) [B, H, S, D] of this layer, writes this call's keys and values at slots
+    values) [B, K, S, D] of this layer, writes this call's keys and values at slots
     index..index+T-1 and attends over all S slots under mask [B, 1, T, S]; returns
     (out, (keys, values))."""
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-    shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
     init = nn.with_logical_partitioning(_dense_init(cfg.d_model), ('embed', 'heads', 'kv'))
-    proj = lambda name: jnp.einsum(
-        'btd,dhk->bthk', x, self.param(name, init, shape, pdtype).astype(dtype))
-    q, k, v = proj('query'), proj('key'), proj('value')
-    q, k = rotary(q, *angles), rotary(k, *angles)
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv'))
+
+    def proj(name, heads):
+      w = self.param(name, init, (cfg.d_model, heads, cfg.head_dim), pdtype)
+      y = jnp.einsum('btd,dhk->bthk', x, w.astype(dtype))
+      if cfg.qkv_bias:
+        y = y + self.param(f'{name}_bias', zeros, (heads, cfg.head_dim), pdtype).astype(dtype)
+      return y
+
+    q, k, v = proj('query', cfg.n_heads), proj('key', cfg.kv_heads), proj('value', cfg.kv_heads)
+    if cfg.qk_norm:
+      q, k = _norm(cfg, 'query_norm')(q), _norm(cfg, 'key_norm')(k)
+    if cfg.positions == 'rope':
+      q, k = rotary(q, *angles), rotary(k, *angles)
     names = ('batch', 'length', 'act_heads', 'kv')
     q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
     q = q * cfg.head_dim ** -0.5
@@ -178,16 +294,20 @@ class Attention(nn.Module):
           jax.lax.dynamic_update_slice(cache, heads_major(new).astype(cache.dtype),
                                        (0, 0, index, 0)), ('batch', 'act_heads', 'length', 'kv'))
       k, v = kv = (write(kv[0], k), write(kv[1], v))
-      out = heads_major(_attend(heads_major(q), k, v, mask, dtype))
+      out = heads_major(_attend(heads_major(q), k, v, mask, dtype, cfg.attn_softcap))
     elif cfg.attention == 'dot_product_attention':
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
     else:
-      out = causal_block_attention(q, k, v, mask=mask, block=cfg.attention_block, dtype=dtype)
+      out = causal_block_attention(q, k, v, mask=mask, block=cfg.attention_block, dtype=dtype,
+                                   cap=cfg.attn_softcap)
     out = nn.with_logical_constraint(out, names)
     w_out = self.param('out', nn.with_logical_partitioning(_dense_init(cfg.d_model),
                                                            ('heads', 'kv', 'embed')),
                        (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype)
     out = jnp.einsum('bthk,hkd->btd', out, w_out.astype(dtype))
+    if cfg.attn_out_bias:
+      out = out + self.param('out_bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('embed',)), (cfg.d_model,), pdtype).astype(dtype)
     return out if kv is None else (out, kv)
 
 
@@ -198,20 +318,30 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-    if cfg.mlp == 'swiglu':
+    bias = lambda name, shape, axes: self.param(
+        name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
+        pdtype).astype(dtype)
+    if cfg.gated:
       # Gate and up projections as one [D, 2, F] matmul: one read of x, one bigger GEMM.
       w_in = self.param('gate_up', nn.with_logical_partitioning(
           _dense_init(cfg.d_model), ('embed', None, 'mlp')), (cfg.d_model, 2, cfg.d_ff), pdtype)
       gate_up = jnp.einsum('btd,dcf->btcf', x, w_in.astype(dtype))
-      h = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+      if cfg.mlp_bias:
+        gate_up = gate_up + bias('gate_up_bias', (2, cfg.d_ff), (None, 'mlp'))
+      act = nn.silu if cfg.mlp == 'swiglu' else nn.gelu  # nn.gelu: the tanh approximation
+      h = act(gate_up[:, :, 0]) * gate_up[:, :, 1]
     else:
       w_in = self.param('up', nn.with_logical_partitioning(
           _dense_init(cfg.d_model), ('embed', 'mlp')), (cfg.d_model, cfg.d_ff), pdtype)
-      h = nn.gelu(jnp.einsum('btd,df->btf', x, w_in.astype(dtype)))
+      h = jnp.einsum('btd,df->btf', x, w_in.astype(dtype))
+      if cfg.mlp_bias:
+        h = h + bias('up_bias', (cfg.d_ff,), ('mlp',))
+      h = nn.gelu(h)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'act_mlp'))
     w_out = self.param('down', nn.with_logical_partitioning(
         _dense_init(cfg.d_ff), ('mlp', 'embed')), (cfg.d_ff, cfg.d_model), pdtype)
-    return jnp.einsum('btf,fd->btd', h, w_out.astype(dtype))
+    out = jnp.einsum('btf,fd->btd', h, w_out.astype(dtype))
+    return out + bias('down_bias', (cfg.d_model,), ('embed',)) if cfg.mlp_bias else out
 
 
 class Block(nn.Module):
@@ -219,15 +349,16 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, angles, kv=None, index=None):
-    dtype, pdtype = _DTYPES[self.cfg.dtype], _DTYPES[self.cfg.param_dtype]
-    h = RMSNorm(dtype, pdtype, name='attn_norm')(x)
-    attn = Attention(self.cfg, name='attn')
+    cfg = self.cfg
+    post = lambda name, y: _norm(cfg, name)(y) if cfg.post_norms else y
+    h = _norm(cfg, 'attn_norm')(x)
+    attn = Attention(cfg, name='attn')
     if kv is None:
-      x = x + attn(h, mask, angles)
+      x = x + post('post_attn_norm', attn(h, mask, angles))
     else:
       out, kv = attn(h, mask, angles, kv, index)
-      x = x + out
-    x = x + Mlp(self.cfg, name='mlp')(RMSNorm(dtype, pdtype, name='mlp_norm')(x))
+      x = x + post('post_attn_norm', out)
+    x = x + post('post_mlp_norm', Mlp(cfg, name='mlp')(_norm(cfg, 'mlp_norm')(x)))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return x if kv is None else (x, kv)
 
@@ -274,13 +405,20 @@ class Transformer(nn.Module):
                          nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
                      name='embed')
     x = embed(inputs)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    if cfg.positions == 'learned':
+      x = x + nn.Embed(cfg.max_positions, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                       embedding_init=nn.with_logical_partitioning(
+                           nn.initializers.normal(stddev=0.02), (None, 'embed')),
+                       name='pos_embed')(positions)
     if token_types is not None:
       x = x + nn.Embed(2, cfg.d_model, dtype=dtype, param_dtype=pdtype,
                        embedding_init=nn.with_logical_partitioning(
                            nn.initializers.zeros, (None, 'embed')),
                        name='type_embed')(token_types)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    angles = rotary_angles(positions, cfg.head_dim, cfg.rope_theta)
+    angles = rotary_angles(positions, cfg) if cfg.positions == 'rope' else None
     if cache is None:
       mask = attention_mask(segment_ids)
       block = Block
@@ -300,14 +438,14 @@ class Transformer(nn.Module):
         values.append(v)
       cache = KVCache(keys=tuple(keys), values=tuple(values), segment_ids=slot_segments,
                       index=cache.index + inputs.shape[1])
-    hidden = RMSNorm(dtype, pdtype, name='final_norm')(x)
+    hidden = _norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:
-      logits = embed.attend(hidden) * cfg.d_model ** -0.5
+      logits = embed.attend(hidden) * (cfg.d_model ** -0.5 if cfg.tied_scale else 1.0)
     else:
       logits = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=pdtype, use_bias=False,
                         kernel_init=nn.with_logical_partitioning(
                             _dense_init(cfg.d_model), ('embed', 'vocab')),
                         name='logits')(hidden)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+    logits = nn.with_logical_constraint(softcap(logits.astype(jnp.float32), cfg.logit_softcap),
                                         ('batch', 'length', 'act_vocab'))
     return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, cache=cache)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding
-from rlhf_jax.data import corpus
+from rlhf_jax.data import corpus, hf_tokenizer
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
 from rlhf_jax.train import runs
@@ -78,9 +78,12 @@ class FromRun:
 
   def tokenizer(self):
     """The init run's sentencepiece tokenizer (a run on a text corpus keeps it in its
-    workdir), or None for a run on the world."""
+    workdir), the imported checkpoint's own (data/hf_tokenizer.py) when the init run
+    descends from one, or None for a run on the world."""
     path = os.path.join(self.init.workdir, corpus.TOKENIZER_FILE)
-    return tokenizer_lib.load_tokenizer(model_path=path) if os.path.exists(path) else None
+    if os.path.exists(path):
+      return tokenizer_lib.load_tokenizer(model_path=path)
+    return hf_tokenizer.load_for_run(self.init.workdir)
 
   def lineage(self) -> dict:
     return {'init_run': self.init.workdir, 'init_step': self.init.step}

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from rlhf_jax.errors import UserError
 from rlhf_jax import sharding as sharding_lib
@@ -55,6 +56,8 @@ def optimizer(config, *, updates: int | None = None):
   """The optimiser a run of `config` trains with, which also fixes the shape of the state
   its checkpoints hold; `updates`: its schedule length, if not train.steps. A reward
   model's ensemble members are clipped each by its own norm (make_optimizer's members)."""
+  if config.get('stage') == 'import':
+    return optax.identity()  # an imported checkpoint holds weights only (convert/hf_import.py)
   members = config.rm.ensemble if config.get('stage') == 'reward_model' else 0
   return make_optimizer(config.optim, updates or config.train.steps, members=members)
 

@@ -1,0 +1,58 @@
+"""python -m rlhf_jax.convert --from=hf DIR --workdir=RUN [--param_dtype=float32|bfloat16]
+   python -m rlhf_jax.convert --to=hf DIR --workdir=RUN [--step=N] [--max_shard_mb=N]
+
+--from=hf reads the local Hugging Face folder DIR (config.json, *.safetensors, tokenizer)
+into a fresh run directory RUN that any stage names in init.run (hf_import.py). --to=hf
+writes RUN's newest checkpoint (or --step) to the fresh folder DIR (hf_export.py). Nothing
+is downloaded. Bad input: one `error: ...` line, exit status 2.
+"""
+import argparse
+import sys
+
+from rlhf_jax.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UserError(message)
+
+
+def parse(argv):
+  p = _Parser(prog='python -m rlhf_jax.convert', add_help=True)
+  p.add_argument('folder', help='the Hugging Face folder (read with --from, written with --to)')
+  p.add_argument('--from', dest='source', choices=('hf',))
+  p.add_argument('--to', dest='target', choices=('hf',))
+  p.add_argument('--workdir', required=True, help='our run directory')
+  p.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--step', type=int, default=-1)
+  p.add_argument('--max_shard_mb', type=int, default=5 * 1024)
+  args = p.parse_args(argv)
+  if (args.source is None) == (args.target is None):
+    raise UserError('give exactly one of --from=hf (import) and --to=hf (export)')
+  if args.max_shard_mb <= 0:
+    raise UserError(f'--max_shard_mb={args.max_shard_mb} must be positive')
+  return args
+
+
+def main(argv) -> int:
+  try:
+    args = parse(argv)
+    if args.source:
+      from rlhf_jax.convert import hf_import
+      out = hf_import.import_folder(args.folder, args.workdir, param_dtype=args.param_dtype)
+      print(f'imported {out["family"]}: {out["tensors"]} tensors, {out["params"]:,} '
+            f'parameters -> {args.workdir}')
+    else:
+      from rlhf_jax.convert import hf_export
+      out = hf_export.export_run(args.workdir, args.folder, step=args.step,
+                                 max_shard_bytes=args.max_shard_mb << 20)
+      print(f'exported step {out["step"]} as {out["family"]}: {out["tensors"]} tensors in '
+            f'{out["files"]} file(s) -> {args.folder}')
+  except UserError as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,190 @@
+"""Hugging Face checkpoints in and out (rlhf_jax/convert): for GPT-2, Llama (GQA, Llama 3
+rope scaling), Qwen2 (qkv biases, tied), Qwen3 (qk-norm, decoupled head_dim) and Gemma
+(MQA, offset norms, embedding scale, GeGLU, soft-capping), a tiny random checkpoint in
+Hugging Face's layout is imported and its logits compared with an independent float64
+NumPy forward of the family (tests/hf_reference.py) within 1e-4; cached decoding equals
+full recomputation; export then re-import is bit-for-bit, and the exported tensors are
+the original ones; bad folders are refused in one line, before any weight is read."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hf_reference
+from conftest import REPO, cli_env
+from rlhf_jax import config as config_lib
+from rlhf_jax import sharding
+from rlhf_jax.convert import hf_export, hf_import
+from rlhf_jax.data import hf_tokenizer
+from rlhf_jax.models.transformer import KVCache
+from rlhf_jax.train import runs
+from test_cli_errors import assert_one_error_line
+
+FAMILIES = tuple(hf_reference.FAMILY_CONFIGS)
+
+
+def convert(*args):
+  return subprocess.run([sys.executable, '-m', 'rlhf_jax.convert', *args], cwd=REPO,
+                        env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def _load(workdir):
+  mesh_config = config_lib.mesh_block()
+  mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
+  return runs.load(str(workdir), mesh=mesh, mesh_config=mesh_config)
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """family -> (hf config, tensors, folder, run dir, loaded run)."""
+  out = {}
+  for i, family in enumerate(FAMILIES):
+    root = tmp_path_factory.mktemp(family)
+    hf = hf_reference.FAMILY_CONFIGS[family]
+    tensors = hf_reference.random_tensors(hf, seed=i)
+    hf_reference.write_checkpoint(str(root / 'hf'), hf, tensors, shards=2 if i % 2 else 1)
+    hf_import.import_folder(str(root / 'hf'), str(root / 'run'))
+    out[family] = (hf, tensors, root / 'hf', root / 'run', _load(root / 'run'))
+  return out
+
+
+def _our_logits(loaded, ours):
+  pos = np.broadcast_to(np.arange(ours.shape[1]), ours.shape)
+  out = loaded.model.apply({'params': loaded.params}, jnp.asarray(ours),
+                           segment_ids=jnp.ones_like(ours), positions=jnp.asarray(pos))
+  return np.asarray(out.logits, np.float64)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_logits_equal_the_float64_reference(imported, family):
+  hf, tensors, _, run, loaded = imported[family]
+  specials = json.load(open(run / 'config.json'))['hf']['specials']
+  perm = hf_tokenizer.permutation(hf['vocab_size'], specials)
+  ids = np.random.default_rng(7).integers(0, hf['vocab_size'], size=(2, 12))  # theirs
+  ours = np.argsort(perm)[ids]
+  want = hf_reference.forward(hf, tensors, ids)  # [B, T, V] over their ids
+  got = _our_logits(loaded, ours)[..., np.argsort(perm)]  # reordered to their ids
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  assert np.abs(want).max() > 0.5  # the comparison is not between two near-zero tensors
+
+
+def test_specials_sit_at_our_ids(imported):
+  # Llama: BOS 5, EOS 7 -> ours 1, 2; GPT-2: one special (39) for both -> EOS 2, BOS = EOS;
+  # Gemma: pad 0, eos 1, bos 2 -> ours 0, 2, 1 (a cycle of three).
+  expect = {'llama': {1: 5, 2: 7}, 'gpt2': {2: 39}, 'gemma': {0: 0, 1: 2, 2: 1},
+            'qwen2': {0: 11, 2: 9}}
+  for family, places in expect.items():
+    specials = json.load(open(imported[family][3] / 'config.json'))['hf']['specials']
+    perm = hf_tokenizer.permutation(40, specials)
+    assert sorted(perm.tolist()) == list(range(40))
+    assert {k: int(perm[k]) for k in places} == places, family
+  tok = hf_tokenizer.load_for_run(str(imported['gpt2'][3]))
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 2, 2)
+  ids = tok.encode('w39 w2 w5')  # their 39 is our EOS 2; their 2 sits where 39 was
+  assert ids == [2, 39, 5] and tok.decode([39, 5]) == 'w2 w5'
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_cached_decoding_equals_full_recomputation(imported, family):
+  _, _, _, _, loaded = imported[family]
+  model, params = loaded.model, loaded.params
+  tokens = np.random.default_rng(3).integers(4, 40, size=(2, 10))
+  full = _our_logits(loaded, tokens)
+  cache = KVCache.empty(model.cfg, batch=2, length=10)
+  step = lambda toks, start, cache: model.apply(
+      {'params': params}, jnp.asarray(toks), segment_ids=jnp.ones_like(toks),
+      positions=jnp.asarray(np.broadcast_to(np.arange(start, start + toks.shape[1]),
+                                            toks.shape)), cache=cache)
+  out = step(tokens[:, :6], 0, cache)  # prefill 6, then one token at a time
+  pieces = [np.asarray(out.logits)]
+  cache = out.cache
+  for t in range(6, 10):
+    out = step(tokens[:, t:t + 1], t, cache)
+    pieces.append(np.asarray(out.logits))
+    cache = out.cache
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_export_then_import_is_bit_for_bit(imported, family, tmp_path):
+  from safetensors.numpy import load_file
+  hf, tensors, _, run, loaded = imported[family]
+  hf_export.export_run(str(run), str(tmp_path / 'out'), max_shard_bytes=4096)
+  files = sorted(os.listdir(tmp_path / 'out'))
+  assert 'model.safetensors.index.json' in files and 'tokenizer.json' in files
+  written = {}
+  for name in files:
+    if name.endswith('.safetensors'):
+      written.update(load_file(str(tmp_path / 'out' / name)))
+  prefix = 'transformer.' if family == 'gpt2' else ''
+  assert set(written) == {prefix + k for k in tensors}
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(written[prefix + k], v)
+  back = json.load(open(tmp_path / 'out' / 'config.json'))
+  assert hf_reference.forward(back, tensors, np.arange(8)[None] % 40).shape == (1, 8, 40)
+  hf_import.import_folder(str(tmp_path / 'out'), str(tmp_path / 'again'))
+  again = _load(tmp_path / 'again')
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_cli_imports_and_exports(imported, tmp_path):
+  _, _, folder, _, _ = imported['llama']
+  result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'imported llama' in result.stdout
+  result = convert('--to=hf', str(tmp_path / 'out'), f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.load(open(tmp_path / 'out' / 'config.json'))['num_key_value_heads'] == 2
+  # A second export onto the same folder refuses and keeps what is there.
+  before = sorted(os.listdir(tmp_path / 'out'))
+  again = convert('--to=hf', str(tmp_path / 'out'), f'--workdir={tmp_path / "run"}')
+  assert_one_error_line(again, mentions=('not an empty folder',))
+  assert sorted(os.listdir(tmp_path / 'out')) == before
+
+
+def _folder(tmp_path, **changes):
+  hf = dict(hf_reference.FAMILY_CONFIGS['llama'], **changes)
+  folder = tmp_path / 'hf'
+  hf_reference.write_checkpoint(str(folder), hf, hf_reference.random_tensors(
+      hf_reference.FAMILY_CONFIGS['llama'], seed=0))
+  return folder
+
+
+@pytest.mark.parametrize('change, mentions', [
+    ({'model_type': 'bert', 'architectures': ['BertForMaskedLM']}, ('BertForMaskedLM',)),
+    ({'hidden_act': 'relu'}, ('hidden_act', 'relu')),
+    ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, ('rope_scaling', 'yarn')),
+    ({'num_hidden_layers': 3}, ('lacks', 'model.layers.2')),
+    ({'intermediate_size': 32}, ('shape',)),
+])
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, change, mentions):
+  folder = _folder(tmp_path, **change)
+  if change.get('model_type') or 'hidden_act' in change or 'rope_scaling' in change:
+    # Refused from config.json alone: weights that cannot be read change nothing.
+    (folder / 'model.safetensors').write_bytes(b'not a safetensors file')
+  result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')
+  assert_one_error_line(result, mentions=mentions)
+  assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_pickled_weights_are_never_read(tmp_path):
+  folder = _folder(tmp_path)
+  os.remove(folder / 'model.safetensors')
+  (folder / 'pytorch_model.bin').write_bytes(b'\x80\x04 any pickle')
+  result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')
+  assert_one_error_line(result, mentions=('pytorch_model.bin', 'arbitrary code'))
+
+
+def test_a_workdir_with_the_users_files_is_refused(tmp_path):
+  folder = _folder(tmp_path)
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'notes.txt').write_text('mine')
+  result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')
+  assert_one_error_line(result, mentions=('not empty',))
+  assert (tmp_path / 'run' / 'notes.txt').read_text() == 'mine'
