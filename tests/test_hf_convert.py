@@ -111,6 +111,24 @@ def test_cached_decoding_equals_full_recomputation(imported, family):
 
 
 @pytest.mark.parametrize('family', FAMILIES)
+def test_the_sampler_decodes_every_family_as_full_recomputation(imported, family):
+  from rlhf_jax import sampling
+  _, _, _, _, loaded = imported[family]
+  prompts, lengths = sampling.left_pad([[5, 9, 12], [7, 8, 9, 10, 11, 13]], pad_id=0)
+  lengths = jnp.asarray(lengths)
+  config = sampling.SampleConfig(max_new_tokens=6, temperature=0.7)
+  key = jax.random.key(4)
+  cached = sampling.sample(loaded.params, jnp.asarray(prompts), lengths, key,
+                           model=loaded.model, config=config)
+  full = sampling.sample_without_cache(loaded.params, jnp.asarray(prompts), lengths, key,
+                                       model=loaded.model, config=config)
+  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
+  np.testing.assert_allclose(np.asarray(cached.raw_logprobs), np.asarray(full.raw_logprobs),
+                             atol=1e-5)
+  assert float(np.asarray(cached.mask).sum()) >= 2
+
+
+@pytest.mark.parametrize('family', FAMILIES)
 def test_export_then_import_is_bit_for_bit(imported, family, tmp_path):
   from safetensors.numpy import load_file
   hf, tensors, _, run, loaded = imported[family]
