@@ -20,6 +20,7 @@ import shutil
 
 from rlhf_jax import distributed
 from rlhf_jax.data import array_store, corpus, jsonl
+from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
 
 # stage -> (block, kind) of its JSONL source field `<block>.data`.
@@ -101,7 +102,6 @@ def read_given(config, *, workdir: str | None = None):
   """Given of the stage's JSONL source, or None: every bad row is refused here, before DIR
   is written or the init run's checkpoint is loaded, and so is a file that has changed
   since DIR/jsonl was made from it (`workdir`: the stage's DIR)."""
-  from rlhf_jax.data import tokenizer as tokenizer_lib
   src = validate(config)
   if src is None:
     return None
