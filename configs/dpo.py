@@ -7,6 +7,12 @@ reference both from an SFT run.
 DIR/preferences exactly as configs/reward_model.py makes it (same seed and SFT run: the
 same pairs), unless `prefs.dir` names one, e.g. --config.prefs.dir=runs/rm_tiny/preferences.
 
+On a local preference file instead (docs/local-datasets.md), from an SFT run on JSONL:
+
+  python -m rlhf_jax.main --config=configs/dpo.py:tiny --workdir=runs/dpo_jsonl \
+      --config.init.run=runs/sft_jsonl --config.prefs.data=jsonl:pairs.jsonl \
+      --config.prefs.prompt_len=128 --config.prefs.max_new_tokens=256
+
 Variants:
   tiny       DPO, beta 0.1, 300 steps of 32 pairs; about two minutes on a 2-core CPU.
              Expected: policy/gold_reward rises above the SFT policy's (step 0) at a
@@ -27,7 +33,7 @@ Any leaf can be overridden: --config.dpo.beta=0.3 --config.dpo.loss=kto.
 """
 import ml_collections
 
-from rlhf_jax.config import feedback_config, prefs_block
+from rlhf_jax.config import feedback_config, jsonl_prefs_fields, prefs_block
 from rlhf_jax.train.preference_losses import LOSSES
 
 
@@ -35,6 +41,7 @@ def get_config(arg: str = 'tiny'):
   config = feedback_config('dpo')
   config.init.run = 'runs/sft_tiny'
   config.prefs = prefs_block()
+  config.prefs.update(jsonl_prefs_fields())
   config.dpo = ml_collections.ConfigDict(dict(
       loss='dpo',              # train/preference_losses.LOSSES: dpo | ipo | ipo_mean | cdpo |
                                # robust_dpo | hinge | kto | orpo | simpo | apo_zero

@@ -6,6 +6,12 @@ r"""Reward model on annotator labels of the SFT policy's samples, trunk from an 
 set is made once in DIR/preferences (1024 world prompts x 4 responses, all 6 pairs of each
 labelled by a random annotator of the pool) unless `prefs.dir` names an existing one.
 
+On a local preference file instead (docs/local-datasets.md), from an SFT run on JSONL:
+
+  python -m rlhf_jax.main --config=configs/reward_model.py:tiny --workdir=runs/rm_jsonl \
+      --config.init.run=runs/sft_jsonl --config.prefs.data=jsonl:pairs.jsonl \
+      --config.prefs.prompt_len=128 --config.prefs.max_new_tokens=256
+
 Variants:
   tiny       one reward model, 400 steps of 64 pairs; about two minutes on a 2-core CPU.
              Expected: rm/gold_accuracy near 0.75 against a noise ceiling near 0.93
@@ -27,13 +33,14 @@ Any leaf can be overridden: --config.annotators.temperature=0 --config.rm.ensemb
 """
 import ml_collections
 
-from rlhf_jax.config import feedback_config, load_named, prefs_block
+from rlhf_jax.config import feedback_config, jsonl_prefs_fields, load_named, prefs_block
 
 
 def get_config(arg: str = 'tiny'):
   config = feedback_config('reward_model')
   config.init.run = 'runs/sft_tiny'
   config.prefs = prefs_block()
+  config.prefs.update(jsonl_prefs_fields())
   config.rm = ml_collections.ConfigDict(dict(
       ensemble=1,              # K members, vmapped
       bootstrap=True,          # members weigh pairs by Poisson(1) draws (K > 1 only)

@@ -28,6 +28,12 @@ Variants:
              1000 steps. Not run here (pretrain.py:small takes 1.5 hours on this CPU);
              no result is claimed.
 
+On a local JSONL file instead (docs/local-datasets.md), from a pretraining run on text:
+
+  python -m rlhf_jax.main --config=configs/sft.py:tiny --workdir=runs/sft_jsonl \
+      --config.init.run=runs/pretrain_text --config.sft.data=jsonl:demos.jsonl \
+      --config.sft.prompt_len=128 --config.sft.max_new_tokens=256
+
 Any leaf can be overridden: --config.init.run=DIR --config.sft.samples_per_prompt=16.
 """
 import ml_collections
@@ -45,6 +51,11 @@ def get_config(arg: str = 'tiny'):
       max_new_tokens=48,
       temperature=1.0,
       eval_fraction=0.1,       # prompts held out for eval/loss
+      data='',                 # '': best-of-k demonstrations on the world; 'jsonl:PATH': a
+                               # local file of {"prompt", "completion"} or {"messages"}
+                               # rows (data/jsonl.py), init.run a run on text
+      overlong='error',        # jsonl: a row over prompt_len / max_new_tokens tokens is an
+                               # 'error' | 'drop' (left out, counted in DIR/jsonl's lineage)
   ))
   config.optim.update(lr=1e-3, warmup_steps=20)
   config.train.update(steps=300, batch_size=32, log_every=25, eval_every=100, ckpt_every=100)

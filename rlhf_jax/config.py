@@ -219,6 +219,19 @@ def prefs_block() -> ml_collections.ConfigDict:
   ))
 
 
+def jsonl_prefs_fields() -> dict:
+  """The prefs fields of the stages that can learn from a user's preference file (the
+  reward model, DPO; stages/jsonl_data.py)."""
+  return dict(
+      data='',                 # '': pairs of the world (dir, or made); 'jsonl:PATH': a local
+                               # file of {"prompt", "chosen", "rejected"} rows (data/jsonl.py),
+                               # init.run a run on text; prompt_len / max_new_tokens bound
+                               # the prompt and each response, in tokens
+      overlong='error',        # jsonl: a row over those bounds is an 'error' | 'drop' (left
+                               # out, counted in DIR/jsonl's lineage)
+  )
+
+
 def policy_eval_block() -> ml_collections.ConfigDict:
   """Sampling-based policy evaluation: gold reward and KL to the reference on fixed
   world prompts, at temperature 1."""

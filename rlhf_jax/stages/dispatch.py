@@ -127,6 +127,11 @@ def check_processes(config) -> None:
     raise UserError(f'stage {stage} runs in one process only (this run has '
                     f'{jax.process_count()}; only {", ".join(MULTI_PROCESS)} runs on several); '
                     'use one host with all its devices')
+  from rlhf_jax.stages import jsonl_data
+  src = jsonl_data.source(config)
+  if src is not None:
+    raise UserError(f'stage {stage} on a JSONL file ({src.field}) runs in one process only '
+                    f'(this run has {jax.process_count()}); use one host with all its devices')
   if 'judge' in config:
     raise UserError(f'AI feedback (the judge block of stage {stage}) runs in one process '
                     f'only (this run has {jax.process_count()}); use one host with all its '

@@ -9,6 +9,8 @@ the pair's label aggregate prefers (prefs.aggregate), its soft label is not used
 the reward model's). Evaluation reports the loss's implicit rewards on held-out pairs
 (`dpo_eval/*`) and, by sampling, the policy's gold reward and sequence KL to the reference
 (`policy/*`: a measurement, so it scores the reference policy whatever the loss).
+With prefs.data='jsonl:PATH' the pairs are a user's file (stages/jsonl_data.py) and
+dpo_eval/* on its held-out prompts is the evaluation: a run on text has no world.
 """
 import functools
 
@@ -18,7 +20,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import distributed, sharding
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
-from rlhf_jax.stages import preference_data
+from rlhf_jax.stages import jsonl_data, preference_data
 from rlhf_jax.stages.from_run import FromRun, resolve  # noqa: F401  (main calls resolve)
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.train import dpo_step, loop, preference_losses
@@ -71,10 +73,11 @@ class ImplicitRewardEval:
 def run(config, *, workdir: str) -> None:
   # Before DIR is written, and before the init run is loaded: a wrong set leaves DIR as it
   # was and is reported without the wait.
-  given = preference_data.read_given(config)
+  given = preference_data.read_given(config, workdir=workdir)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
   config_lib.write_or_check(config, workdir)
-  pairs, _, _ = preference_data.load_or_make(config, setup, workdir=workdir, given=given)
+  pairs, lineages, _ = preference_data.load_or_make(config, setup, workdir=workdir,
+                                                    given=given)
   model = setup.init.model
   state, shardings = setup.lm_state(setup.init.params)
   put = lambda b: distributed.put_global(
@@ -114,11 +117,15 @@ def run(config, *, workdir: str) -> None:
                  donate_argnums=(0,))
   implicit = ImplicitRewardEval(batches=source.eval_batches(), logprobs=logprobs, put=put,
                                 loss=d.loss, beta=d.beta)
-  policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
-                           mesh_config=config.mesh, param_shardings=shardings.params,
-                           ref_params=setup.init.params, dp=setup.dp)
-  evaluate = lambda state: {**implicit(state.params), **policy(state.params)}
   static = {'dpo/train_pairs': len(train_rows), 'dpo/held_out_pairs': len(held_rows)}
+  if jsonl_data.source(config) is None:
+    policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
+                             mesh_config=config.mesh, param_shardings=shardings.params,
+                             ref_params=setup.init.params, dp=setup.dp)
+  else:  # a user's pairs on a run on text: no world to sample against
+    policy = lambda params: {}
+    static.update(jsonl_data.static_metrics(lineages[0], 'dpo'))
+  evaluate = lambda state: {**implicit(state.params), **policy(state.params)}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=2 * b * (pairs.prompts.shape[1] + pairs.chosen.shape[1]))

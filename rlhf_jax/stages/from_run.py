@@ -10,6 +10,7 @@ from rlhf_jax import sharding
 from rlhf_jax.data import corpus, hf_tokenizer
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
+from rlhf_jax.stages import jsonl_data
 from rlhf_jax.train import runs
 from rlhf_jax.train.state import abstract_sharded, make_schedule
 from rlhf_jax.train.state import state_from_params
@@ -22,8 +23,14 @@ def resolve(config) -> None:
   init.step=-1 (the newest) is pinned to the step that is newest now, so that config.json
   says which checkpoint the run started from, and a rerun after init.run was extended is
   refused as a different config (differs at init.step) rather than resumed against
-  another reference; --config.init.step=N continues it from N."""
-  runs.adopt(config)
+  another reference; --config.init.step=N continues it from N.
+
+  A stage on a user's JSONL (stages/jsonl_data.py) starts from a run on text (one with a
+  tokenizer), and only such a stage does."""
+  src = jsonl_data.validate(config)
+  runs.adopt(config, text_ok=src is not None)
+  if src is not None:
+    jsonl_data.check_init_run(src, config.init.run)
   config.init.step = runs.checkpoint_step(config.init.run, step=config.init.step,
                                           role='init.run')
 

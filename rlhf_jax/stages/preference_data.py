@@ -10,16 +10,20 @@ import jax
 import numpy as np
 
 from rlhf_jax import distributed, judges, sampling
-from rlhf_jax.data import ai_feedback, preferences
+from rlhf_jax.data import ai_feedback, jsonl, preferences
 from rlhf_jax.data.batch import PairBatch
+from rlhf_jax.stages import jsonl_data
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.world import constitution
 
 
-def read_given(config):
+def read_given(config, *, workdir: str | None = None):
   """(PreferencePairs, lineages, directory) of the set(s) prefs.dir names, checked as
-  `load_or_make` checks them; None when the stage makes its own. A stage calls it before it
-  writes anything to its DIR, so that a wrong prefs.dir leaves DIR untouched."""
+  `load_or_make` checks them; jsonl_data.Given of a prefs.data file; None when the stage
+  makes its own. A stage calls it before it writes anything to its DIR, so that a wrong
+  prefs.dir or a bad row leaves DIR untouched."""
+  if jsonl_data.source(config) is not None:
+    return jsonl_data.read_given(config, workdir=workdir)
   if not config.prefs.dir:
     return None
   directory = ','.join(os.path.abspath(d) for d in config.prefs.dir.split(','))
@@ -28,7 +32,15 @@ def read_given(config):
 
 def load_or_make(config, setup: FromRun, *, workdir: str, given=None):
   """(PreferencePairs, lineages, directory), checked: pairs exist, none with an empty
-  response, none whose chosen equals rejected. `given`: what read_given returned."""
+  response, none whose chosen equals rejected. `given`: what read_given returned.
+  With prefs.data, the pairs are a user's file: data/jsonl.JsonlPairs, the lineage of
+  DIR/jsonl, and that directory."""
+  if jsonl_data.source(config) is not None:
+    given = given if given is not None else jsonl_data.read_given(config, workdir=workdir)
+    arrays, lineage = jsonl_data.load_or_make(config, given, workdir=workdir,
+                                              lineage=setup.lineage())
+    return (jsonl.JsonlPairs.from_arrays(arrays), [lineage],
+            os.path.join(workdir, jsonl_data.DIRNAME))
   if config.prefs.dir:  # one set, or several joined with commas
     return given if given is not None else read_given(config)
   directory = os.path.join(workdir, 'preferences')
@@ -88,8 +100,8 @@ def make_shard(config, setup: FromRun, *, directory: str) -> None:
       'labelling_annotators': len(np.unique(who))})
 
 
-def pair_rows(pairs: preferences.PreferencePairs, rows, valid, *, ref_chosen=None,
-              ref_rejected=None, partner=None, ref_kl=None):
+def pair_rows(pairs: preferences.PreferencePairs | jsonl.JsonlPairs, rows, valid, *,
+              ref_chosen=None, ref_rejected=None, partner=None, ref_kl=None):
   """PairBatch of the given rows (valid: [B] bool, 0 weight where False), with the
   aggregate's soft labels; with `partner` (KTO), each row's mismatched response: the
   chosen response of pair partner[row], and its reference log-prob `ref_kl[row]`."""

@@ -97,6 +97,20 @@ def group_utilities(world, pairs) -> np.ndarray:
   return out
 
 
+def label_only_metrics(chosen, rejected) -> dict:
+  """The metrics above that need no world, for pairs whose label is all there is (a
+  user's file, stages/jsonl_data.py: chosen is preferred): rm/label_accuracy,
+  rm/calibration_error, rm/ensemble_std, rm/held_out_pairs, and rm/margin, the mean
+  ensemble margin r_chosen - r_rejected."""
+  chosen, rejected = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+  margin = (chosen - rejected).mean(axis=0)
+  p_chosen = (1 / (1 + np.exp(-(chosen - rejected)))).mean(axis=0)
+  return {'rm/label_accuracy': float(np.where(margin == 0, 0.5, margin > 0).mean()),
+          'rm/calibration_error': calibration_error(p_chosen),
+          'rm/ensemble_std': float((chosen - rejected).std(axis=0).mean()),
+          'rm/held_out_pairs': len(margin), 'rm/margin': float(margin.mean())}
+
+
 def metrics(chosen, rejected, pairs, *, group_utility) -> dict:
   """chosen, rejected: [K, N] member rewards of the held-out pairs; pairs: their
   PreferencePairs; group_utility: `group_utilities` of them."""

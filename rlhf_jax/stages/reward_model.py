@@ -11,6 +11,10 @@ policy so far) go to DIR/reward_norm.json with the checkpoint step they belong t
 final one); stages/reward_norm.py refuses them for any other checkpoint. PPO does not use
 them: it centres on samples of its own reference policy (stages/ppo.py).
 
+With prefs.data='jsonl:PATH' the pairs are a user's file (stages/jsonl_data.py), from a
+run on text: held-out rm/label_accuracy, rm/margin and calibration against the file's
+labels are the evaluation (no world: no gold, no annotator groups, no noise ceiling).
+
 The optimiser clips each member's gradient by its own norm (runs.optimizer), so members
 train as independent models.
 
@@ -35,7 +39,8 @@ from rlhf_jax import distributed, sharding, tasks
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import reward_model
-from rlhf_jax.stages import from_run, grpo, outcome_data, preference_data, reward_eval
+from rlhf_jax.stages import (from_run, grpo, jsonl_data, outcome_data, preference_data,
+                             reward_eval)
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.train import loop, reward_step
 from rlhf_jax.train.state import state_from_params
@@ -65,10 +70,12 @@ class RewardEvaluator:
   """Member rewards of the held-out pairs, and the metrics of reward_eval."""
 
   def __init__(self, *, source: RowSource, pairs, world, rewards, put):
+    """world None: pairs of a user's file, scored against their labels alone."""
     self.batches = source.eval_batches()
     self.rows = source.held_out
     self.held_out = pairs.take(self.rows)
-    self.group_utility = reward_eval.group_utilities(world, self.held_out)
+    self.group_utility = (None if world is None else
+                          reward_eval.group_utilities(world, self.held_out))
     self.rewards, self.put = rewards, put
 
   def member_rewards(self, params):
@@ -83,7 +90,11 @@ class RewardEvaluator:
 
   def __call__(self, state) -> dict:
     chosen, rejected = self.member_rewards(state.params)
-    out = reward_eval.metrics(chosen, rejected, self.held_out, group_utility=self.group_utility)
+    if self.group_utility is None:
+      out = reward_eval.label_only_metrics(chosen, rejected)
+    else:
+      out = reward_eval.metrics(chosen, rejected, self.held_out,
+                                group_utility=self.group_utility)
     out['rm/reference_mean'] = float(np.concatenate([chosen, rejected], axis=1).mean())
     return out
 
@@ -144,7 +155,7 @@ def run(config, *, workdir: str) -> None:
     return run_outcome(config, workdir=workdir)
   # Before DIR is written, and before the init run is loaded: a wrong set leaves DIR as it
   # was and is reported without the wait.
-  given = preference_data.read_given(config)
+  given = preference_data.read_given(config, workdir=workdir)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
   config_lib.write_or_check(config, workdir)
   model, state, shardings, source, pairs = build(config, setup, workdir=workdir, given=given)
@@ -156,10 +167,14 @@ def run(config, *, workdir: str) -> None:
                    batch_shardings=batch_shardings)
   rewards = jax.jit(functools.partial(reward_step.pair_rewards, model=model),
                     in_shardings=(shardings.params, batch_shardings))
-  evaluate = RewardEvaluator(source=source, pairs=pairs, world=setup.world, rewards=rewards,
-                             put=put)
-  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble,
-            **reward_eval.label_metrics(pairs.take(source.train))}
+  jsonl = jsonl_data.source(config) is not None  # a user's pairs: no world, no annotators
+  evaluate = RewardEvaluator(source=source, pairs=pairs, world=None if jsonl else setup.world,
+                             rewards=rewards, put=put)
+  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble}
+  if jsonl:
+    static.update(jsonl_data.static_metrics(given.report, 'rm'))
+  else:
+    static.update(reward_eval.label_metrics(pairs.take(source.train)))
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=2 * config.train.batch_size * (pairs.prompts.shape[1] +

@@ -5,6 +5,10 @@ The demonstrations are best-of-k samples of the pretrained policy under the gold
 next-token cross-entropy on response tokens only (the prompt is context). Evaluation
 reports the held-out demonstration loss and, by sampling, the policy's gold reward and
 KL to the pretrained policy (`policy/*`, see stages/policy_eval.py).
+
+With sft.data='jsonl:PATH' the demonstrations are a user's file instead, tokenized by the
+init run's tokenizer (a run on text; stages/jsonl_data.py), the loss on completion or
+assistant tokens only; with no world, the held-out loss is the evaluation.
 """
 import functools
 import os
@@ -17,7 +21,7 @@ from rlhf_jax import distributed, sampling, sharding, tasks
 from rlhf_jax.data import array_store, demos
 from rlhf_jax.data.batch import prompt_response_batch
 from rlhf_jax.data.row_source import RowSource, split_by_prompt
-from rlhf_jax.stages import from_run, grpo, task_eval
+from rlhf_jax.stages import from_run, grpo, jsonl_data, task_eval
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.stages.task_eval import TaskEvaluator
@@ -97,12 +101,17 @@ class HeldOutLoss:
 
 def run(config, *, workdir: str) -> None:
   s = config.sft
+  # A JSONL file's bad rows are refused before DIR is written or the init run is loaded.
+  given = jsonl_data.read_given(config, workdir=workdir)
   setup = FromRun(config, rows_per_step=config.train.batch_size // config.optim.grad_accum)
   task = None
   if 'task' in config:  # a warm start for RL against the task's verifier
     task = grpo.make_task(config, setup, max_new_tokens=config.sft.max_new_tokens)
   config_lib.write_or_check(config, workdir)
-  if task is not None:
+  if given is not None:
+    data, lineage = jsonl_data.load_or_make(config, given, workdir=workdir,
+                                            lineage=setup.lineage())
+  elif task is not None:
     data, lineage = make_task_demos(setup, config, task, workdir=workdir)
   else:
     data, lineage = make_demos(setup, config, workdir=workdir)
@@ -125,7 +134,10 @@ def run(config, *, workdir: str) -> None:
                           out_shardings=setup.batch_sharding)
   put = lambda b: distributed.put_global(b, setup.batch_sharding)
   held_out = HeldOutLoss(source.eval_batches(), eval_logprobs, put)
-  if task is None:
+  if given is not None:  # no world to sample against: the held-out loss alone
+    policy = lambda params: {}
+    static = jsonl_data.static_metrics(lineage, 'sft')
+  elif task is None:
     policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
                              mesh_config=config.mesh, param_shardings=shardings.params,
                              ref_params=setup.init.params, dp=setup.dp)

@@ -160,18 +160,28 @@ def _extended_state(names: tuple):
   raise ValueError(f'no train state with the extra fields {names}')
 
 
-def adopt(config: ml_collections.ConfigDict, *, role: str = 'init.run') -> None:
+def adopt(config: ml_collections.ConfigDict, *, role: str = 'init.run',
+          text_ok: bool = False) -> bool:
   """Copies the model and world blocks of the run named by config.init.run into `config`
-  (whose model and world the run's weights fix). Checks the run exists first."""
+  (whose model and world the run's weights fix). Checks the run exists first. Returns
+  whether it is a run on text: trained on a text source, or holding a tokenizer (a stage
+  run on a user's JSONL, stages/jsonl_data.py), which only a stage on JSONL (`text_ok`)
+  may start from."""
   if not config.init.run:
     raise UserError(f'{role} is empty: name the run directory this stage starts from')
   earlier = read_config(os.path.abspath(config.init.run), role=role)
   for block in ('model', 'world'):
     if block not in earlier:
       raise UserError(f'{role} {config.init.run}: its config.json has no {block} block')
-  if earlier.get('data', {}).get('source', 'world') != 'world':
-    raise UserError(f'{role} {config.init.run} was trained on {earlier.data.source!r}; '
-                    'this stage needs a run on the world')
+  source = earlier.get('data', {}).get('source', 'world')
+  tokenizer = os.path.join(os.path.abspath(config.init.run), 'tokenizer.model')
+  text = source != 'world' or os.path.exists(tokenizer)
+  if text and not text_ok:
+    trained_on = repr(source) if source != 'world' else 'a JSONL file (it holds a tokenizer)'
+    raise UserError(f'{role} {config.init.run} was trained on {trained_on}; '
+                    'this stage needs a run on the world, or a JSONL source of its rows '
+                    "(sft.data / prefs.data = 'jsonl:PATH', for sft, reward_model and dpo)")
   with config.unlocked():
     config.model = ml_collections.ConfigDict(earlier.model.to_dict())
     config.world = ml_collections.ConfigDict(earlier.world.to_dict())
+  return text
