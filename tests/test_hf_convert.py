@@ -206,3 +206,52 @@ def test_a_workdir_with_the_users_files_is_refused(tmp_path):
   result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')
   assert_one_error_line(result, mentions=('not empty',))
   assert (tmp_path / 'run' / 'notes.txt').read_text() == 'mine'
+
+
+def _jsonl(path, rows):
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return path
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, '-m', 'rlhf_jax.main', *args], cwd=REPO,
+                        env=cli_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_import_sft_dpo_on_jsonl_then_export(imported, tmp_path):
+  """The recipe of the README on a tiny Llama: import -> SFT on a JSONL -> DPO on a
+  preference JSONL -> export; the exported folder's logits under the float64 reference
+  equal the DPO run's own, and training moved the weights."""
+  hf, tensors, folder, _, _ = imported['llama']
+  run = tmp_path / 'import'
+  assert convert('--from=hf', str(folder), f'--workdir={run}').returncode == 0
+  rng = np.random.default_rng(0)
+  words = lambda n: ' '.join(f'w{i}' for i in rng.integers(10, 40, size=n))
+  sft_rows = [{'prompt': words(3), 'completion': words(4)} for _ in range(12)]
+  pairs = [{'prompt': words(3), 'chosen': words(2), 'rejected': words(3)} for _ in range(12)]
+  steps = ('--config.train.steps=3', '--config.train.batch_size=4',
+           '--config.train.log_every=1', '--config.train.progress=False')
+  sft = tmp_path / 'sft'
+  result = _main('--config=configs/sft.py:tiny', f'--workdir={sft}', f'--config.init.run={run}',
+                 f'--config.sft.data=jsonl:{_jsonl(tmp_path / "sft.jsonl", sft_rows)}',
+                 '--config.sft.prompt_len=8', '--config.sft.max_new_tokens=8', *steps)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'sft: 12 rows of 12' in result.stdout
+  dpo = tmp_path / 'dpo'
+  result = _main('--config=configs/dpo.py:tiny', f'--workdir={dpo}', f'--config.init.run={sft}',
+                 f'--config.prefs.data=jsonl:{_jsonl(tmp_path / "pairs.jsonl", pairs)}',
+                 '--config.prefs.prompt_len=8', '--config.prefs.max_new_tokens=8', *steps)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path / 'out'
+  result = convert('--to=hf', str(out), f'--workdir={dpo}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'as llama' in result.stdout and (out / 'tokenizer.json').exists()
+  from safetensors.numpy import load_file
+  trained = load_file(str(out / 'model.safetensors'))
+  assert set(trained) == set(tensors)
+  assert max(np.abs(trained[k] - tensors[k]).max() for k in tensors) > 1e-4
+  ids = np.random.default_rng(1).integers(0, 40, size=(2, 9))
+  want = hf_reference.forward(json.load(open(out / 'config.json')), trained, ids)
+  perm = hf_tokenizer.permutation(40, json.load(open(run / 'config.json'))['hf']['specials'])
+  got = _our_logits(_load(dpo), np.argsort(perm)[ids])[..., np.argsort(perm)]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -1,9 +1,11 @@
 """A stage's rows from a user's JSONL file instead of the world: `sft.data='jsonl:PATH'`
 (SFT) or `prefs.data='jsonl:PATH'` (reward model, DPO); '' (the default) keeps the world.
 
-A JSONL source needs a run on text as init.run (a pretraining run on `text:PATH`, or a
-stage run that learnt from JSONL itself): its tokenizer.model tokenizes the rows
-(data/jsonl.py), and is copied into DIR so that the next stage finds it too. A run on the
+A JSONL source needs a run on text as init.run (a pretraining run on `text:PATH`, a
+stage run that learnt from JSONL itself, or an imported Hugging Face checkpoint and its
+descendants): its tokenizer tokenizes the rows (data/jsonl.py). Our own tokenizer.model is
+copied into DIR so that the next stage finds it too; an imported one is found through the
+init.run chain. A run on the
 world has no tokenizer and is refused, and so is a run on text without a JSONL source.
 Without a world the evaluations scored by its gold reward and annotators are skipped, with
 the reason in DIR/jsonl/lineage.json (SKIPPED) and one line on stdout; the held-out split
@@ -19,7 +21,7 @@ import os
 import shutil
 
 from rlhf_jax import distributed
-from rlhf_jax.data import array_store, corpus, jsonl
+from rlhf_jax.data import array_store, corpus, hf_tokenizer, jsonl
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
 
@@ -79,14 +81,29 @@ def validate(config):
 
 
 def check_init_run(src: Source, init_run: str) -> str:
-  """The init run's tokenizer.model, which must exist: JSONL rows are its tokens."""
+  """Where the init run's tokenizer is, which must exist: JSONL rows are its tokens. Its
+  tokenizer.model (a run on text, or a stage run on JSONL from one), or the tokenizer/
+  folder of the Hugging Face import the run descends from (data/hf_tokenizer.py)."""
   path = os.path.join(os.path.abspath(init_run), corpus.TOKENIZER_FILE)
-  if not os.path.exists(path):
-    raise UserError(f'{src.field} names a JSONL file, but init.run {init_run} has no '
-                    f'{corpus.TOKENIZER_FILE} (a run on the world): JSONL rows are tokenized '
-                    'with the init run\'s tokenizer; start from a run on text (a pretrain '
-                    'with data.source=text:PATH, or a stage run on JSONL)')
-  return path
+  if os.path.exists(path):
+    return path
+  found = hf_tokenizer.origin(os.path.abspath(init_run))
+  if found is not None and hf_tokenizer.has_tokenizer(
+      os.path.join(found[0], hf_tokenizer.FOLDER)):
+    return os.path.join(found[0], hf_tokenizer.FOLDER)
+  raise UserError(f'{src.field} names a JSONL file, but init.run {init_run} has no '
+                  f'{corpus.TOKENIZER_FILE} (a run on the world) and descends from no '
+                  'imported checkpoint with a tokenizer: JSONL rows are tokenized with the '
+                  'init run\'s tokenizer; start from a run on text (a pretrain with '
+                  'data.source=text:PATH, a stage run on JSONL, or python -m '
+                  'rlhf_jax.convert --from=hf)')
+
+
+def load_tokenizer(path: str, init_run: str):
+  """The tokenizer check_init_run found at `path`."""
+  if os.path.isdir(path):
+    return hf_tokenizer.load_for_run(os.path.abspath(init_run))
+  return tokenizer_lib.load_tokenizer(model_path=path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +125,7 @@ def read_given(config, *, workdir: str | None = None):
   block = src.field.split('.')[0]
   b = config[block]
   tok_path = check_init_run(src, config.init.run)
-  tok = tokenizer_lib.load_tokenizer(model_path=tok_path)
+  tok = load_tokenizer(tok_path, config.init.run)
   arrays, report = jsonl.tokenize(
       src.path, kind=src.kind, tokenizer=tok, prompt_len=b.prompt_len,
       response_len=b.max_new_tokens, overlong=b.get('overlong', 'error'),
@@ -136,7 +153,10 @@ def load_or_make(config, given: Given, *, workdir: str, lineage: dict):
   names = jsonl.FIELDS[given.source.kind]
   _check_unchanged(directory, given.report)
   tokenizer = os.path.join(workdir, corpus.TOKENIZER_FILE)
-  if distributed.is_primary() and not os.path.exists(tokenizer):
+  # An imported checkpoint's tokenizer stays in the import run, which every run of its
+  # init.run chain finds (hf_tokenizer.origin); our own sentencepiece model is copied.
+  if (distributed.is_primary() and not os.path.isdir(given.tokenizer_path)
+      and not os.path.exists(tokenizer)):
     shutil.copyfile(given.tokenizer_path, tokenizer + '.tmp')
     os.replace(tokenizer + '.tmp', tokenizer)
   skipped = SKIPPED[config.stage]

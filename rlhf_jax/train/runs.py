@@ -175,7 +175,9 @@ def adopt(config: ml_collections.ConfigDict, *, role: str = 'init.run',
       raise UserError(f'{role} {config.init.run}: its config.json has no {block} block')
   source = earlier.get('data', {}).get('source', 'world')
   tokenizer = os.path.join(os.path.abspath(config.init.run), 'tokenizer.model')
-  text = source != 'world' or os.path.exists(tokenizer)
+  from rlhf_jax.data import hf_tokenizer
+  text = (source != 'world' or os.path.exists(tokenizer)
+          or hf_tokenizer.origin(os.path.abspath(config.init.run)) is not None)
   if text and not text_ok:
     trained_on = repr(source) if source != 'world' else 'a JSONL file (it holds a tokenizer)'
     raise UserError(f'{role} {config.init.run} was trained on {trained_on}; '
