@@ -151,6 +151,24 @@ def test_export_then_import_is_bit_for_bit(imported, family, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize('family', FAMILIES)
+def test_transformers_loads_the_export_with_equal_logits(imported, family, tmp_path):
+  """Only where torch and transformers happen to be installed (never a dependency)."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  hf, _, _, run, loaded = imported[family]
+  hf_export.export_run(str(run), str(tmp_path / 'out'))
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / 'out'), torch_dtype=torch.float32).eval()
+  specials = json.load(open(run / 'config.json'))['hf']['specials']
+  perm = hf_tokenizer.permutation(hf['vocab_size'], specials)
+  ids = np.random.default_rng(2).integers(0, hf['vocab_size'], size=(2, 10))
+  with torch.no_grad():
+    want = model(torch.as_tensor(ids)).logits.double().numpy()
+  got = _our_logits(loaded, np.argsort(perm)[ids])[..., np.argsort(perm)]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_the_cli_imports_and_exports(imported, tmp_path):
   _, _, folder, _, _ = imported['llama']
   result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')
