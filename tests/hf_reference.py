@@ -35,7 +35,6 @@ FAMILY_CONFIGS = {
                   hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=8, intermediate_size=24, rms_norm_eps=1e-6,
                   rope_theta=10000.0, hidden_activation='gelu_pytorch_tanh',
-                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2),
 }
 

@@ -73,6 +73,24 @@ def test_logits_equal_the_float64_reference(imported, family):
   assert np.abs(want).max() > 0.5  # the comparison is not between two near-zero tensors
 
 
+def test_soft_capping_equals_the_reference(imported):
+  """Gemma 2's soft-capping of scores and logits (no importer sets it: Gemma 1 has none),
+  on the imported Gemma's weights, against the reference with the caps set."""
+  import dataclasses
+  from rlhf_jax.models.transformer import Transformer
+  hf, tensors, _, run, loaded = imported['gemma']
+  capped = dict(hf, attn_logit_softcapping=2.0, final_logit_softcapping=1.5)
+  model = Transformer(dataclasses.replace(loaded.model.cfg, attn_softcap=2.0,
+                                          logit_softcap=1.5))
+  specials = json.load(open(run / 'config.json'))['hf']['specials']
+  perm = hf_tokenizer.permutation(hf['vocab_size'], specials)
+  ids = np.random.default_rng(8).integers(0, hf['vocab_size'], size=(2, 12))
+  want = hf_reference.forward(capped, tensors, ids)
+  got = _our_logits(dataclasses.replace(loaded, model=model), np.argsort(perm)[ids])
+  np.testing.assert_allclose(got[..., np.argsort(perm)], want, atol=1e-4, rtol=1e-4)
+  assert np.abs(want).max() <= 1.5 and np.abs(hf_reference.forward(hf, tensors, ids)).max() > 2
+
+
 def test_specials_sit_at_our_ids(imported):
   # Llama: BOS 5, EOS 7 -> ours 1, 2; GPT-2: one special (39) for both -> EOS 2, BOS = EOS;
   # Gemma: pad 0, eos 1, bos 2 -> ours 0, 2, 1 (a cycle of three).
@@ -273,3 +291,24 @@ def test_import_sft_dpo_on_jsonl_then_export(imported, tmp_path):
   perm = hf_tokenizer.permutation(40, json.load(open(run / 'config.json'))['hf']['specials'])
   got = _our_logits(_load(dpo), np.argsort(perm)[ids])[..., np.argsort(perm)]
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_what_an_export_can_say():
+  """Our default model is Llama's math and exports as Llama; a feature the family cannot
+  express is refused rather than dropped."""
+  from rlhf_jax.convert import families
+  from rlhf_jax.errors import UserError
+  m = config_lib.model_block()
+  m.vocab_size = 40
+  assert families.export_family(m) == 'llama'
+  families.check_expressible('llama', m, families.hf_config('llama', m, torch_dtype='float32',
+                                                            specials={'eos': 2}))
+  m.tie_embeddings = True  # tied and scaled by d_model^-0.5: no family does that
+  with pytest.raises(UserError, match='matches no Hugging Face family'):
+    families.export_family(m)
+  g = config_lib.model_block()
+  g.update(vocab_size=40, mlp='geglu', norm_offset=1.0, embed_scale=True,
+           tie_embeddings=True, tied_scale=False, logit_softcap=3.0)
+  with pytest.raises(UserError, match='logit_softcap'):
+    families.check_expressible('gemma', g, families.hf_config(
+        'gemma', g, torch_dtype='float32', specials={'eos': 1}))

@@ -71,9 +71,8 @@ def model_fields(hf: dict) -> dict:
   fields.update(qkv_bias=bias or family == 'qwen2', attn_out_bias=bias,
                 mlp_bias=bool(hf.get('mlp_bias', False)), qk_norm=family == 'qwen3')
   if family == 'gemma':
-    fields.update(norm_offset=1.0, embed_scale=True, tie_embeddings=True,
-                  attn_softcap=float(hf.get('attn_logit_softcapping') or 0.0),
-                  logit_softcap=float(hf.get('final_logit_softcapping') or 0.0))
+    # Gemma (1) has no soft-capping; transformers ignores the fields if a config has them.
+    fields.update(norm_offset=1.0, embed_scale=True, tie_embeddings=True)
   fields.update(_rope_scaling(hf.get('rope_scaling')))
   return fields
 
@@ -127,9 +126,6 @@ def hf_config(family: str, m, *, torch_dtype: str, specials: dict) -> dict:
              tie_word_embeddings=bool(m.tie_embeddings), max_position_embeddings=8192)
   if family == 'gemma':
     out.update(hidden_activation='gelu_pytorch_tanh', hidden_act='gelu_pytorch_tanh')
-    if m.attn_softcap or m.logit_softcap:
-      out.update(attn_logit_softcapping=m.attn_softcap or None,
-                 final_logit_softcapping=m.logit_softcap or None)
   else:
     out.update(hidden_act='silu')
   if family in ('llama', 'qwen3'):
@@ -142,6 +138,30 @@ def hf_config(family: str, m, *, torch_dtype: str, specials: dict) -> dict:
                            'high_freq_factor': m.rope_high_freq_factor,
                            'original_max_position_embeddings': m.rope_original_max_positions}
   return out
+
+
+# Model-block fields that do not change the math (or are checked elsewhere).
+_NOT_MATH = ('dtype', 'param_dtype', 'attention', 'attention_block', 'remat', 'lora')
+
+
+def check_expressible(family: str, m, hf: dict) -> None:
+  """Refuses an export whose config.json would not describe model block `m`: reading it
+  back must give every field that changes the math (a feature the family lacks, such as
+  soft-capping on Gemma 1, would otherwise be dropped unseen)."""
+  from rlhf_jax import config as config_lib
+  defaults = config_lib.model_block()
+  back = dict(defaults.to_dict(), **model_fields(hf))
+  norm = lambda k, v: (v or (m.d_model // m.n_heads)) if k == 'head_dim' else (
+      (v or m.n_heads) if k == 'n_kv_heads' else v)
+  differ = [k for k in defaults if k not in _NOT_MATH and k in m
+            and norm(k, back.get(k)) != norm(k, m[k])]
+  if not m.tie_embeddings:  # the scale of tied logits means nothing untied
+    differ = [k for k in differ if k != 'tied_scale']
+  if family == 'gpt2':  # GPT-2 has no rotary positions: theta and scaling are unused
+    differ = [k for k in differ if not k.startswith('rope')]
+  if differ:
+    raise UserError(f'the run\'s model differs from what a {family} config.json can say, at '
+                    f'model.{", model.".join(differ[:4])}; it cannot be exported as {family}')
 
 
 def export_family(m) -> str:

@@ -63,6 +63,9 @@ def export_run(workdir: str, folder: str, *, step: int = -1,
   else:
     origin_run, family, specials = None, families.export_family(m), OUR_SPECIALS
     torch_dtype = m.param_dtype
+  hf = families.hf_config(family, m, torch_dtype=m.param_dtype,
+                          specials={k: v for k, v in specials.items() if v is not None})
+  families.check_expressible(family, m, hf)
   mesh_config = config_lib.mesh_block()
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
   loaded = runs.load(workdir, mesh=mesh, mesh_config=mesh_config, step=step,
@@ -81,8 +84,6 @@ def export_run(workdir: str, folder: str, *, step: int = -1,
   os.makedirs(folder, exist_ok=True)
   dtype = jnp.bfloat16 if m.param_dtype == 'bfloat16' else jnp.float32
   files = _write_shards(tensors, folder, dtype=dtype, max_shard_bytes=max_shard_bytes)
-  hf = families.hf_config(family, m, torch_dtype=m.param_dtype,
-                          specials={k: v for k, v in specials.items() if v is not None})
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2)
   _copy_tokenizer(origin_run, workdir, folder)
