@@ -254,6 +254,7 @@ def _main(*args):
                         env=cli_env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # an end-to-end run of three stages
 def test_import_sft_dpo_on_jsonl_then_export(imported, tmp_path):
   """The recipe of the README on a tiny Llama: import -> SFT on a JSONL -> DPO on a
   preference JSONL -> export; the exported folder's logits under the float64 reference

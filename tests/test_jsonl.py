@@ -349,6 +349,7 @@ def _metrics(workdir) -> list:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # an end-to-end run of three stages
 def test_cli_text_pretrain_sft_dpo_rm_on_jsonl(text_run, tmp_path):
   sft_file = write_jsonl(tmp_path / 'demos.jsonl', sft_rows(10))
   pref_file = write_jsonl(tmp_path / 'pairs.jsonl', pref_rows(12))
