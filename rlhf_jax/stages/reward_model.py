@@ -12,7 +12,8 @@ final one); stages/reward_norm.py refuses them for any other checkpoint. PPO doe
 them: it centres on samples of its own reference policy (stages/ppo.py).
 
 The optimiser clips each member's gradient by its own norm (runs.optimizer), so members
-train as independent models.
+train as independent models. With LoRA (the `lora` block, docs/lora.md) each member's trunk
+is the SFT params, frozen, with its own adapters; adapters, type embedding and head train.
 
 With rm.objective='outcome' (configs/reward_model.py:task_tiny) the same head becomes an
 outcome reward model, a learned verifier: it trains with binary cross-entropy on the init
@@ -37,7 +38,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models import reward_model
 from rlhf_jax.stages import from_run, grpo, outcome_data, preference_data, reward_eval
 from rlhf_jax.stages.from_run import FromRun
-from rlhf_jax.train import loop, reward_step
+from rlhf_jax.train import lora_state, loop, reward_step
 from rlhf_jax.train.state import state_from_params
 
 
@@ -111,8 +112,10 @@ def build(config, setup: FromRun, *, workdir: str, given=None):
 
 def init_state(config, setup: FromRun):
   """(model, state, shardings): the ensemble at step 0, trunks from the init run."""
-  model = reward_model.ensemble(setup.init.model.cfg, config.rm.ensemble, config.rm.pooling)
+  model = reward_model.ensemble(setup.model.cfg, config.rm.ensemble, config.rm.pooling)
   shardings = setup.shardings(reward_model.init_params(model))
+  if setup.lora:
+    return (model,) + adapter_state(config, setup, model=model, shardings=shardings)
 
   def start(rng, lm_params):
     """Random heads (one init key per member); every member's trunk the SFT params (and
@@ -130,13 +133,23 @@ def init_state(config, setup: FromRun):
   return model, state, shardings
 
 
+def adapter_state(config, setup: FromRun, *, model, shardings):
+  """(state, shardings) under LoRA: the frozen base is every member's copy of the init
+  run's params (the trunk without adapters and type embedding); the state holds the rest."""
+  lm_keys = ('trunk',)
+  frozen_shardings = lora_state.frozen_shardings(shardings.params, lm_keys=lm_keys)
+  k = config.rm.ensemble
+  stack = lambda lm: {'trunk': jax.tree.map(lambda t: jnp.broadcast_to(t, (k,) + t.shape), lm)}
+  frozen = jax.jit(stack, out_shardings=frozen_shardings)(setup.init.params)
+  return setup.adapter_state(reward_model.init_params(model), frozen, frozen_shardings,
+                             lm_keys=lm_keys)
+
+
 def _jit_step(train_step, config, setup: FromRun, *, model, shardings, batch_shardings):
   """train_step (pairs' or outcomes') jitted on the mesh, the state donated."""
   step = functools.partial(train_step, model=model, tx=setup.tx, schedule=setup.schedule,
                            bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  return setup.jit_step(step, shardings, batch_shardings)
 
 
 def run(config, *, workdir: str) -> None:
@@ -155,11 +168,11 @@ def run(config, *, workdir: str) -> None:
   step = _jit_step(reward_step.train_step, config, setup, model=model, shardings=shardings,
                    batch_shardings=batch_shardings)
   rewards = jax.jit(functools.partial(reward_step.pair_rewards, model=model),
-                    in_shardings=(shardings.params, batch_shardings))
-  evaluate = RewardEvaluator(source=source, pairs=pairs, world=setup.world, rewards=rewards,
-                             put=put)
+                    in_shardings=(setup.full_shardings(shardings.params), batch_shardings))
+  evaluate = RewardEvaluator(source=source, pairs=pairs, world=setup.world,
+                             rewards=lambda params, b: rewards(setup.full(params), b), put=put)
   static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble,
-            **reward_eval.label_metrics(pairs.take(source.train))}
+            **reward_eval.label_metrics(pairs.take(source.train)), **setup.static_metrics()}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=2 * config.train.batch_size * (pairs.prompts.shape[1] +
@@ -196,7 +209,7 @@ def run_outcome(config, *, workdir: str) -> None:
                                            mesh=setup.mesh, mesh_config=config.mesh,
                                            dp=setup.dp)
   static = {'orm/train_responses': n, 'orm/train_base_rate': float(train.label.mean()),
-            'rm/ensemble': config.rm.ensemble}
+            'rm/ensemble': config.rm.ensemble, **setup.static_metrics()}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=config.train.batch_size * (train.prompts.shape[1] +
@@ -204,4 +217,5 @@ def run_outcome(config, *, workdir: str) -> None:
   with sharding.activate(setup.mesh, config.mesh):
     loop.run(spec=spec, state=state, state_shardings=shardings, step=step, source=source,
              put_batch=lambda b: distributed.put_global(b, batch_shardings),
-             evaluate=evaluate, static_metrics=static)
+             evaluate=lambda state: evaluate(state.replace(params=setup.full(state.params))),
+             static_metrics=static)
