@@ -99,7 +99,6 @@ class FromRun:
     init_params (adapters at B = 0, and heads) with a fresh optimiser state over them
     alone; `frozen` (the base, laid out as frozen_shardings) is kept for the step."""
     self.frozen, self.frozen_shardings = frozen, frozen_shardings
-    self.lm_keys = lm_keys
     self.memory = lora_state.memory_metrics(self.tx, init_params, self.rng, lm_keys=lm_keys)
     return create_sharded(init_params=lora_state.trainable_init(init_params, lm_keys=lm_keys),
                           tx=self.tx, rng=self.rng, mesh=self.mesh,

@@ -122,8 +122,8 @@ def outcome_train_step(state: TrainState, batch: OutcomeBatch, frozen=None, *, m
   """One BCE update of all members, as `train_step` does for pairs (same bootstrap and
   frozen)."""
   def loss_fn(params):
-    scores = outcome_scores(lora.combine(params, frozen), batch.prompts, batch.prompt_lengths, batch.response,
-                            batch.mask, model=model)
+    scores = outcome_scores(lora.combine(params, frozen), batch.prompts, batch.prompt_lengths,
+                            batch.response, batch.mask, model=model)
     weight = jnp.broadcast_to(batch.weight, scores.shape)
     if bootstrap:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
