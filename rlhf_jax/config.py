@@ -171,6 +171,46 @@ def init_block() -> ml_collections.ConfigDict:
   ))
 
 
+def lora_block() -> ml_collections.ConfigDict:
+  """Low-rank adapters (docs/lora.md): a stage's own training choice, so a top-level block
+  and not part of `model`, which every stage copies from its init run (runs.adopt) and
+  which describes the weights a run's checkpoint loads as."""
+  return ml_collections.ConfigDict(dict(
+      rank=0,                  # adapter rank r; 0: off (the base trains whole)
+      alpha=16.0,              # the adapters' output is scaled by alpha / rank
+      targets='query,value',   # comma-separated kernels: query key value out gate_up up down
+  ))
+
+
+# The stages that train with `lora` (single-stage runs, or stages of a pipeline).
+LORA_STAGES = ('sft', 'reward_model', 'dpo', 'ppo')
+
+
+def validate_lora(config: ml_collections.ConfigDict) -> None:
+  """The lora block, if the config has one; what the model lacks is checked once the model
+  is known (stages/from_run.py resolve)."""
+  if 'lora' not in config:
+    return
+  from rlhf_jax.models.lora import TARGETS, targets_of  # lazily: this module imports no jax
+  block = config.lora
+  if not isinstance(block.rank, int) or block.rank < 0:
+    raise UserError(f'lora.rank={block.rank} must be an integer >= 0 (0: off)')
+  if block.rank == 0:
+    return
+  if config.get('stage') not in LORA_STAGES:
+    raise UserError(f'lora.rank={block.rank}: stage {config.get("stage")!r} does not train '
+                    f'with adapters (only {", ".join(LORA_STAGES)} do)')
+  if not block.alpha > 0:
+    raise UserError(f'lora.alpha={block.alpha} must be positive')
+  targets = targets_of(block)
+  unknown = [t for t in targets if t not in TARGETS]
+  if unknown or not targets:
+    what = f'unknown kernel {unknown[0]!r}' if unknown else 'names no kernel'
+    raise UserError(f'lora.targets={block.targets!r}: {what}; choose from {", ".join(TARGETS)}')
+  if len(set(targets)) != len(targets):
+    raise UserError(f'lora.targets={block.targets!r} names a kernel twice')
+
+
 def reward_block() -> ml_collections.ConfigDict:
   """The world's gold reward (rlhf_jax/world/reward.py)."""
   return ml_collections.ConfigDict(dict(
@@ -281,6 +321,8 @@ def feedback_config(stage: str) -> ml_collections.ConfigDict:
   config.reward = reward_block()
   config.annotators = annotators_block()
   config.policy_eval = policy_eval_block()
+  if stage in LORA_STAGES:
+    config.lora = lora_block()
   return config
 
 
@@ -354,11 +396,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         validate(stage)
       except UserError as e:
         raise UserError(f'stages.{name}: {e}') from None
+      if 'lora' in stage and stage.lora.rank > 0 and config.get('stage') != 'pipeline':
+        # Other loops build their own states and steps from a stage's parts.
+        raise UserError(f'stages.{name}.lora.rank={stage.lora.rank}: the {config.get("stage")!r} '
+                        'loop does not train with adapters (a pipeline\'s stages do)')
     return
   if 'model' not in config:
     return  # no language model (self-play): the stage's resolve() checks its own blocks
   m, t, o = config.model, config.train, config.optim
   validate_model(m, seq_len=t.seq_len)
+  validate_lora(config)
   for name in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'ckpt_every',
                'keep_ckpts'):
     if t[name] <= 0:
@@ -542,6 +589,9 @@ LENGTH_FIELDS = {'train.steps': 1, 'selfplay.iterations': 0}
 UNRECORDED_FIELDS = ('train.progress',)
 # Fields left at -1 in the config file and filled in by the run.
 UNRESOLVED = ('model.vocab_size',)
+# Fields added after runs were written, with the value such a run (whose config.json lacks
+# them) ran with: absent there and at this value here, they do not make the config differ.
+ADDED_FIELDS = {'lora.rank': 0, 'lora.alpha': 16.0, 'lora.targets': 'query,value'}
 
 
 def flatten(d: dict, prefix: str = '') -> dict:
@@ -607,7 +657,8 @@ def write_or_check(config: ml_collections.ConfigDict, workdir: str, *,
     a, b = flatten(old), flatten(new)
     resumable = _resumable_fields(b)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                    and not (k in UNRESOLVED and b.get(k) == -1))
+                    and not (k in UNRESOLVED and b.get(k) == -1)
+                    and not (k not in a and k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k]))
     diff = [k for k in differ if k not in resumable]
     if diff:
       raise UserError(f'{workdir} holds a run with a different config (differs at: '

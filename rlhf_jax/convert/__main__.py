@@ -1,9 +1,10 @@
 """python -m rlhf_jax.convert --from=hf DIR --workdir=RUN [--param_dtype=float32|bfloat16]
-   python -m rlhf_jax.convert --to=hf DIR --workdir=RUN [--step=N] [--max_shard_mb=N]
+   python -m rlhf_jax.convert --to=hf DIR --workdir=RUN [--step=N] [--max_shard_mb=N] [--merge]
 
 --from=hf reads the local Hugging Face folder DIR (config.json, *.safetensors, tokenizer)
 into a fresh run directory RUN that any stage names in init.run (hf_import.py). --to=hf
-writes RUN's newest checkpoint (or --step) to the fresh folder DIR (hf_export.py). Nothing
+writes RUN's newest checkpoint (or --step) to the fresh folder DIR (hf_export.py); a LoRA
+run needs --merge (its base with the adapters merged in, docs/lora.md). Nothing
 is downloaded. Bad input: one `error: ...` line, exit status 2.
 """
 import argparse
@@ -26,6 +27,8 @@ def parse(argv):
   p.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--step', type=int, default=-1)
   p.add_argument('--max_shard_mb', type=int, default=5 * 1024)
+  p.add_argument('--merge', action='store_true',
+                 help='--to=hf of a LoRA run: export W + alpha/r A B (required for one)')
   args = p.parse_args(argv)
   if (args.source is None) == (args.target is None):
     raise UserError('give exactly one of --from=hf (import) and --to=hf (export)')
@@ -45,7 +48,7 @@ def main(argv) -> int:
     else:
       from rlhf_jax.convert import hf_export
       out = hf_export.export_run(args.workdir, args.folder, step=args.step,
-                                 max_shard_bytes=args.max_shard_mb << 20)
+                                 max_shard_bytes=args.max_shard_mb << 20, merge=args.merge)
       print(f'exported step {out["step"]} as {out["family"]}: {out["tensors"]} tensors in '
             f'{out["files"]} file(s) -> {args.folder}')
   except UserError as e:

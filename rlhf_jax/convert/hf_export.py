@@ -7,6 +7,10 @@ math (families.export_family). The vocabulary permutation of the import is undon
 tokenizer files copied back; a run on our own sentencepiece tokenizer gets that file as
 tokenizer.model. A run on the world has no tokenizer: only weights and config are written.
 
+A LoRA run (docs/lora.md) exports only with `merge`: its base (the run its init.run names)
+with the adapters merged in, W + (alpha / r) A B, as runs.load rebuilds it; we write no
+PEFT adapter folders, so without `merge` it is refused rather than exported as its base.
+
 Weights go to model.safetensors, or to shards of at most `max_shard_bytes` with
 model.safetensors.index.json, in the run's parameter dtype. The folder must not exist yet
 or be empty: nothing of the user's is overwritten.
@@ -24,6 +28,7 @@ from rlhf_jax import sharding
 from rlhf_jax.convert import families
 from rlhf_jax.data import corpus, hf_tokenizer
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import lora
 from rlhf_jax.train import runs
 
 OUR_SPECIALS = {'pad': 0, 'bos': 1, 'eos': 2, 'unk': 3}
@@ -39,7 +44,7 @@ def _flat(tree, prefix=()) -> dict:
 
 
 def export_run(workdir: str, folder: str, *, step: int = -1,
-               max_shard_bytes: int = 5 << 30) -> dict:
+               max_shard_bytes: int = 5 << 30, merge: bool = False) -> dict:
   if jax.process_count() > 1:
     raise UserError('convert runs in one process')
   if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
@@ -52,6 +57,13 @@ def export_run(workdir: str, folder: str, *, step: int = -1,
   if config.get('stage') == 'reward_model':
     raise UserError('--workdir names a reward_model run: a reward model is not a causal LM '
                     'that a Hugging Face *ForCausalLM loads')
+  if lora.enabled(config) and not merge:
+    raise UserError(f'--workdir {workdir} is a LoRA run (rank {config.lora.rank} adapters on '
+                    f'{config.lora.targets}); pass --merge to export its base with the '
+                    'adapters merged in (no PEFT adapter folder is written)')
+  if merge and not lora.enabled(config):
+    raise UserError(f'--merge: --workdir {workdir} is not a LoRA run (lora.rank is 0), so '
+                    'there are no adapters to merge; drop --merge')
   m = config_lib.model_block()
   for key, value in config.model.items():
     m[key] = value

@@ -17,6 +17,10 @@ default:
   released checkpoints are (ours scale them by d_model^-0.5);
 - `mlp='geglu'`: the gated MLP with tanh-GELU (Gemma).
 
+With `lora_rank` > 0 (set from a stage's `lora` block by models/lora.py adapt, never from
+the model block) each kernel named in `lora_targets` gets low-rank adapters A, B beside it
+and its output gains (lora_alpha / lora_rank) (x A) B, on the cached path too.
+
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`;
 key and value heads use `heads` too, so with GQA n_kv_heads must divide like n_heads);
 activations are constrained with `batch`, `length`, `act_*` names. The mapping of names to
@@ -69,6 +73,9 @@ class ModelConfig:
   logit_softcap: float = 0.0
   embed_scale: bool = False
   tied_scale: bool = True
+  lora_rank: int = 0             # 0: no adapters (models/lora.py)
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ()
 
   @classmethod
   def from_config(cls, block) -> 'ModelConfig':
@@ -125,6 +132,30 @@ class ModelConfig:
 
 def _dense_init(fan_in: int):
   return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+def lora_delta(module: nn.Module, cfg: 'ModelConfig', name: str, x, shape: tuple,
+               axes: tuple, n_in: int):
+  """(alpha / r) (x A) B for the kernel `name` of `shape` with logical `axes`, whose first
+  n_in axes contract with x's last n_in; None when the kernel carries no adapter.
+
+  A [*in, r] is Gaussian with std 1/sqrt(fan_in) and shares W's input axes; B [r, *out]
+  starts at zero and shares W's output axes, so each adapter shards like its kernel and
+  the adapted model starts exactly at the base one."""
+  if cfg.lora_rank <= 0 or name not in cfg.lora_targets:
+    return None
+  dtype, pdtype, r = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], cfg.lora_rank
+  a = module.param(f'{name}_lora_a', nn.with_logical_partitioning(
+      _dense_init(math.prod(shape[:n_in])), tuple(axes[:n_in]) + (None,)),
+                   tuple(shape[:n_in]) + (r,), pdtype)
+  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(
+      nn.initializers.zeros, (None,) + tuple(axes[n_in:])), (r,) + tuple(shape[n_in:]), pdtype)
+  xa = jnp.tensordot(x, a.astype(dtype), axes=n_in)
+  return jnp.tensordot(xa, b.astype(dtype), axes=1) * jnp.asarray(cfg.lora_alpha / r, dtype)
+
+
+def _plus(y, d):
+  return y if d is None else y + d
 
 
 class RMSNorm(nn.Module):
@@ -268,12 +299,15 @@ class Attention(nn.Module):
     (out, (keys, values))."""
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-    init = nn.with_logical_partitioning(_dense_init(cfg.d_model), ('embed', 'heads', 'kv'))
+    axes = ('embed', 'heads', 'kv')
+    init = nn.with_logical_partitioning(_dense_init(cfg.d_model), axes)
     zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv'))
 
     def proj(name, heads):
-      w = self.param(name, init, (cfg.d_model, heads, cfg.head_dim), pdtype)
-      y = jnp.einsum('btd,dhk->bthk', x, w.astype(dtype))
+      shape = (cfg.d_model, heads, cfg.head_dim)
+      w = self.param(name, init, shape, pdtype)
+      y = _plus(jnp.einsum('btd,dhk->bthk', x, w.astype(dtype)),
+                lora_delta(self, cfg, name, x, shape, axes, 1))
       if cfg.qkv_bias:
         y = y + self.param(f'{name}_bias', zeros, (heads, cfg.head_dim), pdtype).astype(dtype)
       return y
@@ -301,10 +335,11 @@ class Attention(nn.Module):
       out = causal_block_attention(q, k, v, mask=mask, block=cfg.attention_block, dtype=dtype,
                                    cap=cfg.attn_softcap)
     out = nn.with_logical_constraint(out, names)
-    w_out = self.param('out', nn.with_logical_partitioning(_dense_init(cfg.d_model),
-                                                           ('heads', 'kv', 'embed')),
-                       (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype)
-    out = jnp.einsum('bthk,hkd->btd', out, w_out.astype(dtype))
+    out_shape, out_axes = (cfg.n_heads, cfg.head_dim, cfg.d_model), ('heads', 'kv', 'embed')
+    w_out = self.param('out', nn.with_logical_partitioning(_dense_init(cfg.d_model), out_axes),
+                       out_shape, pdtype)
+    out = _plus(jnp.einsum('bthk,hkd->btd', out, w_out.astype(dtype)),
+                lora_delta(self, cfg, 'out', out, out_shape, out_axes, 2))
     if cfg.attn_out_bias:
       out = out + self.param('out_bias', nn.with_logical_partitioning(
           nn.initializers.zeros, ('embed',)), (cfg.d_model,), pdtype).astype(dtype)
@@ -323,24 +358,30 @@ class Mlp(nn.Module):
         pdtype).astype(dtype)
     if cfg.gated:
       # Gate and up projections as one [D, 2, F] matmul: one read of x, one bigger GEMM.
-      w_in = self.param('gate_up', nn.with_logical_partitioning(
-          _dense_init(cfg.d_model), ('embed', None, 'mlp')), (cfg.d_model, 2, cfg.d_ff), pdtype)
-      gate_up = jnp.einsum('btd,dcf->btcf', x, w_in.astype(dtype))
+      shape, axes = (cfg.d_model, 2, cfg.d_ff), ('embed', None, 'mlp')
+      w_in = self.param('gate_up', nn.with_logical_partitioning(_dense_init(cfg.d_model), axes),
+                        shape, pdtype)
+      gate_up = _plus(jnp.einsum('btd,dcf->btcf', x, w_in.astype(dtype)),
+                      lora_delta(self, cfg, 'gate_up', x, shape, axes, 1))
       if cfg.mlp_bias:
         gate_up = gate_up + bias('gate_up_bias', (2, cfg.d_ff), (None, 'mlp'))
       act = nn.silu if cfg.mlp == 'swiglu' else nn.gelu  # nn.gelu: the tanh approximation
       h = act(gate_up[:, :, 0]) * gate_up[:, :, 1]
     else:
-      w_in = self.param('up', nn.with_logical_partitioning(
-          _dense_init(cfg.d_model), ('embed', 'mlp')), (cfg.d_model, cfg.d_ff), pdtype)
-      h = jnp.einsum('btd,df->btf', x, w_in.astype(dtype))
+      shape, axes = (cfg.d_model, cfg.d_ff), ('embed', 'mlp')
+      w_in = self.param('up', nn.with_logical_partitioning(_dense_init(cfg.d_model), axes),
+                        shape, pdtype)
+      h = _plus(jnp.einsum('btd,df->btf', x, w_in.astype(dtype)),
+                lora_delta(self, cfg, 'up', x, shape, axes, 1))
       if cfg.mlp_bias:
         h = h + bias('up_bias', (cfg.d_ff,), ('mlp',))
       h = nn.gelu(h)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'act_mlp'))
-    w_out = self.param('down', nn.with_logical_partitioning(
-        _dense_init(cfg.d_ff), ('mlp', 'embed')), (cfg.d_ff, cfg.d_model), pdtype)
-    out = jnp.einsum('btf,fd->btd', h, w_out.astype(dtype))
+    shape, axes = (cfg.d_ff, cfg.d_model), ('mlp', 'embed')
+    w_out = self.param('down', nn.with_logical_partitioning(_dense_init(cfg.d_ff), axes),
+                       shape, pdtype)
+    out = _plus(jnp.einsum('btf,fd->btd', h, w_out.astype(dtype)),
+                lora_delta(self, cfg, 'down', h, shape, axes, 1))
     return out + bias('down_bias', (cfg.d_model,), ('embed',)) if cfg.mlp_bias else out
 
 

@@ -78,8 +78,12 @@ def run(config, *, workdir: str) -> None:
   config_lib.write_or_check(config, workdir)
   pairs, lineages, _ = preference_data.load_or_make(config, setup, workdir=workdir,
                                                     given=given)
-  model = setup.init.model
+  model = setup.model  # the init run's, with adapters under LoRA
   state, shardings = setup.lm_state(setup.init.params)
+  param_shardings = setup.full_shardings(shardings.params)
+  # The reference is the init run's model as loaded (under LoRA, not the adapted one).
+  ref_model, ref_shardings = ((setup.init.model, setup.init.param_shardings) if setup.lora
+                              else (model, shardings.params))
   put = lambda b: distributed.put_global(
       b, sharding.batch_tree_sharding(setup.mesh, config.mesh, b))
   b = config.train.batch_size
@@ -92,15 +96,18 @@ def run(config, *, workdir: str) -> None:
   rows_of = functools.partial(preference_data.pair_rows, pairs, **ref)
   batch_shardings = sharding.batch_tree_sharding(setup.mesh, config.mesh,
                                                  rows_of(np.zeros(b, int), np.ones(b, bool)))
-  jit = lambda f: jax.jit(functools.partial(f, model=model),
-                          in_shardings=(shardings.params, batch_shardings))
+  jit = lambda f, model=model, params=param_shardings: jax.jit(
+      functools.partial(f, model=model), in_shardings=(params, batch_shardings))
   logprobs = jit(dpo_step.sequence_logprobs)
+  ref_logprobs = (jit(dpo_step.sequence_logprobs, ref_model, ref_shardings) if setup.lora
+                  else logprobs)
   if not entry.reference_free:  # reference-free losses never score the reference
     with sharding.activate(setup.mesh, config.mesh):
       ref['ref_chosen'], ref['ref_rejected'] = reference_logprobs(
-          logprobs, setup.init.params, len(pairs), rows_of, batch_size=b, put=put)
+          ref_logprobs, setup.init.params, len(pairs), rows_of, batch_size=b, put=put)
       if entry.mismatched_kl:
-        mismatched = jit(lambda p, x, model: (dpo_step.mismatched_logprobs(p, x, model=model),))
+        mismatched = jit(lambda p, x, model: (dpo_step.mismatched_logprobs(p, x, model=model),),
+                         ref_model, ref_shardings)
         ref['ref_kl'], = reference_logprobs(mismatched, setup.init.params, len(pairs),
                                             rows_of, batch_size=b, put=put)
   train_rows, held_rows = split_by_prompt(np.asarray(pairs.prompt_id),
@@ -112,20 +119,21 @@ def run(config, *, workdir: str) -> None:
   hparams = {k: float(v) for k, v in d.items() if k != 'loss'}
   step = functools.partial(dpo_step.train_step, model=model, tx=setup.tx,
                            schedule=setup.schedule, loss=d.loss, hparams=hparams)
-  step = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  step = setup.jit_step(step, shardings, batch_shardings)
   implicit = ImplicitRewardEval(batches=source.eval_batches(), logprobs=logprobs, put=put,
                                 loss=d.loss, beta=d.beta)
-  static = {'dpo/train_pairs': len(train_rows), 'dpo/held_out_pairs': len(held_rows)}
+  static = {'dpo/train_pairs': len(train_rows), 'dpo/held_out_pairs': len(held_rows),
+            **setup.static_metrics()}
   if jsonl_data.source(config) is None:
     policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
-                             mesh_config=config.mesh, param_shardings=shardings.params,
-                             ref_params=setup.init.params, dp=setup.dp)
+                             mesh_config=config.mesh, param_shardings=param_shardings,
+                             ref_params=setup.init.params, dp=setup.dp,
+                             ref_model=setup.ref_model(), ref_param_shardings=ref_shardings)
   else:  # a user's pairs on a run on text: no world to sample against
     policy = lambda params: {}
     static.update(jsonl_data.static_metrics(lineages[0], 'dpo'))
-  evaluate = lambda state: {**implicit(state.params), **policy(state.params)}
+  evaluate = lambda state: {**implicit(setup.full(state.params)),
+                            **policy(setup.full(state.params))}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=2 * b * (pairs.prompts.shape[1] + pairs.chosen.shape[1]))

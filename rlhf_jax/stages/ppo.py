@@ -48,7 +48,8 @@ from rlhf_jax.stages import from_run, grpo, reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.stages.task_eval import TaskEvaluator
-from rlhf_jax.train import judge_reward, loop, ppo_step, ppo_update, runs
+from rlhf_jax.models import lora
+from rlhf_jax.train import judge_reward, lora_state, loop, ppo_step, ppo_update, runs
 from rlhf_jax.train.state import abstract_sharded, make_optimizer, make_schedule
 from rlhf_jax.world import constitution
 
@@ -137,14 +138,20 @@ def prompt_pool(config, world, dp: int):
 
 class Learner:
   """The PolicyValue model, its optimiser, and its step-0 state with the policy (and
-  critic) from the init run's LM params and the value head at 0."""
+  critic) from the init run's LM params and the value head at 0. With LoRA the state holds
+  the policy's (and critic's) adapters and the value head; their base, frozen, is the
+  reference's params (ppo_step.StepConfig.lora)."""
 
   def __init__(self, config, setup: FromRun):
     p = config.ppo
     updates = config.train.steps * p.epochs * p.minibatches
     self.tx = make_optimizer(config.optim, updates)
     self.schedule = make_schedule(config.optim, updates)
-    self.model = policy_value.PolicyValue(setup.init.model.cfg, p.value)
+    self.model = policy_value.PolicyValue(setup.model.cfg, p.value)
+    self.memory = {}
+    if setup.lora:
+      self._adapters(config, setup)
+      return
     _, lm_shardings = abstract_sharded(init_params=policy_value.init_params(self.model),
                                        tx=self.tx, rng=setup.rng, mesh=setup.mesh,
                                        mesh_config=config.mesh)
@@ -163,6 +170,30 @@ class Learner:
 
     with sharding.activate(setup.mesh, config.mesh):
       self.state = jax.jit(start, out_shardings=self.shardings)(setup.rng, setup.init.params)
+
+  def _adapters(self, config, setup: FromRun):
+    lm_keys = ('policy', 'critic')
+    full_init = policy_value.init_params(self.model)
+    init = lora_state.trainable_init(full_init, lm_keys=lm_keys)
+    _, shardings = abstract_sharded(init_params=init, tx=self.tx, rng=setup.rng,
+                                    mesh=setup.mesh, mesh_config=config.mesh)
+    self.shardings = ppo_step.PPOState(
+        step=shardings.step, params=shardings.params, opt_state=shardings.opt_state,
+        rng=shardings.rng, kl_coef=sharding.replicated(setup.mesh))
+    self.memory = lora_state.memory_metrics(self.tx, full_init, setup.rng, lm_keys=lm_keys)
+
+    def start(rng):
+      params = nn.meta.unbox(init(rng))
+      return ppo_step.PPOState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=self.tx.init(params), rng=rng,
+                               kl_coef=jnp.float32(config.ppo.kl_coef))
+
+    with sharding.activate(setup.mesh, config.mesh):
+      self.state = jax.jit(start, out_shardings=self.shardings)(setup.rng)
+
+  def policy(self, params, setup: FromRun):
+    """The policy's whole params from the state's (with LoRA: adapters and base)."""
+    return lora.combine(params['policy'], setup.init.params if setup.lora else None)
 
 
 def run(config, *, workdir: str) -> None:
@@ -193,7 +224,8 @@ def run(config, *, workdir: str) -> None:
       gold=jax.tree.map(lambda _: replicated, setup.world.gold), judge=judge_shardings)
   frozen = distributed.put_global(frozen, frozen_shardings)
 
-  policy_shardings = learner.shardings.params['policy']
+  policy_shardings = lora.combine(learner.shardings.params['policy'],
+                                  setup.init.param_shardings if setup.lora else None)
   if task is None:
     pool = ppo_step.PromptBatch(*prompt_pool(config, setup.world, setup.dp))
     prompt_len = p.prompt_len
@@ -221,11 +253,12 @@ def run(config, *, workdir: str) -> None:
   step_config = ppo_step.StepConfig(
       reward=p.reward, no_eos_penalty=p.no_eos_penalty, kl_control=p.kl_control,
       kl_target=p.kl_target, kl_horizon=p.kl_horizon, max_new_tokens=p.max_new_tokens,
-      ppo=ppo_update.PPOConfig.from_config(p), judge_verdicts=verdicts)
+      ppo=ppo_update.PPOConfig.from_config(p), judge_verdicts=verdicts, lora=setup.lora)
   step = jax.jit(functools.partial(ppo_step.train_step, model=learner.model,
                                    lm=setup.init.model, rm_model=rm_model, tx=learner.tx,
                                    schedule=learner.schedule, config=step_config,
-                                   task=task, judge_model=judge_model),
+                                   task=task, judge_model=judge_model,
+                                   policy_lm=setup.model if setup.lora else None),
                  in_shardings=(learner.shardings, frozen_shardings, batch_shardings),
                  out_shardings=(learner.shardings, replicated), donate_argnums=(0,))
   put = lambda b: distributed.put_global(b, batch_shardings)
@@ -239,17 +272,20 @@ def run(config, *, workdir: str) -> None:
     proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_norm,
                                    *distributed.put_global(rollout, rollout_shardings))
   if task is None:
-    evaluator = PolicyEvaluator(config=config, world=setup.world, model=setup.init.model,
+    evaluator = PolicyEvaluator(config=config, world=setup.world, model=setup.model,
                                 mesh=mesh, mesh_config=config.mesh,
                                 param_shardings=policy_shardings,
-                                ref_params=setup.init.params, dp=setup.dp, proxy=proxy)
+                                ref_params=setup.init.params, dp=setup.dp, proxy=proxy,
+                                ref_model=setup.ref_model(),
+                                ref_param_shardings=setup.init.param_shardings)
   static = {'rl/prompt_pool': len(pool.prompts),
-            'ppo/updates_per_step': p.epochs * p.minibatches}
+            'ppo/updates_per_step': p.epochs * p.minibatches, **learner.memory}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=config.train.batch_size * (prompt_len + p.max_new_tokens))
   with sharding.activate(mesh, config.mesh):
     loop.run(spec=spec, state=learner.state, state_shardings=learner.shardings,
              step=lambda state, batch: step(state, frozen, batch), source=source,
-             put_batch=put, evaluate=lambda state: evaluator(state.params['policy']),
+             put_batch=put, evaluate=lambda state: evaluator(learner.policy(state.params,
+                                                                            setup)),
              static_metrics=static)

@@ -16,7 +16,8 @@ run on text: held-out rm/label_accuracy, rm/margin and calibration against the f
 labels are the evaluation (no world: no gold, no annotator groups, no noise ceiling).
 
 The optimiser clips each member's gradient by its own norm (runs.optimizer), so members
-train as independent models.
+train as independent models. With LoRA (the `lora` block, docs/lora.md) each member's trunk
+is the SFT params, frozen, with its own adapters; adapters, type embedding and head train.
 
 With rm.objective='outcome' (configs/reward_model.py:task_tiny) the same head becomes an
 outcome reward model, a learned verifier: it trains with binary cross-entropy on the init
@@ -42,7 +43,7 @@ from rlhf_jax.models import reward_model
 from rlhf_jax.stages import (from_run, grpo, jsonl_data, outcome_data, preference_data,
                              reward_eval)
 from rlhf_jax.stages.from_run import FromRun
-from rlhf_jax.train import loop, reward_step
+from rlhf_jax.train import lora_state, loop, reward_step
 from rlhf_jax.train.state import state_from_params
 
 
@@ -122,8 +123,10 @@ def build(config, setup: FromRun, *, workdir: str, given=None):
 
 def init_state(config, setup: FromRun):
   """(model, state, shardings): the ensemble at step 0, trunks from the init run."""
-  model = reward_model.ensemble(setup.init.model.cfg, config.rm.ensemble, config.rm.pooling)
+  model = reward_model.ensemble(setup.model.cfg, config.rm.ensemble, config.rm.pooling)
   shardings = setup.shardings(reward_model.init_params(model))
+  if setup.lora:
+    return (model,) + adapter_state(config, setup, model=model, shardings=shardings)
 
   def start(rng, lm_params):
     """Random heads (one init key per member); every member's trunk the SFT params (and
@@ -141,13 +144,23 @@ def init_state(config, setup: FromRun):
   return model, state, shardings
 
 
+def adapter_state(config, setup: FromRun, *, model, shardings):
+  """(state, shardings) under LoRA: the frozen base is every member's copy of the init
+  run's params (the trunk without adapters and type embedding); the state holds the rest."""
+  lm_keys = ('trunk',)
+  frozen_shardings = lora_state.frozen_shardings(shardings.params, lm_keys=lm_keys)
+  k = config.rm.ensemble
+  stack = lambda lm: {'trunk': jax.tree.map(lambda t: jnp.broadcast_to(t, (k,) + t.shape), lm)}
+  frozen = jax.jit(stack, out_shardings=frozen_shardings)(setup.init.params)
+  return setup.adapter_state(reward_model.init_params(model), frozen, frozen_shardings,
+                             lm_keys=lm_keys)
+
+
 def _jit_step(train_step, config, setup: FromRun, *, model, shardings, batch_shardings):
   """train_step (pairs' or outcomes') jitted on the mesh, the state donated."""
   step = functools.partial(train_step, model=model, tx=setup.tx, schedule=setup.schedule,
                            bootstrap=config.rm.bootstrap and config.rm.ensemble > 1)
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+  return setup.jit_step(step, shardings, batch_shardings)
 
 
 def run(config, *, workdir: str) -> None:
@@ -166,11 +179,12 @@ def run(config, *, workdir: str) -> None:
   step = _jit_step(reward_step.train_step, config, setup, model=model, shardings=shardings,
                    batch_shardings=batch_shardings)
   rewards = jax.jit(functools.partial(reward_step.pair_rewards, model=model),
-                    in_shardings=(shardings.params, batch_shardings))
+                    in_shardings=(setup.full_shardings(shardings.params), batch_shardings))
   jsonl = jsonl_data.source(config) is not None  # a user's pairs: no world, no annotators
   evaluate = RewardEvaluator(source=source, pairs=pairs, world=None if jsonl else setup.world,
-                             rewards=rewards, put=put)
-  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble}
+                             rewards=lambda params, b: rewards(setup.full(params), b), put=put)
+  static = {'rm/train_pairs': len(source.train), 'rm/ensemble': config.rm.ensemble,
+            **setup.static_metrics()}
   if jsonl:
     static.update(jsonl_data.static_metrics(given.report, 'rm'))
   else:
@@ -211,7 +225,7 @@ def run_outcome(config, *, workdir: str) -> None:
                                            mesh=setup.mesh, mesh_config=config.mesh,
                                            dp=setup.dp)
   static = {'orm/train_responses': n, 'orm/train_base_rate': float(train.label.mean()),
-            'rm/ensemble': config.rm.ensemble}
+            'rm/ensemble': config.rm.ensemble, **setup.static_metrics()}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=config.train.batch_size * (train.prompts.shape[1] +
@@ -219,4 +233,5 @@ def run_outcome(config, *, workdir: str) -> None:
   with sharding.activate(setup.mesh, config.mesh):
     loop.run(spec=spec, state=state, state_shardings=shardings, step=step, source=source,
              put_batch=lambda b: distributed.put_global(b, batch_shardings),
-             evaluate=evaluate, static_metrics=static)
+             evaluate=lambda state: evaluate(state.replace(params=setup.full(state.params))),
+             static_metrics=static)

@@ -126,11 +126,12 @@ def run(config, *, workdir: str) -> None:
                                           seed=config.seed)
   source = RowSource(train=train_rows, held_out=held_rows, batch_size=config.train.batch_size,
                      seed=config.seed, make_batch=make_batch, what='SFT demonstrations')
-  model = setup.init.model
+  model = setup.model  # the init run's, with adapters under LoRA
   state, shardings = setup.lm_state(setup.init.params)
   step = setup.lm_train_step(shardings)
+  param_shardings = setup.full_shardings(shardings.params)
   eval_logprobs = jax.jit(functools.partial(lm_step.eval_logprobs, model=model),
-                          in_shardings=(shardings.params, setup.batch_sharding),
+                          in_shardings=(param_shardings, setup.batch_sharding),
                           out_shardings=setup.batch_sharding)
   put = lambda b: distributed.put_global(b, setup.batch_sharding)
   held_out = HeldOutLoss(source.eval_batches(), eval_logprobs, put)
@@ -139,8 +140,10 @@ def run(config, *, workdir: str) -> None:
     static = jsonl_data.static_metrics(lineage, 'sft')
   elif task is None:
     policy = PolicyEvaluator(config=config, world=setup.world, model=model, mesh=setup.mesh,
-                             mesh_config=config.mesh, param_shardings=shardings.params,
-                             ref_params=setup.init.params, dp=setup.dp)
+                             mesh_config=config.mesh, param_shardings=param_shardings,
+                             ref_params=setup.init.params, dp=setup.dp,
+                             ref_model=setup.ref_model(),
+                             ref_param_shardings=setup.init.param_shardings)
     static = {'sft/demo_gold_reward': float(np.mean(data['gold'])),
               'sft/sample_gold_reward': float(np.mean(data['sample_gold']))}
   else:  # the problems and numbers GRPO's eval/* reports, so its step 0 continues these
@@ -150,8 +153,10 @@ def run(config, *, workdir: str) -> None:
                            param_shardings=shardings.params, ref_params=setup.init.params,
                            dp=setup.dp)
     static = {'sft/demo_response_length': float(np.mean(data['mask'].sum(axis=1)))}
-  evaluate = lambda state: {**held_out(state.params), **policy(state.params)}
-  static.update({'sft/demos': len(train_rows), 'sft/held_out_demos': len(held_rows)})
+  evaluate = lambda state: {**held_out(setup.full(state.params)),
+                            **policy(setup.full(state.params))}
+  static.update({'sft/demos': len(train_rows), 'sft/held_out_demos': len(held_rows),
+                 **setup.static_metrics()})
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=config.train.batch_size * (data['prompts'].shape[1] +

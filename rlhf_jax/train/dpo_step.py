@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.data.batch import PairBatch
+from rlhf_jax.models import lora
 from rlhf_jax.sampling import score
 from rlhf_jax.train import preference_losses
 from rlhf_jax.train.state import TrainState
@@ -43,12 +44,13 @@ def pair_logps(params, batch: PairBatch, *, model, loss: str) -> preference_loss
       rejected_length=batch.rejected_mask.sum(axis=1), weight=batch.weight, **kl)
 
 
-def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, loss: str,
-               hparams: dict):
+def train_step(state: TrainState, batch: PairBatch, frozen=None, *, model, tx, schedule,
+               loss: str, hparams: dict):
   """One update; metrics report the loss's implicit rewards (beta * log-ratio, per-token
-  averaged for the length-normalised losses)."""
+  averaged for the length-normalised losses). frozen: with LoRA, the base params
+  (state.params holds the adapters, which alone get a gradient)."""
   def loss_fn(params):
-    lp = pair_logps(params, batch, model=model, loss=loss)
+    lp = pair_logps(lora.combine(params, frozen), batch, model=model, loss=loss)
     per = preference_losses.per_pair_loss(loss, lp, hparams)
     w = batch.weight
     return (per * w).sum() / jnp.maximum(w.sum(), 1.0), lp

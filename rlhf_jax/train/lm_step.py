@@ -9,11 +9,13 @@ import optax
 
 from rlhf_jax import losses
 from rlhf_jax.data.batch import LMBatch
+from rlhf_jax.models import lora
 from rlhf_jax.train.state import TrainState
 
 
-def _xent(params, batch: LMBatch, model):
-  out = model.apply({'params': params}, batch.inputs, segment_ids=batch.segment_ids,
+def _xent(params, batch: LMBatch, model, frozen=None):
+  out = model.apply({'params': lora.combine(params, frozen)}, batch.inputs,
+                    segment_ids=batch.segment_ids,
                     positions=batch.positions)
   loss_sum, count, correct = losses.xent_sum(out.logits, batch.targets, batch.weights)
   return loss_sum, (count, correct)
@@ -28,15 +30,17 @@ def _microbatches(batch: LMBatch, n: int) -> LMBatch:
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: LMBatch, *, model, tx, schedule, grad_accum: int):
+def train_step(state: TrainState, batch: LMBatch, frozen=None, *, model, tx, schedule,
+               grad_accum: int):
   """One optimiser update on `batch` ([B, T] fields); the mean is over all its tokens,
-  however many microbatches it is cut into."""
+  however many microbatches it is cut into. frozen: with LoRA, the base params (state.params
+  holds the adapters; the gradient is taken by them alone)."""
   grad_fn = jax.value_and_grad(_xent, has_aux=True)
   if grad_accum == 1:
-    (loss_sum, (count, correct)), grads = grad_fn(state.params, batch, model)
+    (loss_sum, (count, correct)), grads = grad_fn(state.params, batch, model, frozen)
   else:
     def body(carry, mb):
-      (s, (n, c)), g = grad_fn(state.params, mb, model)
+      (s, (n, c)), g = grad_fn(state.params, mb, model, frozen)
       acc_g, acc_s, acc_n, acc_c = carry
       return (jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_n + n, acc_c + c), None
     zeros = jax.tree.map(jnp.zeros_like, state.params)

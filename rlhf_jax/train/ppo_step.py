@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, sampling
+from rlhf_jax.models import lora
 from rlhf_jax.train import judge_reward, kl_control, ppo_update
 from rlhf_jax.train.reward_step import response_sequences
 from rlhf_jax.train.state import TrainState
@@ -70,6 +71,9 @@ class StepConfig:
   max_new_tokens: int
   ppo: ppo_update.PPOConfig
   judge_verdicts: tuple[int, int] = (0, 0)  # reward='judge': its FIRST and SECOND tokens
+  # LoRA: state.params holds adapters (and the value head); the frozen base of the policy
+  # (and critic) is the reference, frozen.ref_params, which the init run gave both.
+  lora: bool = False
 
 
 def member_rewards(rm_params, prompts, prompt_lengths, responses, mask, *, rm_model):
@@ -108,19 +112,27 @@ def make_apply(model, *, prompt_len: int):
 
 
 def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm, rm_model,
-               tx, schedule, config: StepConfig, task=None, judge_model=None):
+               tx, schedule, config: StepConfig, task=None, judge_model=None,
+               policy_lm=None):
   """model: the PolicyValue learner; lm: the bare Transformer (the policy and reference
   sample and score with it); rm_model: the reward ensemble (None for gold and task);
   task: the rlhf_jax.tasks Task whose verifier scores the responses (reward='task');
-  judge_model: the judge LM's Transformer (reward='judge')."""
+  judge_model: the judge LM's Transformer (reward='judge'); policy_lm: the policy's own
+  Transformer when it is not `lm` (LoRA: lm with adapters)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_sample, k_update = jax.random.split(key)
   prompts, lengths = batch.prompts, batch.prompt_lengths
-  out = sampling.sample(state.params['policy'], prompts, lengths, k_sample, model=lm,
+  full = lambda params: params
+  if config.lora:
+    base = {k: frozen.ref_params for k in ('policy', 'critic') if k in state.params}
+    full = lambda params: lora.combine(params, base)
+  out = sampling.sample(full(state.params)['policy'], prompts, lengths, k_sample,
+                        model=policy_lm or lm,
                         config=sampling.SampleConfig(max_new_tokens=config.max_new_tokens))
   response, mask = out.response, out.mask
   inputs = (sequence_inputs(prompts, lengths, response), response)
-  apply_fn = make_apply(model, prompt_len=prompts.shape[1])
+  learner_apply = make_apply(model, prompt_len=prompts.shape[1])
+  apply_fn = lambda params, inputs: learner_apply(full(params), inputs)
   logp, values, _ = apply_fn(state.params, inputs)
   logp, values = logp * mask, values * mask
   ref_logp = sampling.score(frozen.ref_params, prompts, lengths, response, model=lm) * mask

@@ -20,6 +20,7 @@ import optax
 
 from rlhf_jax import losses
 from rlhf_jax.data.batch import PairBatch
+from rlhf_jax.models import lora
 from rlhf_jax.sampling import sequence_layout
 from rlhf_jax.train.state import TrainState, member_norms
 
@@ -51,11 +52,13 @@ def pair_rewards(params, batch: PairBatch, *, model):
   return rewards[:, :b], rewards[:, b:]
 
 
-def train_step(state: TrainState, batch: PairBatch, *, model, tx, schedule, bootstrap: bool):
+def train_step(state: TrainState, batch: PairBatch, frozen=None, *, model, tx, schedule,
+               bootstrap: bool):
   """One update of all members; each member's loss is its own weighted mean, so the summed
-  loss gives each member exactly its own gradient."""
+  loss gives each member exactly its own gradient. frozen: with LoRA, the base trunks
+  (state.params holds adapters and heads, which alone get a gradient)."""
   def loss_fn(params):
-    chosen, rejected = pair_rewards(params, batch, model=model)
+    chosen, rejected = pair_rewards(lora.combine(params, frozen), batch, model=model)
     weight = jnp.broadcast_to(batch.weight, chosen.shape)
     if bootstrap:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -114,12 +117,13 @@ def outcome_loss(scores, label, weight):
           jnp.maximum(weight.sum(axis=1), 1.0))
 
 
-def outcome_train_step(state: TrainState, batch: OutcomeBatch, *, model, tx, schedule,
-                       bootstrap: bool):
-  """One BCE update of all members, as `train_step` does for pairs (same bootstrap)."""
+def outcome_train_step(state: TrainState, batch: OutcomeBatch, frozen=None, *, model, tx,
+                       schedule, bootstrap: bool):
+  """One BCE update of all members, as `train_step` does for pairs (same bootstrap and
+  frozen)."""
   def loss_fn(params):
-    scores = outcome_scores(params, batch.prompts, batch.prompt_lengths, batch.response,
-                            batch.mask, model=model)
+    scores = outcome_scores(lora.combine(params, frozen), batch.prompts, batch.prompt_lengths,
+                            batch.response, batch.mask, model=model)
     weight = jnp.broadcast_to(batch.weight, scores.shape)
     if bootstrap:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

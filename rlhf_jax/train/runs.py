@@ -17,8 +17,9 @@ import optax
 
 from rlhf_jax.errors import UserError
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.models import policy_value, reward_model
+from rlhf_jax.models import lora, policy_value, reward_model
 from rlhf_jax.models.transformer import ModelConfig, Transformer
+from rlhf_jax.train import lora_state
 from rlhf_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
 from rlhf_jax.train.state import abstract_sharded, make_optimizer
 
@@ -62,7 +63,8 @@ def optimizer(config, *, updates: int | None = None):
   return make_optimizer(config.optim, updates or config.train.steps, members=members)
 
 
-def _lm_init(model: Transformer):
+def lm_init(model: Transformer):
+  """rng -> the boxed params of a language model `model`."""
   dummy = np.ones((1, 8), np.int32)
   return lambda rng: model.init(rng, dummy, segment_ids=dummy, positions=dummy)['params']
 
@@ -71,10 +73,14 @@ def load(workdir: str, *, mesh, mesh_config, step: int | None = None,
          role: str = 'run') -> LoadedRun:
   """The language model of the run in `workdir` at checkpoint `step` (None or -1: the
   newest), restored directly onto `mesh` with the layouts `mesh_config.rules` give. For a
-  PPO run: its policy."""
+  PPO run: its policy. A LoRA run (lora.rank > 0) is its base (`init.run` at `init.step`,
+  loaded the same way) with its adapters merged in: the model is the base's."""
   workdir = os.path.abspath(workdir)
   config = read_config(workdir, role=role)
   model = Transformer(ModelConfig.from_config(config.model))
+  if lora.enabled(config):
+    return _load_lora(workdir, config, model=model, mesh=mesh, mesh_config=mesh_config,
+                      step=step, role=role)
   if config.get('stage') == 'ppo':
     learner = policy_value.PolicyValue(model.cfg, config.ppo.value)
     updates = config.train.steps * config.ppo.epochs * config.ppo.minibatches
@@ -83,7 +89,7 @@ def load(workdir: str, *, mesh, mesh_config, step: int | None = None,
                    updates=updates, extra={'kl_coef': jax.ShapeDtypeStruct((), jnp.float32)})
     return dataclasses.replace(run, params=run.params['policy'],
                                param_shardings=run.param_shardings['policy'])
-  return _restore(workdir, config, model=model, init_params=_lm_init(model), mesh=mesh,
+  return _restore(workdir, config, model=model, init_params=lm_init(model), mesh=mesh,
                   mesh_config=mesh_config, step=step, role=role)
 
 
@@ -96,8 +102,57 @@ def load_reward_model(workdir: str, *, mesh, mesh_config, step: int | None = Non
     raise UserError(f'{role} {workdir} is a {config.get("stage")!r} run, not a reward_model run')
   model = reward_model.ensemble(ModelConfig.from_config(config.model), config.rm.ensemble,
                                 config.rm.pooling)
+  if lora.enabled(config):
+    return _load_lora(workdir, config, model=model, mesh=mesh, mesh_config=mesh_config,
+                      step=step, role=role)
   return _restore(workdir, config, model=model, init_params=reward_model.init_params(model),
                   mesh=mesh, mesh_config=mesh_config, step=step, role=role)
+
+
+def _base_role(workdir: str, role: str) -> str:
+  return f'the base of the LoRA run {workdir} ({role}), its init.run'
+
+
+def _load_lora(workdir, config, *, model, mesh, mesh_config, step, role) -> LoadedRun:
+  """A LoRA run of an LM (SFT, DPO; PPO's policy) or of a reward model (`model`, the plain
+  ensemble): its checkpoint's adapters (and heads) restored, the base loaded from its
+  pointer, and the two merged (lora.merge) into `model`'s params, laid out as the base's."""
+  base = load(config.init.run, mesh=mesh, mesh_config=mesh_config, step=config.init.step,
+              role=_base_role(workdir, role))
+  adapted_cfg = lora.adapt(base.model.cfg, config.lora)
+  scale = float(config.lora.alpha) / int(config.lora.rank)
+  stage = config.get('stage')
+  if stage == 'reward_model':
+    adapted = reward_model.ensemble(adapted_cfg, config.rm.ensemble, config.rm.pooling)
+    run = _restore(workdir, config, model=model, init_params=lora_state.trainable_init(
+        reward_model.init_params(adapted), lm_keys=('trunk',)), mesh=mesh,
+                   mesh_config=mesh_config, step=step, role=role)
+    _, shardings = abstract_sharded(init_params=reward_model.init_params(model),
+                                    tx=optax.identity(), rng=jax.random.key_data(
+                                        jax.random.key(0)), mesh=mesh, mesh_config=mesh_config)
+    k = config.rm.ensemble
+    frozen = lambda lm: {'trunk': jax.tree.map(
+        lambda t: jnp.broadcast_to(t, (k,) + t.shape), lm)}
+    trainable, out_shardings = run.params, shardings.params
+  elif stage == 'ppo':
+    learner = policy_value.PolicyValue(adapted_cfg, config.ppo.value)
+    updates = config.train.steps * config.ppo.epochs * config.ppo.minibatches
+    run = _restore(workdir, config, model=model, init_params=lora_state.trainable_init(
+        policy_value.init_params(learner), lm_keys=('policy', 'critic')), mesh=mesh,
+                   mesh_config=mesh_config, step=step, role=role, updates=updates,
+                   extra={'kl_coef': jax.ShapeDtypeStruct((), jnp.float32)})
+    frozen = lambda lm: lm
+    trainable, out_shardings = run.params['policy'], base.param_shardings
+  else:
+    run = _restore(workdir, config, model=model,
+                   init_params=lora_state.trainable_init(lm_init(Transformer(adapted_cfg))),
+                   mesh=mesh, mesh_config=mesh_config, step=step, role=role)
+    frozen = lambda lm: lm
+    trainable, out_shardings = run.params, base.param_shardings
+  merged = jax.jit(lambda t, lm: lora.merge(lora.combine(t, frozen(lm)), scale=scale),
+                   out_shardings=out_shardings)(trainable, base.params)
+  return LoadedRun(workdir=workdir, config=config, model=model, params=merged, step=run.step,
+                   param_shardings=out_shardings)
 
 
 def _restore(workdir, config, *, model, init_params, mesh, mesh_config, step, role,
