@@ -256,9 +256,9 @@ def _main(*args):
 
 @pytest.mark.slow  # an end-to-end run of three stages
 def test_import_sft_dpo_on_jsonl_then_export(imported, tmp_path):
-  """The recipe of the README on a tiny Llama: import -> SFT on a JSONL -> DPO on a
-  preference JSONL -> export; the exported folder's logits under the float64 reference
-  equal the DPO run's own, and training moved the weights."""
+  """The recipe of the README on a tiny Llama: import -> SFT on a JSONL -> DPO with LoRA on
+  a preference JSONL -> merged export; the exported folder's logits under the float64
+  reference equal the DPO run's own (base + adapters), and training moved the weights."""
   hf, tensors, folder, _, _ = imported['llama']
   run = tmp_path / 'import'
   assert convert('--from=hf', str(folder), f'--workdir={run}').returncode == 0
@@ -277,10 +277,20 @@ def test_import_sft_dpo_on_jsonl_then_export(imported, tmp_path):
   dpo = tmp_path / 'dpo'
   result = _main('--config=configs/dpo.py:tiny', f'--workdir={dpo}', f'--config.init.run={sft}',
                  f'--config.prefs.data=jsonl:{_jsonl(tmp_path / "pairs.jsonl", pairs)}',
-                 '--config.prefs.prompt_len=8', '--config.prefs.max_new_tokens=8', *steps)
+                 '--config.prefs.prompt_len=8', '--config.prefs.max_new_tokens=8',
+                 '--config.lora.rank=4', '--config.lora.targets=query,value,gate_up,down',
+                 '--config.optim.lr=3e-2', *steps)
   assert result.returncode == 0, result.stderr[-3000:]
+  first = json.loads(open(dpo / 'metrics.jsonl').readline())
+  # AdamW: two moments of 4 bytes per trained parameter (+ two step counters).
+  assert first['lora/opt_state_bytes'] == 8 * first['lora/trainable_params'] + 8
+  d, f, r, layers = 16, 24, 4, 2  # adapters A [in, r], B [r, out] per targeted kernel
+  per_layer = sum(r * (i + o) for i, o in ((d, 4 * 4), (d, 2 * 4), (d, 2 * f), (f, d)))
+  assert first['lora/trainable_params'] == layers * per_layer
+  assert first['lora/full_opt_state_bytes'] == 8 * sum(v.size for v in tensors.values()) + 8
   out = tmp_path / 'out'
-  result = convert('--to=hf', str(out), f'--workdir={dpo}')
+  assert convert('--to=hf', str(out), f'--workdir={dpo}').returncode == 2  # needs --merge
+  result = convert('--to=hf', str(out), f'--workdir={dpo}', '--merge')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'as llama' in result.stdout and (out / 'tokenizer.json').exists()
   from safetensors.numpy import load_file
