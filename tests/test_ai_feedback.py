@@ -101,6 +101,7 @@ class FakeSampler:
     return type('Out', (), {'response': self.response[:n], 'mask': self.mask[:n]})()
 
 
+@pytest.mark.slow  # over 5 s
 def test_teacher_labels_follow_their_bradley_terry_formula(world):
   lang, g = world
   w = type('W', (), {'lang': lang, 'gold': g})()
@@ -145,6 +146,7 @@ def reader(world):
                          mesh_config=mesh_config, dp=1), model, _params(model)
 
 
+@pytest.mark.slow  # over 5 s
 def test_lm_reading_is_the_verdict_tokens_log_odds_of_each_unpadded_document(world, reader):
   lang, _ = world
   lm, model, params = reader

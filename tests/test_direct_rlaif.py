@@ -111,6 +111,7 @@ def test_reward_is_antisymmetric_and_zero_at_the_reference(judge_lm):
   np.testing.assert_array_equal(np.asarray(r_same), np.zeros(B, np.float32))
 
 
+@pytest.mark.slow  # over 5 s
 def test_principles_are_drawn_by_weight(judge_lm):
   model, params = judge_lm
   pairs = _pairs(9)

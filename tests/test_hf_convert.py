@@ -107,6 +107,7 @@ def test_specials_sit_at_our_ids(imported):
   assert ids == [2, 39, 5] and tok.decode([39, 5]) == 'w2 w5'
 
 
+@pytest.mark.slow  # over 5 s
 @pytest.mark.parametrize('family', FAMILIES)
 def test_cached_decoding_equals_full_recomputation(imported, family):
   _, _, _, _, loaded = imported[family]
@@ -187,6 +188,7 @@ def test_transformers_loads_the_export_with_equal_logits(imported, family, tmp_p
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # over 5 s
 def test_the_cli_imports_and_exports(imported, tmp_path):
   _, _, folder, _, _ = imported['llama']
   result = convert('--from=hf', str(folder), f'--workdir={tmp_path / "run"}')

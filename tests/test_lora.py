@@ -83,6 +83,7 @@ def numpy_merge(params: dict, scale: float) -> dict:
   return out
 
 
+@pytest.mark.slow  # over 5 s
 @pytest.mark.parametrize('mlp', ['swiglu', 'gelu'])
 def test_zero_adapters_reproduce_the_base_logits_bit_for_bit(mlp):
   cfg = dataclasses.replace(BASE, mlp=mlp)
@@ -114,6 +115,7 @@ def test_zero_adapters_reproduce_the_base_logits_bit_for_bit(mlp):
       np.testing.assert_array_equal(np.concatenate(pieces, axis=1), base_cached)
 
 
+@pytest.mark.slow  # over 5 s
 def test_the_adapted_forward_equals_a_numpy_merge():
   cfg = adapted(rank=3, alpha=6.0)
   base = init(BASE, 0)
@@ -152,6 +154,7 @@ def _lm_batch():
                  weights=jnp.ones(inputs.shape, jnp.float32))
 
 
+@pytest.mark.slow  # over 5 s
 def test_the_gradient_reaches_only_the_adapters():
   cfg = adapted(targets=('query', 'value', 'down'))
   base = jax.tree.map(jnp.asarray, init(BASE, 0))
@@ -248,6 +251,7 @@ def _lora_run(workdir, base_run, *, rank, alpha, targets, seed=5):
   return cfg, trainable
 
 
+@pytest.mark.slow  # over 5 s
 def test_merged_export_reimports_to_the_adapted_logits(tmp_path, capsys):
   from rlhf_jax.convert import __main__ as convert_main
   from rlhf_jax.convert import hf_import
