@@ -24,8 +24,12 @@ Variants:
              tokens (the judge prefers short responses, and PPO finds it); 6067 judge
              labels, 0 human (docs/constitutional-ai.md).
   tiny_sl    SL-CAI alone (experiments/constitutional.py runs it once per judge and seed).
+             Measured there (3 seeds, ± 95%): harm 0.336 -> 0.208 ± 0.020, gold -0.467 ->
+             -0.166 ± 0.072; about 7 min each with the judge.
   tiny_rl    RL-CAI alone, from the init policy (there: from the SL policy, with
-             cai.judge_run naming the judge).
+             cai.judge_run naming the judge). Measured there from the SL policies with
+             human_fraction 0 and --config.stages.reward_model.train.steps=200 (3 seeds):
+             harm 0.009 ± 0.022, gold 0.237 ± 0.124, KL to SL 1.2 nats; 80-110 s each.
   tiny_rm    SL -> RL with a reward-model judge (semi-automated RLHF): a reward model on
              384 human comparisons labels the rest. Not measured here: no runtime or result
              is claimed.
@@ -33,7 +37,10 @@ Variants:
              Not measured here: no runtime or result is claimed.
   tiny_direct  SL -> RL with direct RLAIF: PPO whose reward is the judge's order-averaged
              verdict on each rollout against the SL policy's response to the same prompt
-             (stages/ppo.py, ppo.reward='judge'); no reward model.
+             (stages/ppo.py, ppo.reward='judge'); no reward model. Measured with
+             --config.cai.plan=rl from the experiment's SL policies and tiny judges (3
+             seeds, ± 95%): harm 0.208 -> 0.025 ± 0.015, gold -0.166 -> 0.173 ± 0.055,
+             KL to SL 0.64 nats, 6400 judge labels; about 90 s each.
 
 Any leaf can be overridden: --config.judge.human_fraction=0.5 --config.cai.revisions=4
 --config.stages.ppo.ppo.kl_coef=0.1.

@@ -21,7 +21,9 @@ Variants:
   tiny_wide  a judge of another size: made from runs/pretrain_tiny_wide
              (configs/pretrain.py:tiny with --config.model.d_model=128
              --config.model.n_layers=4 --config.model.d_ff=512), learning on
-             runs/pretrain_tiny's samples. Measured in experiments/constitutional.py.
+             runs/pretrain_tiny's samples. Measured in experiments/constitutional.py (3
+             seeds): gold agreement 0.558 (the tiny judge's 0.549), position flip rate
+             0.572 (0.614); its policies' harm and gold within the tiny judge's intervals.
 
 Any leaf can be overridden: --config.judge_data.teacher_temperature=0.1
 --config.constitution.harmless.weight=4.
