@@ -71,6 +71,8 @@ def grpo_block() -> ml_collections.ConfigDict:
                                # 'majority' (agreement with the group's vote, no check)
       rm_run='',               # reward='orm': an rm.objective='outcome' run on the same task
       rm_step=-1,              # its checkpoint; -1: the newest (pinned at resolve)
+      data='',                 # only '': prompts-only JSONL has no answers to verify
+                               # (refused); a JSONL of problems is task.name='jsonl'
   ))
 
 

@@ -63,6 +63,11 @@ def get_config(arg: str = 'tiny'):
       gamma=1.0,
       lam=0.95,
       whiten=True,             # whiten advantages over the batch's response tokens
+      data='',                 # '': world prompts; 'jsonl:PATH': a local file of {"prompt"}
+                               # rows (data/jsonl.py) for the rollouts and the reward
+                               # statistics; init.run and rm_run runs on text, reward 'rm'
+      overlong='error',        # jsonl: a prompt over prompt_len tokens is an 'error' | 'drop'
+      eval_fraction=0.1,       # jsonl: prompts held out of the pool for policy/* (RM and KL)
   ))
   config.optim.update(lr=1e-4, warmup_steps=10, weight_decay=0.0)
   config.train.update(steps=100, batch_size=64, log_every=10, eval_every=25, ckpt_every=25)

@@ -460,6 +460,11 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
     _validate_dpo(config.dpo)
   if 'ppo' in config:
     _validate_ppo(config)
+  if 'grpo' in config and config.grpo.get('data', ''):
+    raise UserError(f'grpo.data={config.grpo.data!r}: GRPO scores each rollout with a '
+                    "task's verifier, and {\"prompt\"} rows carry no answer to check it "
+                    "against; give {\"prompt\", \"answer\"} problems as task.name='jsonl' "
+                    "task.path=PATH, or run PPO against a reward model (ppo.data)")
   if 'prefs' in config:
     p = config.prefs
     if p.responses_per_prompt < 2:
@@ -530,6 +535,12 @@ def validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
 
 def _validate_ppo(config: ml_collections.ConfigDict) -> None:
   p = config.ppo
+  if p.get('data', '') and p.reward != 'rm':
+    raise UserError(f'ppo.data={p.data!r} with ppo.reward={p.reward!r}: text prompts have '
+                    "no gold reward, task answer or world judge; use ppo.reward='rm' (a "
+                    'reward_model run on the same tokenizer as ppo.rm_run)')
+  if p.get('data', '') and not 0 < p.eval_fraction < 1:
+    raise UserError(f'ppo.eval_fraction={p.eval_fraction} must be in (0, 1)')
   for name, choices in (('reward', ('rm', 'gold', 'task', 'judge')),
                         ('value', ('head', 'critic')), ('kl_control', ('fixed', 'adaptive')),
                         ('reward_norm', ('mean', 'mean_std'))):

@@ -398,6 +398,8 @@ def test_cli_text_pretrain_sft_dpo_rm_on_jsonl(text_run, tmp_path):
   with open(tmp_path / 'reward_model' / 'reward_norm.json') as f:
     assert json.load(f)['reference_responses'] == 2 * held
 
+  check_ppo_on_prompts(tmp_path, sft=sft, rm=str(tmp_path / 'reward_model'))
+
   # A resumed run whose file has changed is refused, and its DIR left as it was.
   before = open(os.path.join(tmp_path, 'dpo', 'config.json')).read()
   write_jsonl(pref_file, pref_rows(13))
@@ -406,3 +408,79 @@ def test_cli_text_pretrain_sft_dpo_rm_on_jsonl(text_run, tmp_path):
                *PREF_LENS, '--config.train.steps=3', *STEPS[1:], *TINY[-1:])
   assert_one_error_line(result, mentions=('has changed since',))
   assert open(os.path.join(tmp_path, 'dpo', 'config.json')).read() == before
+
+
+# -- PPO on a prompts JSONL ------------------------------------------------------------------
+
+PPO_ARGS = ('--config.ppo.prompt_len=48', '--config.ppo.max_new_tokens=8',
+            '--config.ppo.reward_norm_prompts=8', '--config.ppo.epochs=1',
+            '--config.ppo.minibatches=2', '--config.train.eval_every=2')
+
+
+def prompt_rows(n: int, seed: int = 3) -> list:
+  rng = np.random.default_rng(seed)
+  return [{'prompt': _words(rng, int(rng.integers(2, 6))), 'source': 'test'} for _ in range(n)]
+
+
+def check_ppo_on_prompts(tmp_path, *, sft: str, rm: str) -> None:
+  """PPO from the JSONL SFT run against the JSONL reward model, its rollouts on a prompts
+  file: the prompts the stage stored (and sampled from) are the tokenizer's encoding of
+  the file's, computed here through sentencepiece itself; no gold number is reported."""
+  import sentencepiece as spm
+  rows = prompt_rows(12)
+  prompt_file = write_jsonl(tmp_path / 'prompts.jsonl', rows)
+  ppo = str(tmp_path / 'ppo')
+  result = cli('--config=configs/ppo.py:tiny', f'--workdir={ppo}', f'--config.init.run={sft}',
+               f'--config.ppo.rm_run={rm}', f'--config.ppo.data=jsonl:{prompt_file}',
+               *PPO_ARGS, *STEPS, *TINY[-1:])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'ppo: 12 rows of 12 from' in result.stdout and 'rl/gold_reward' in result.stdout
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(text_run_of(sft), 'tokenizer.model'))
+  encoded = [[BOS] + sp.encode(r['prompt']) for r in rows]
+  width = max(map(len, encoded))
+  expected = np.array([[0] * (width - len(e)) + e for e in encoded], np.int32)
+  np.testing.assert_array_equal(np.load(os.path.join(ppo, 'jsonl', 'prompts.npy')), expected)
+  with open(os.path.join(ppo, 'jsonl', 'lineage.json')) as f:
+    lineage = json.load(f)
+  assert lineage['kind'] == 'prompts' and lineage['sha256'] == jsonl.sha256(prompt_file)
+  assert lineage['source_field'] == 'ppo.data'
+  distinct = len({tuple(e) for e in encoded})
+  m = _metrics(ppo)
+  assert [r['step'] for r in m] == [0, 1, 2]
+  assert m[0]['rl/prompt_pool'] + m[0]['ppo/held_out_prompts'] == distinct == 12
+  assert m[0]['ppo/jsonl_rows'] == 12
+  assert all(np.isfinite(r['rl/proxy_reward']) for r in m[1:])
+  assert np.isfinite(m[-1]['policy/proxy_reward']) and np.isfinite(m[-1]['policy/kl_ref'])
+  assert not any(k.startswith(('rl/gold', 'rl/harm', 'policy/gold', 'policy/group',
+                               'policy/harm')) for r in m for k in r)
+  with open(os.path.join(ppo, 'reward_norm.json')) as f:
+    stats = json.load(f)
+  assert stats['prompts_sha256'] == lineage['sha256'] and stats['samples'] == 8
+  # A bad row: its line, exit 2, and no DIR.
+  bad = write_jsonl(tmp_path / 'bad_prompts.jsonl', [rows[0], {'prompt': ''}])
+  result = cli('--config=configs/ppo.py:tiny', f'--workdir={tmp_path / "ppo_bad"}',
+               f'--config.init.run={sft}', f'--config.ppo.rm_run={rm}',
+               f'--config.ppo.data=jsonl:{bad}', *PPO_ARGS, *STEPS, *TINY[-1:])
+  assert_one_error_line(result, mentions=(bad, "line 2: field 'prompt' is empty"))
+  assert not (tmp_path / 'ppo_bad').exists()
+
+
+def text_run_of(run: str) -> str:
+  """The init.run of `run` (the text pretrain, whose tokenizer.model it copied)."""
+  with open(os.path.join(run, 'config.json')) as f:
+    return json.load(f)['init']['run']
+
+
+@pytest.mark.parametrize('args, mentions', [
+    (('--config=configs/ppo.py:tiny', '--config.ppo.reward=gold'),
+     ("ppo.reward='gold'", "use ppo.reward='rm'")),
+    (('--config=configs/ppo.py:task_tiny',), ("ppo.reward='task'", "use ppo.reward='rm'")),
+    (('--config=configs/grpo.py:tiny',), ('grpo.data=', 'no answer to check',
+                                          "task.name='jsonl'")),
+])
+def test_cli_refuses_jsonl_prompts_without_a_reward_model(args, mentions, tmp_path):
+  path = write_jsonl(tmp_path / 'p.jsonl', [{'prompt': 'the cat'}])
+  field = 'grpo' if 'grpo' in args[0] else 'ppo'
+  result = cli(*args, f'--workdir={tmp_path / "run"}', f'--config.{field}.data=jsonl:{path}')
+  assert_one_error_line(result, mentions=mentions)
+  assert not (tmp_path / 'run').exists()

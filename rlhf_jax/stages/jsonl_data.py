@@ -1,5 +1,6 @@
 """A stage's rows from a user's JSONL file instead of the world: `sft.data='jsonl:PATH'`
-(SFT) or `prefs.data='jsonl:PATH'` (reward model, DPO); '' (the default) keeps the world.
+(SFT), `prefs.data='jsonl:PATH'` (reward model, DPO) or `ppo.data='jsonl:PATH'` (PPO's
+rollout prompts, stages/jsonl_prompts.py); '' (the default) keeps the world.
 
 A JSONL source needs a run on text as init.run (a pretraining run on `text:PATH`, a
 stage run that learnt from JSONL itself, or an imported Hugging Face checkpoint and its
@@ -26,7 +27,8 @@ from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.errors import UserError
 
 # stage -> (block, kind) of its JSONL source field `<block>.data`.
-FIELDS = {'sft': ('sft', 'sft'), 'reward_model': ('prefs', 'prefs'), 'dpo': ('prefs', 'prefs')}
+FIELDS = {'sft': ('sft', 'sft'), 'reward_model': ('prefs', 'prefs'), 'dpo': ('prefs', 'prefs'),
+          'ppo': ('ppo', 'prompts')}
 SKIPPED = {
     'sft': {'policy/*': 'init.run is a run on text: no world, so no gold reward or KL '
                         'by sampling on world prompts'},
@@ -35,6 +37,10 @@ SKIPPED = {
     'reward_model': {'rm/gold_*, rm/noise_ceiling, rm/group*/*, prefs/*':
                      "the file's labels come from no simulated annotator and there is no "
                      'gold reward'},
+    'ppo': {'rl/gold_reward, rl/harm_rate, policy/gold_reward*, policy/group*_reward, '
+            'policy/harm_rate': 'text prompts: no world, so no gold reward or forbidden '
+                                'tokens; policy/* is the reward model\'s score and the KL '
+                                'to the reference on held-out prompts of the file'},
 }
 DIRNAME = 'jsonl'
 
@@ -74,6 +80,10 @@ def validate(config):
   if src.kind == 'prefs' and config.prefs.dir:
     raise UserError(f'prefs.data={config.prefs.data!r} and prefs.dir={config.prefs.dir!r} '
                     'both name preference pairs; choose one')
+  if src.kind == 'prompts' and config.ppo.reward != 'rm':
+    raise UserError(f'ppo.data={config.ppo.data!r} with ppo.reward={config.ppo.reward!r}: '
+                    "text prompts have no gold reward, task answer or world judge; use "
+                    "ppo.reward='rm'")
   if src.kind == 'prefs' and 'judge' in config:
     raise UserError('prefs.data names labelled pairs; a judge block (AI feedback) labels '
                     'pairs the stage makes itself; choose one')

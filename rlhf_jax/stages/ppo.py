@@ -28,6 +28,11 @@ judge.step pinned like ppo.rm_step) verdict on each rollout against a response t
 reference samples for the same prompt, under a principle of the `constitution` block
 drawn per row: r = 2 p - 1 with p the order-averaged P(rollout better)
 (train/judge_reward.py); no reward model is loaded and rl/judge_win_rate is logged.
+
+With ppo.data='jsonl:PATH' (init.run and ppo.rm_run runs on text of one tokenizer) the
+rollout and reward-normalisation prompts are the file's, the policy/* eval is on its
+held-out prompts and has no gold numbers, and rl/gold_reward, rl/harm_rate are not logged
+(stages/jsonl_prompts.py); ppo.reward must be 'rm'.
 """
 import functools
 import os
@@ -44,7 +49,7 @@ from rlhf_jax.data.preferences import world_prompts
 from rlhf_jax.data.row_source import RowSource
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import policy_value
-from rlhf_jax.stages import from_run, grpo, reward_norm
+from rlhf_jax.stages import from_run, grpo, jsonl_data, jsonl_prompts, reward_norm
 from rlhf_jax.stages.from_run import FromRun
 from rlhf_jax.stages.policy_eval import PolicyEvaluator
 from rlhf_jax.stages.task_eval import TaskEvaluator
@@ -79,6 +84,8 @@ def resolve(config) -> None:
   if rm.world.to_dict() != config.world.to_dict():
     raise UserError(f'ppo.rm_run {config.ppo.rm_run} learned on another world than '
                     f'init.run {config.init.run}')
+  if jsonl_data.source(config) is not None:
+    jsonl_prompts.check_rm_run(config)
   reward_norm.read_rm(config.ppo.rm_run)  # an unfinished reward-model run fails here
   with config.unlocked():
     for block in ('reward', 'annotators'):
@@ -197,12 +204,15 @@ class Learner:
 
 
 def run(config, *, workdir: str) -> None:
+  # A JSONL file's bad rows are refused before DIR is written or the init run is loaded.
+  given = jsonl_data.read_given(config, workdir=workdir)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
   p = config.ppo
   task = None
   if p.reward == 'task':  # a bad task file fails here, before DIR is written
     task = grpo.make_task(config, setup, max_new_tokens=p.max_new_tokens)
   config_lib.write_or_check(config, workdir)
+  texts = None if given is None else jsonl_prompts.load(config, given, setup, workdir=workdir)
   mesh, replicated = setup.mesh, sharding.replicated(setup.mesh)
   learner = Learner(config, setup)
   rm_model, rm_params, rm_shardings = None, None, None
@@ -211,8 +221,12 @@ def run(config, *, workdir: str) -> None:
     rm = runs.load_reward_model(p.rm_run, mesh=mesh, mesh_config=config.mesh, step=p.rm_step,
                                 role='ppo.rm_run')
     rm_model, rm_params, rm_shardings = rm.model, rm.params, rm.param_shardings
-    rm_norm = reward_norm.to_norm(reward_norm.for_ppo(config, setup, rm, workdir=workdir),
-                                  mode=p.reward_norm)
+    norm_prompts = None if texts is None else jsonl_prompts.reward_norm_prompts(
+        config, texts, setup)
+    stats = reward_norm.for_ppo(
+        config, setup, rm, workdir=workdir, given=norm_prompts,
+        prompts_sha256=None if texts is None else texts.lineage['sha256'])
+    rm_norm = reward_norm.to_norm(stats, mode=p.reward_norm)
   judge, judge_shardings, judge_model, verdicts = None, None, None, (0, 0)
   if p.reward == 'judge':
     judge, judge_shardings, judge_model, verdicts = judge_frozen(config, setup)
@@ -226,7 +240,10 @@ def run(config, *, workdir: str) -> None:
 
   policy_shardings = lora.combine(learner.shardings.params['policy'],
                                   setup.init.param_shardings if setup.lora else None)
-  if task is None:
+  if texts is not None:
+    pool = ppo_step.PromptBatch(prompts=texts.pool_prompts, prompt_lengths=texts.pool_lengths)
+    prompt_len = texts.pool_prompts.shape[1]
+  elif task is None:
     pool = ppo_step.PromptBatch(*prompt_pool(config, setup.world, setup.dp))
     prompt_len = p.prompt_len
   else:
@@ -253,7 +270,8 @@ def run(config, *, workdir: str) -> None:
   step_config = ppo_step.StepConfig(
       reward=p.reward, no_eos_penalty=p.no_eos_penalty, kl_control=p.kl_control,
       kl_target=p.kl_target, kl_horizon=p.kl_horizon, max_new_tokens=p.max_new_tokens,
-      ppo=ppo_update.PPOConfig.from_config(p), judge_verdicts=verdicts, lora=setup.lora)
+      ppo=ppo_update.PPOConfig.from_config(p), judge_verdicts=verdicts, lora=setup.lora,
+      world_gold=texts is None)
   step = jax.jit(functools.partial(ppo_step.train_step, model=learner.model,
                                    lm=setup.init.model, rm_model=rm_model, tx=learner.tx,
                                    schedule=learner.schedule, config=step_config,
@@ -272,14 +290,18 @@ def run(config, *, workdir: str) -> None:
     proxy = lambda *rollout: score(frozen.rm_params, frozen.rm_norm,
                                    *distributed.put_global(rollout, rollout_shardings))
   if task is None:
-    evaluator = PolicyEvaluator(config=config, world=setup.world, model=setup.model,
+    evaluator = PolicyEvaluator(config=config, world=None if texts else setup.world,
+                                model=setup.model,
                                 mesh=mesh, mesh_config=config.mesh,
                                 param_shardings=policy_shardings,
                                 ref_params=setup.init.params, dp=setup.dp, proxy=proxy,
                                 ref_model=setup.ref_model(),
-                                ref_param_shardings=setup.init.param_shardings)
+                                ref_param_shardings=setup.init.param_shardings,
+                                prompts=None if texts is None else (texts.held_prompts,
+                                                                    texts.held_lengths))
   static = {'rl/prompt_pool': len(pool.prompts),
-            'ppo/updates_per_step': p.epochs * p.minibatches, **learner.memory}
+            'ppo/updates_per_step': p.epochs * p.minibatches, **learner.memory,
+            **({} if texts is None else jsonl_prompts.static_metrics(texts))}
   spec = loop.LoopSpec.from_config(
       config, workdir=workdir,
       tokens_per_step=config.train.batch_size * (prompt_len + p.max_new_tokens))

@@ -15,7 +15,9 @@ Two files hold such statistics, each naming the checkpoint they belong to:
       ppo.reward_norm_prompts world prompts, drawn and sampled as its rollouts are
       (ppo.prompt_len, ppo.max_new_tokens, temperature 1) with keys from config.seed. A
       resumed run reads them back and so centres with the very same numbers; a run that
-      would load other runs or checkpoints than they name is refused.
+      would load other runs or checkpoints than they name is refused. With ppo.data=
+      'jsonl:PATH' the prompts are the file's rollout pool instead (stages/jsonl_prompts.py
+      reward_norm_prompts), and the file's sha256 is named with the rest.
 """
 import json
 import os
@@ -82,15 +84,19 @@ def read_ppo(ppo_run: str) -> dict:
   return _read(os.path.join(os.path.abspath(ppo_run), FILE), f'ppo run {ppo_run}')
 
 
-def reference_samples(config, setup):
+def reference_samples(config, setup, *, given=None):
   """(prompts [N, P], lengths [N], responses [N, T], mask [N, T]) host arrays: one sample
   of the reference policy (setup.init) for each of the N = ppo.reward_norm_prompts (rounded
-  up to the data-parallel size) prompts, as PPO samples its rollouts."""
+  up to the data-parallel size) prompts, as PPO samples its rollouts. given: those N
+  (prompts, lengths) instead of world prompts."""
   p = config.ppo
   key = jax.random.fold_in(jax.random.key(config.seed), 0x4E0)
-  prompts, lengths = world_prompts(setup.world.lang, key=jax.random.fold_in(key, 0),
-                                   num=setup.round_rows(p.reward_norm_prompts),
-                                   max_len=p.prompt_len)
+  if given is not None:
+    prompts, lengths = given
+  else:
+    prompts, lengths = world_prompts(setup.world.lang, key=jax.random.fold_in(key, 0),
+                                     num=setup.round_rows(p.reward_norm_prompts),
+                                     max_len=p.prompt_len)
   sampler = sampling.Sampler(model=setup.init.model,
                              config=sampling.SampleConfig(max_new_tokens=p.max_new_tokens),
                              mesh=setup.mesh, mesh_config=config.mesh,
@@ -120,13 +126,16 @@ def score_members(rm, prompts, lengths, responses, mask, *, mesh, mesh_config,
   return np.concatenate(parts, axis=1)
 
 
-def for_ppo(config, setup, rm, *, workdir: str) -> dict:
+def for_ppo(config, setup, rm, *, workdir: str, given=None, prompts_sha256=None) -> dict:
   """The statistics a PPO run in `workdir` centres with: read from DIR/reward_norm.json if
   an earlier start of the run wrote it, else computed on samples of its reference policy
-  and written (process 0). rm: the reward model it loaded (runs.LoadedRun)."""
+  and written (process 0). rm: the reward model it loaded (runs.LoadedRun). given, and
+  prompts_sha256: the JSONL prompts to sample on (reference_samples) and their file's."""
   source = {'rm_run': rm.workdir, 'rm_step': int(rm.step), 'reference_run': setup.init.workdir,
             'reference_step': int(setup.init.step),
             'samples': setup.round_rows(config.ppo.reward_norm_prompts)}
+  if prompts_sha256 is not None:
+    source['prompts_sha256'] = prompts_sha256
   path = os.path.join(workdir, FILE)
   if os.path.exists(path):
     stats = _read(path, workdir)
@@ -138,7 +147,7 @@ def for_ppo(config, setup, rm, *, workdir: str) -> dict:
       raise UserError(f'{path} holds the reward statistics of {", ".join(differ)}: the run '
                       'cannot go on with other centring; start it in a new --workdir')
     return stats
-  members = score_members(rm, *reference_samples(config, setup), mesh=setup.mesh,
+  members = score_members(rm, *reference_samples(config, setup, given=given), mesh=setup.mesh,
                           mesh_config=config.mesh, dp=setup.dp)
   stats = {**source, **moments(members)}
   if jax.process_index() == 0:

@@ -74,6 +74,9 @@ class StepConfig:
   # LoRA: state.params holds adapters (and the value head); the frozen base of the policy
   # (and critic) is the reference, frozen.ref_params, which the init run gave both.
   lora: bool = False
+  # False for text prompts (ppo.data='jsonl:PATH'): no world, so no rl/gold_reward or
+  # rl/harm_rate (the world's gold weights would index text token ids meaninglessly).
+  world_gold: bool = True
 
 
 def member_rewards(rm_params, prompts, prompt_lengths, responses, mask, *, rm_model):
@@ -136,8 +139,10 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
   logp, values, _ = apply_fn(state.params, inputs)
   logp, values = logp * mask, values * mask
   ref_logp = sampling.score(frozen.ref_params, prompts, lengths, response, model=lm) * mask
-  gold = reward_lib.gold_reward(frozen.gold, prompts=prompts, prompt_mask=prompts > 0,
-                                responses=response, response_mask=mask)
+  gold = None
+  if config.world_gold:
+    gold = reward_lib.gold_reward(frozen.gold, prompts=prompts, prompt_mask=prompts > 0,
+                                  responses=response, response_mask=mask)
   if config.reward == 'gold':
     proxy = gold
   elif config.reward == 'task':
@@ -163,16 +168,16 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
   kl_coef = kl_control.CONTROLLERS[config.kl_control](
       state.kl_coef, metrics['rl/kl'], n=prompts.shape[0], target=config.kl_target,
       horizon=config.kl_horizon)
-  harmful = (frozen.gold.harmful[response] & (mask > 0)).any(axis=1)
   updates_done = state.step * config.ppo.epochs * config.ppo.minibatches
   metrics.update({
       'rl/proxy_reward': proxy.mean(),
-      'rl/gold_reward': gold.mean(),
       'rl/response_length': mask.sum(axis=1).mean(),
       'rl/eos_rate': ended.mean(),
-      'rl/harm_rate': harmful.mean(),
       'train/lr': schedule(updates_done),
   })
+  if config.world_gold:
+    harmful = (frozen.gold.harmful[response] & (mask > 0)).any(axis=1)
+    metrics.update({'rl/gold_reward': gold.mean(), 'rl/harm_rate': harmful.mean()})
   if config.reward == 'task':  # named as GRPO's step names it, for comparison
     metrics['rl/pass_rate'] = proxy.mean()
   if config.reward == 'judge':  # how often the judge prefers the rollout to the reference's

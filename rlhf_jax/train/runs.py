@@ -237,7 +237,8 @@ def adopt(config: ml_collections.ConfigDict, *, role: str = 'init.run',
     trained_on = repr(source) if source != 'world' else 'a JSONL file (it holds a tokenizer)'
     raise UserError(f'{role} {config.init.run} was trained on {trained_on}; '
                     'this stage needs a run on the world, or a JSONL source of its rows '
-                    "(sft.data / prefs.data = 'jsonl:PATH', for sft, reward_model and dpo)")
+                    "(sft.data / prefs.data / ppo.data = 'jsonl:PATH', for sft, "
+                    'reward_model, dpo and ppo)')
   with config.unlocked():
     config.model = ml_collections.ConfigDict(earlier.model.to_dict())
     config.world = ml_collections.ConfigDict(earlier.world.to_dict())
