@@ -82,10 +82,20 @@ class HFTokenizer:
       self._decode = sp.decode
       self._piece = lambda i: sp.id_to_piece(i) if i < sp.get_piece_size() else None
     config = os.path.join(folder, 'tokenizer_config.json')
-    self.chat_template = None
+    self.chat_template, found = None, {}
     if os.path.isfile(config):
       with open(config) as f:
-        self.chat_template = json.load(f).get('chat_template')
+        found = json.load(f)
+      self.chat_template = found.get('chat_template')
+    # The texts a chat template prints as bos_token / eos_token (data/chat_template.py):
+    # tokenizer_config.json's, else the piece of the special id ('' where there is none).
+    for role in ('bos', 'eos'):
+      token = found.get(f'{role}_token')
+      token = token.get('content') if isinstance(token, dict) else token
+      if not isinstance(token, str):
+        theirs = specials.get(role)
+        token = (self._piece(int(theirs)) or '') if theirs is not None else ''
+      setattr(self, f'{role}_token', token)
 
   def encode(self, text: str) -> list[int]:
     return self.encode_batch([text])[0]

@@ -22,6 +22,15 @@ everything up to and including the first `<|assistant|>\n`; the response is the 
 loss mask is 1 on every assistant turn's tokens and its EOS, 0 on markers and on the other
 roles' turns (a later user turn stays in the response as context, outside the loss).
 
+A Hugging Face tokenizer with a chat template (HFTokenizer.chat_template) renders
+`messages` by that template instead (data/chat_template.py, as transformers'
+apply_chat_template): the prompt is the rendering up to the first assistant turn with the
+generation prompt, tokenized, with BOS put first unless the template printed it; the
+response is the rest, each piece tokenized on its own, the loss on each assistant turn's
+content and the template's end-of-turn text after it, no EOS id added (the template's
+end-of-turn is what the model learns to stop with). {"prompt", "completion"} rows are
+tokenized as above, without the template.
+
 Widths. The prompt (BOS included) must fit in `prompt_len` tokens and the response (EOS
 included) in `response_len`; the arrays are as wide as the widest row kept.
 
@@ -40,6 +49,7 @@ import os
 
 import numpy as np
 
+from rlhf_jax.data import chat_template
 from rlhf_jax.errors import UserError
 
 KINDS = ('sft', 'prefs', 'prompts')
@@ -230,9 +240,11 @@ def render(messages, encode, *, bos_id: int, eos_id: int):
   return prompt, response, mask
 
 
-def _texts(record: Record):
-  """Every text `_tokenize` will encode for this row."""
+def _texts(record: Record, split=None):
+  """Every text `_tokenize` will encode for this row (split: its chat_template.Split)."""
   f = record.fields
+  if split is not None:
+    return [split.prompt] + [text for text, _ in split.pieces]
   if 'messages' in f:
     out = [header(r) for r in ROLES]
     for m in f['messages']:
@@ -241,10 +253,20 @@ def _texts(record: Record):
   return [f[k] for k in ('prompt', 'completion', 'chosen', 'rejected') if k in f]
 
 
-def _tokenize(record: Record, kind: str, encode, *, bos_id: int, eos_id: int):
+def _tokenize(record: Record, kind: str, encode, *, bos_id: int, eos_id: int, split=None):
   """(prompt ids, [(response ids, mask), ...]) of one row: one response for sft, chosen
-  and rejected for prefs, none for prompts."""
+  and rejected for prefs, none for prompts. split: the row's chat_template.Split."""
   f = record.fields
+  if split is not None:
+    prompt = encode(split.prompt)
+    if not prompt or prompt[0] != bos_id:  # a template may print BOS itself
+      prompt = [bos_id] + prompt
+    response, mask = [], []
+    for text, in_loss in split.pieces:
+      ids = encode(text)
+      response += ids
+      mask += [int(in_loss)] * len(ids)
+    return prompt, [(response, mask)]
   if 'messages' in f:
     prompt, response, mask = render(f['messages'], encode, bos_id=bos_id, eos_id=eos_id)
     return prompt, [(response, mask)]
@@ -285,11 +307,19 @@ def tokenize(path: str, *, kind: str, tokenizer, prompt_len: int, response_len: 
   if overlong not in OVERLONG:
     raise UserError(f'overlong={overlong!r} is not one of {OVERLONG}')
   records = read(path, kind=kind)
-  encode = _Encoder(tokenizer, [t for r in records for t in _texts(r)])
+  template = chat_template.of_tokenizer(tokenizer) if kind == 'sft' else None
+  splits = {}
+  for r in records:
+    if template is not None and 'messages' in r.fields:
+      try:
+        splits[r.line] = template.split(r.fields['messages'])
+      except UserError as e:
+        raise UserError(f'{path} line {r.line}: {e}') from None
+  encode = _Encoder(tokenizer, [t for r in records for t in _texts(r, splits.get(r.line))])
   problems, dropped, kept = _Problems(path), [], []
   for record in records:
     prompt, responses = _tokenize(record, kind, encode, bos_id=tokenizer.bos_id,
-                                  eos_id=tokenizer.eos_id)
+                                  eos_id=tokenizer.eos_id, split=splits.get(record.line))
     what = None
     if len(prompt) > prompt_len:
       what = (f'the prompt is {len(prompt)} tokens (BOS included), over '
@@ -331,6 +361,9 @@ def tokenize(path: str, *, kind: str, tokenizer, prompt_len: int, response_len: 
   if kind == 'sft':
     report['messages_rows'] = sum('messages' in r.fields for r, _, _ in kept)
     report['template'] = 'plain role markers (rlhf_jax/data/jsonl.py)'
+    if template is not None:
+      report['template'] = "the tokenizer's chat_template (data/chat_template.py)"
+      report['template_sha256'] = template.sha256
   return arrays, report
 
 
