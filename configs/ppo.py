@@ -28,6 +28,15 @@ Variants:
               minutes on a 2-core CPU.
   small       for sft.py:small and reward_model.py:small runs.
 
+Your own prompts (docs/local-datasets.md), from SFT and reward-model runs on JSONL:
+
+  python -m rlhf_jax.main --config=configs/ppo.py:tiny --workdir=runs/ppo_jsonl \
+      --config.init.run=runs/sft_jsonl --config.ppo.rm_run=runs/rm_jsonl \
+      --config.ppo.data=jsonl:prompts.jsonl --config.ppo.prompt_len=128
+
+rollouts and reward statistics on the file's prompts, policy/* (reward model score, KL)
+on its held-out ones, no gold numbers; ppo.reward must be 'rm'.
+
 Any leaf can be overridden: --config.ppo.kl_coef=0.1 --config.ppo.value=critic.
 """
 import ml_collections
