@@ -484,3 +484,24 @@ def test_cli_refuses_jsonl_prompts_without_a_reward_model(args, mentions, tmp_pa
   result = cli(*args, f'--workdir={tmp_path / "run"}', f'--config.{field}.data=jsonl:{path}')
   assert_one_error_line(result, mentions=mentions)
   assert not (tmp_path / 'run').exists()
+
+
+def test_ppo_reward_model_must_share_the_tokenizer(tmp_path):
+  from rlhf_jax.stages import jsonl_prompts
+  runs = {}
+  for name, model in (('sft', b'tok A'), ('rm_same', b'tok A'), ('rm_other', b'tok B'),
+                      ('rm_world', None)):
+    runs[name] = tmp_path / name
+    runs[name].mkdir()
+    (runs[name] / 'config.json').write_text(json.dumps({'stage': name}))
+    if model is not None:
+      (runs[name] / 'tokenizer.model').write_bytes(model)
+  config = _with(load_config('ppo'), **{'ppo.data': 'jsonl:p.jsonl',
+                                        'init.run': str(runs['sft'])})
+  for rm, ok in (('rm_same', True), ('rm_other', False), ('rm_world', False)):
+    config = _with(config, **{'ppo.rm_run': str(runs[rm])})
+    if ok:
+      jsonl_prompts.check_rm_run(config)
+    else:
+      with pytest.raises(UserError, match='does not use the tokenizer of init.run'):
+        jsonl_prompts.check_rm_run(config)
