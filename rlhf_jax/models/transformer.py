@@ -17,6 +17,11 @@ default:
   released checkpoints are (ours scale them by d_model^-0.5);
 - `mlp='geglu'`: the gated MLP with tanh-GELU (Gemma).
 
+`attention` picks the uncached forward's attention (every stage trains through it):
+'xla' (`causal_block_attention`, our blocked einsum softmax), 'dot_product_attention'
+(jax.nn, explicit mask), or an accelerator kernel from models/attention_kernels.py:
+'cudnn' (GPU, bf16) or 'pallas_flash' (TPU). Cached decoding always uses the einsum.
+
 With `lora_rank` > 0 (set from a stage's `lora` block by models/lora.py adapt, never from
 the model block) each kernel named in `lora_targets` gets low-rank adapters A, B beside it
 and its output gains (lora_alpha / lora_rank) (x A) B, on the cached path too.
@@ -33,6 +38,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from rlhf_jax.models import attention_kernels
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -293,7 +300,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, angles, kv=None, index=None):
-    """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T]. With kv = (keys,
+    """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T] (for the kernels
+    of models/attention_kernels.py, the [B, T] segment ids instead). With kv = (keys,
     values) [B, K, S, D] of this layer, writes this call's keys and values at slots
     index..index+T-1 and attends over all S slots under mask [B, 1, T, S]; returns
     (out, (keys, values))."""
@@ -329,6 +337,8 @@ class Attention(nn.Module):
                                        (0, 0, index, 0)), ('batch', 'act_heads', 'length', 'kv'))
       k, v = kv = (write(kv[0], k), write(kv[1], v))
       out = heads_major(_attend(heads_major(q), k, v, mask, dtype, cfg.attn_softcap))
+    elif cfg.attention in attention_kernels.KERNELS:  # mask: the [B, T] segment ids
+      out = attention_kernels.KERNELS[cfg.attention](q, k, v, segment_ids=mask)
     elif cfg.attention == 'dot_product_attention':
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
     else:
@@ -461,7 +471,9 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     angles = rotary_angles(positions, cfg) if cfg.positions == 'rope' else None
     if cache is None:
-      mask = attention_mask(segment_ids)
+      # The kernels take segment ids and never build the [T, T] mask.
+      kernel = cfg.attention in attention_kernels.KERNELS
+      mask = segment_ids if kernel else attention_mask(segment_ids)
       block = Block
       if cfg.remat != 'none':
         policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
