@@ -144,6 +144,25 @@ def test_backend_errors():
   assert '128' in err('cudnn', backend='gpu', head_dim=256, compute_capability='8.0')
 
 
+@pytest.mark.parametrize('fields, mentions', [
+    (dict(attention='pallas_flash', attn_softcap=50.0), ('attn_softcap', 'pallas_flash')),
+    (dict(attention='cudnn', dtype='bfloat16', attn_softcap=50.0), ('attn_softcap', 'cudnn')),
+    (dict(attention='cudnn'), ('bfloat16',)),
+    (dict(attention='cudnn', dtype='bfloat16', d_model=48, n_heads=4), ('multiple of 8', '12')),
+    (dict(attention='flash'), ("'flash'", 'pallas_flash')),
+])
+def test_validation_refuses(fields, mentions):
+  """What a kernel cannot compute is refused from the config alone, with no device."""
+  from rlhf_jax import config as config_lib
+  from rlhf_jax.errors import UserError
+  m = config_lib.model_block()
+  m.update(fields)
+  with pytest.raises(UserError) as e:
+    config_lib.validate_model(m, seq_len=32)
+  for word in mentions:
+    assert word in str(e.value), (word, str(e.value))
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
 @pytest.mark.parametrize('kv_heads', [4, 2])
 def test_cudnn_on_gpu(kv_heads):
