@@ -17,10 +17,9 @@ default:
   released checkpoints are (ours scale them by d_model^-0.5);
 - `mlp='geglu'`: the gated MLP with tanh-GELU (Gemma).
 
-`attention` picks the uncached forward's attention (every stage trains through it):
-'xla' (`causal_block_attention`, our blocked einsum softmax), 'dot_product_attention'
-(jax.nn, explicit mask), or an accelerator kernel from models/attention_kernels.py:
-'cudnn' (GPU, bf16) or 'pallas_flash' (TPU). Cached decoding always uses the einsum.
+`attention`, the uncached forward's (every stage trains through it): 'xla' (our einsum
+`causal_block_attention`), 'dot_product_attention' (jax.nn), or a kernel of
+models/attention_kernels.py: 'cudnn' (GPU), 'pallas_flash' (TPU). Decoding: the einsum.
 
 With `lora_rank` > 0 (set from a stage's `lora` block by models/lora.py adapt, never from
 the model block) each kernel named in `lora_targets` gets low-rank adapters A, B beside it
@@ -300,8 +299,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, angles, kv=None, index=None):
-    """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T] (for the kernels
-    of models/attention_kernels.py, the [B, T] segment ids instead). With kv = (keys,
+    """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T]. With kv = (keys,
     values) [B, K, S, D] of this layer, writes this call's keys and values at slots
     index..index+T-1 and attends over all S slots under mask [B, 1, T, S]; returns
     (out, (keys, values))."""
@@ -337,7 +335,7 @@ class Attention(nn.Module):
                                        (0, 0, index, 0)), ('batch', 'act_heads', 'length', 'kv'))
       k, v = kv = (write(kv[0], k), write(kv[1], v))
       out = heads_major(_attend(heads_major(q), k, v, mask, dtype, cfg.attn_softcap))
-    elif cfg.attention in attention_kernels.KERNELS:  # mask: the [B, T] segment ids
+    elif cfg.attention in attention_kernels.KERNELS:  # here mask is the [B, T] segment ids
       out = attention_kernels.KERNELS[cfg.attention](q, k, v, segment_ids=mask)
     elif cfg.attention == 'dot_product_attention':
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
@@ -471,8 +469,7 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     angles = rotary_angles(positions, cfg) if cfg.positions == 'rope' else None
     if cache is None:
-      # The kernels take segment ids and never build the [T, T] mask.
-      kernel = cfg.attention in attention_kernels.KERNELS
+      kernel = cfg.attention in attention_kernels.KERNELS  # segment ids, no [T, T] mask
       mask = segment_ids if kernel else attention_mask(segment_ids)
       block = Block
       if cfg.remat != 'none':
