@@ -58,7 +58,10 @@ def model_block() -> ml_collections.ConfigDict:
       param_dtype='float32',
       rope_theta=10000.0,
       tie_embeddings=False,
-      attention='xla',         # 'xla' (einsum + softmax) | 'dot_product_attention' (jax.nn)
+      # 'xla' (einsum + softmax) | 'dot_product_attention' (jax.nn) | 'cudnn' (GPU, bf16:
+      # cuDNN flash attention) | 'pallas_flash' (TPU: the Pallas flash kernel); a kernel
+      # the backend lacks is refused, never replaced (models/attention_kernels.py)
+      attention='xla',
       attention_block=64,      # 'xla': query block; keys after a block's end are skipped (0: off)
       remat='none',            # 'none' | 'full' | 'dots' (save matmul outputs only)
       # What released checkpoint families need (models/transformer.py); all off here.
@@ -485,6 +488,10 @@ def _validate_feedback(config: ml_collections.ConfigDict) -> None:
                       f"{p.labels_per_pair}: choose 'majority' or 'consistency'")
 
 
+# model.attention; the accelerator kernels are in models/attention_kernels.py.
+ATTENTIONS = ('xla', 'dot_product_attention', 'cudnn', 'pallas_flash')
+
+
 def validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
   """The model block; a field a run written before it existed lacks takes its default
   (ModelConfig.from_config), so it is read with .get here."""
@@ -505,7 +512,7 @@ def validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
   for name, choices in (('mlp', ('swiglu', 'gelu', 'geglu')),
                         ('dtype', ('float32', 'bfloat16')),
                         ('param_dtype', ('float32', 'bfloat16')),
-                        ('attention', ('xla', 'dot_product_attention')),
+                        ('attention', ATTENTIONS),
                         ('remat', ('none', 'full', 'dots')), ('norm', ('rms', 'layer')),
                         ('positions', ('rope', 'learned')),
                         ('rope_scaling', ('none', 'linear', 'llama3'))):
@@ -528,9 +535,17 @@ def validate_model(m: ml_collections.ConfigDict, *, seq_len: int) -> None:
   for name in ('attn_softcap', 'logit_softcap'):
     if get(name) < 0:
       raise UserError(f'model.{name}={get(name)} must be >= 0 (0: off)')
-  if get('attn_softcap') and m.attention == 'dot_product_attention':
-    raise UserError("model.attn_softcap needs model.attention='xla': "
-                    'jax.nn.dot_product_attention has no soft-capping')
+  if get('attn_softcap') and m.attention != 'xla':
+    raise UserError(f"model.attn_softcap needs model.attention='xla': {m.attention!r} has no "
+                    'soft-capping')
+  if m.attention == 'cudnn':
+    h = head_dim or m.d_model // m.n_heads
+    if get('dtype') != 'bfloat16':
+      raise UserError(f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash "
+                      f"attention takes fp16/bf16 only), not {get('dtype')!r}")
+    if h % 8 or h > 256:
+      raise UserError(f"model.attention='cudnn' needs a head dim that is a multiple of 8 "
+                      f'and at most 256; this model has {h}')
 
 
 def _validate_ppo(config: ml_collections.ConfigDict) -> None:

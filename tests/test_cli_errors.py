@@ -74,6 +74,23 @@ def test_bad_override(run_cli, tmp_path, overrides, devices, mentions):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the refusals of a CPU backend')
+@pytest.mark.parametrize('overrides, mentions', [
+    (('--config.model.attention=cudnn',), ("'cudnn'", 'bfloat16')),
+    (('--config.model.attention=cudnn', '--config.model.dtype=bfloat16'),
+     ("'cudnn'", 'GPU', "'cpu'")),
+    (('--config.model.attention=pallas_flash',), ("'pallas_flash'", 'TPU', "'cpu'")),
+], ids=['cudnn-float32', 'cudnn-on-cpu', 'pallas-flash-on-cpu'])
+def test_attention_kernel_the_backend_lacks(run_cli, tmp_path, overrides, mentions):
+  """An attention kernel this backend cannot run is refused before any compute, not
+  replaced by another implementation."""
+  workdir = existing_workdir(tmp_path)
+  before = snapshot(workdir)
+  result = run_cli(CONFIG, f'--workdir={workdir}', *SMALL, *overrides)
+  assert_one_error_line(result, mentions=mentions)
+  assert snapshot(workdir) == before
+
+
 def test_unknown_variant(run_cli, tmp_path):
   workdir = existing_workdir(tmp_path)
   before = snapshot(workdir)

@@ -1,11 +1,14 @@
 """The Transformer's pieces against float64 NumPy references: block-skipping causal attention
 under packed-segment masks, rotary embeddings, and the whole model on packed rows (a
 document's logits do not depend on what else is packed beside it)."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from rlhf_jax.models.transformer import (ModelConfig, Transformer, attention_mask,
                                          causal_block_attention, rotary, rotary_angles)
@@ -85,10 +88,18 @@ def make_model(attention: str, block: int = 4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('attention', ['xla', 'dot_product_attention'])
+@pytest.mark.parametrize('attention', ['xla', 'dot_product_attention', 'pallas_flash'])
 def test_packed_documents_do_not_see_each_other(attention):
   """Row 2 packs three documents with positions restarting at 0; each document's logits
-  equal those of the document run alone."""
+  equal those of the document run alone. The TPU kernel runs in Pallas' TPU interpreter."""
+  interpret = contextlib.nullcontext()
+  if attention == 'pallas_flash':
+    interpret = pltpu.force_tpu_interpret_mode()
+  with interpret:
+    _packed_documents_do_not_see_each_other(attention)
+
+
+def _packed_documents_do_not_see_each_other(attention):
   model, params = make_model(attention)
   rng = np.random.default_rng(2)
   tokens = rng.integers(3, 13, size=(1, 20)).astype(np.int32)

@@ -17,6 +17,10 @@ default:
   released checkpoints are (ours scale them by d_model^-0.5);
 - `mlp='geglu'`: the gated MLP with tanh-GELU (Gemma).
 
+`attention`, the uncached forward's (every stage trains through it): 'xla' (our einsum
+`causal_block_attention`), 'dot_product_attention' (jax.nn), or a kernel of
+models/attention_kernels.py: 'cudnn' (GPU), 'pallas_flash' (TPU). Decoding: the einsum.
+
 With `lora_rank` > 0 (set from a stage's `lora` block by models/lora.py adapt, never from
 the model block) each kernel named in `lora_targets` gets low-rank adapters A, B beside it
 and its output gains (lora_alpha / lora_rank) (x A) B, on the cached path too.
@@ -33,6 +37,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from rlhf_jax.models import attention_kernels
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -329,6 +335,8 @@ class Attention(nn.Module):
                                        (0, 0, index, 0)), ('batch', 'act_heads', 'length', 'kv'))
       k, v = kv = (write(kv[0], k), write(kv[1], v))
       out = heads_major(_attend(heads_major(q), k, v, mask, dtype, cfg.attn_softcap))
+    elif cfg.attention in attention_kernels.KERNELS:  # here mask is the [B, T] segment ids
+      out = attention_kernels.KERNELS[cfg.attention](q, k, v, segment_ids=mask)
     elif cfg.attention == 'dot_product_attention':
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
     else:
@@ -461,7 +469,8 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     angles = rotary_angles(positions, cfg) if cfg.positions == 'rope' else None
     if cache is None:
-      mask = attention_mask(segment_ids)
+      kernel = cfg.attention in attention_kernels.KERNELS  # segment ids, no [T, T] mask
+      mask = segment_ids if kernel else attention_mask(segment_ids)
       block = Block
       if cfg.remat != 'none':
         policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims

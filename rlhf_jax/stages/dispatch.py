@@ -78,6 +78,7 @@ def run(config, workdir: str) -> None:
   stage = module(config)
   config_lib.validate(config)
   check_processes(config)
+  check_attention(config)
   if hasattr(stage, 'resolve'):  # fills fields from the earlier run it starts from
     stage.resolve(config)
   before = _fresh_paths(workdir)
@@ -138,6 +139,25 @@ def check_processes(config) -> None:
                     'devices')
   for sub in config.get('stages', {}).values():
     check_processes(sub)
+
+
+def check_attention(config) -> None:
+  """Refuses an attention kernel (model.attention) that this backend cannot run, here
+  rather than at the first forward; a loop's stages are checked as they would be alone."""
+  for sub in config.get('stages', {}).values():
+    check_attention(sub)
+  if 'model' not in config or 'attention' not in config.model:
+    return
+  import jax
+  from rlhf_jax.models import attention_kernels
+  m = config.model
+  device = jax.devices()[0]
+  problem = attention_kernels.backend_error(
+      m.attention, backend=jax.default_backend(),
+      head_dim=m.get('head_dim', 0) or m.d_model // m.n_heads,
+      compute_capability=getattr(device, 'compute_capability', None))
+  if problem:
+    raise UserError(problem)
 
 
 def _fresh_paths(workdir: str) -> set | None:
