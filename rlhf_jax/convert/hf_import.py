@@ -89,7 +89,7 @@ class _Tensors:
   """name -> a lazy reader of that tensor over all files (names without GPT-2's
   'transformer.' prefix). `block(name)[slices]` reads only that block from the mapped file;
   `bytes_read` counts what this process read (in the file's dtype), `largest_read` the
-  largest block it held at once."""
+  largest block of one parameter shard it read (_build)."""
 
   def __init__(self, files: list[str]):
     from safetensors import safe_open
@@ -125,7 +125,6 @@ class _Tensors:
           n = int(np.prod(part.shape)) * _ITEMSIZE.get(view.get_dtype(), 4)
           out = np.asarray(part.astype(jnp.float32))
         tensors.bytes_read += n
-        tensors.largest_read = max(tensors.largest_read, n)
         return out
     return Block()
 
@@ -211,7 +210,8 @@ def import_folder(folder: str, workdir: str, *, param_dtype: str = 'float32',
   for e in entries:
     blocks = [tensors.block(n) for n in e.names]
     for path, layout in zip(e.ours, e.layouts):
-      params[path] = _build(layout, blocks, flat_abstract[path], flat_shardings[path])
+      params[path] = _build(layout, blocks, flat_abstract[path], flat_shardings[path],
+                            tensors=tensors)
   left = sorted('/'.join(p) for p in set(flat_abstract) - set(params))
   if left:
     raise UserError(f'no tensor of the checkpoint fills {", ".join(left[:3])}')
@@ -263,7 +263,7 @@ def _check_shapes(entries, tensors, flat_abstract) -> None:
                           f'fit {"/".join(path)} of shape {want} under config.json')
 
 
-def _build(layout, blocks, want, sharding):
+def _build(layout, blocks, want, sharding, *, tensors):
   """One parameter, laid out on the mesh block by block: the callback runs for this
   process's devices only, and reads each distinct block once."""
   done = {}
@@ -271,7 +271,9 @@ def _build(layout, blocks, want, sharding):
   def block(index):
     key = tuple((s.start, s.stop) for s in index)
     if key not in done:
+      before = tensors.bytes_read
       array = layout.read(blocks, index, want.shape)
+      tensors.largest_read = max(tensors.largest_read, tensors.bytes_read - before)
       done[key] = np.ascontiguousarray(array).astype(want.dtype)
     return done[key]
   return jax.make_array_from_callback(want.shape, sharding, block)
