@@ -204,6 +204,15 @@ def test_blocks_over_heads_and_vocab_give_the_same_params(imported, family, tmp_
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
 
+def test_a_mesh_that_cuts_a_parameter_unevenly_is_refused_before_reading(imported, tmp_path):
+  from rlhf_jax.errors import UserError
+  mesh = hf_import.import_mesh_block()
+  mesh.update(data=1, fsdp=1, tensor=8)  # 4 query heads (2 kv heads) over 8 devices
+  with pytest.raises(UserError, match=r'does not divide layer_0/attn/\w+ of shape'):
+    hf_import.import_folder(str(imported['llama'][2]), str(tmp_path / 'run'), mesh_config=mesh)
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.slow  # two imports in subprocesses, ~20 s
 def test_two_processes_import_what_one_does_reading_half(tmp_path):
   """2 processes x 4 CPU devices import the sharded Llama checkpoint to the same params,

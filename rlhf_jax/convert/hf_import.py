@@ -206,6 +206,7 @@ def import_folder(folder: str, workdir: str, *, param_dtype: str = 'float32',
   flat_abstract = _flat(abstract.params)
   flat_shardings = _flat(shardings.params)
   _check_shapes(entries, tensors, flat_abstract)
+  _check_divisible(flat_abstract, flat_shardings, mesh)
   params = {}
   for e in entries:
     blocks = [tensors.block(n) for n in e.names]
@@ -261,6 +262,18 @@ def _check_shapes(entries, tensors, flat_abstract) -> None:
         if layout.sources(want) != len(e.names) or tensors.shape(name) != layout.theirs(want):
           raise UserError(f'tensor {name} has shape {tensors.shape(name)}, which does not '
                           f'fit {"/".join(path)} of shape {want} under config.json')
+
+
+def _check_divisible(flat_abstract, flat_shardings, mesh) -> None:
+  """Refuses, before any weight is read, a mesh that cuts a parameter into unequal shards."""
+  for path, want in flat_abstract.items():
+    try:
+      flat_shardings[path].shard_shape(want.shape)
+    except ValueError:
+      sizes = dict(zip(sharding.AXES, (int(n) for n in mesh.devices.shape)))
+      raise UserError(f'the mesh {sizes} does not divide {"/".join(path)} of shape '
+                      f'{tuple(want.shape)} ({flat_shardings[path].spec}) into equal shards; '
+                      'choose --mesh.fsdp / --mesh.tensor that divide it') from None
 
 
 def _build(layout, blocks, want, sharding, *, tensors):
