@@ -76,23 +76,20 @@ class Layout:
       first, inner = dims[j][0], [shape[d] for d in dims[j][1:]]
       stride = math.prod(inner)
       start, stop = spans[first]
-      offset = self.part[1] * shape_of(shape, dims[j]) if self.part and self.part[0] == j else 0
+      whole = math.prod(shape[d] for d in dims[j])  # this part's extent along axis j
+      offset = self.part[1] * whole if self.part and self.part[0] == j else 0
       reads.append((offset + start * stride, offset + stop * stride))
       split.append([stop - start, *inner])
       for d in dims[j][1:]:  # the inner dims were read whole
         post[d] = slice(*spans[d])
-    block = _fetch(tensor, reads, self.perm if self.perm is not None else None)
+    block = _fetch(tensor, reads, self.perm)
     block = block.reshape([n for group in split for n in group])
-    at, where = 0, {}
+    at, where = 0, {}  # HF axis -> its dims in the block, which keeps HF's axis order
     for j in range(len(self.groups)):
       where[j] = list(range(at, at + self.groups[j]))
       at += self.groups[j]
     block = block.transpose([a for j in self.order for a in where[j]])
     return block[tuple(post)]
-
-
-def shape_of(shape: tuple, dims: list) -> int:
-  return math.prod(shape[d] for d in dims)
 
 
 def _span(s: slice, n: int) -> tuple:
