@@ -188,6 +188,76 @@ def test_transformers_loads_the_export_with_equal_logits(imported, family, tmp_p
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('family', ('llama', 'gpt2', 'qwen2'))
+def test_blocks_over_heads_and_vocab_give_the_same_params(imported, family, tmp_path):
+  """An import onto fsdp=4 x tensor=2 reads each shard's block alone: half the heads of a
+  q/k/v kernel (GPT-2: of one third of the fused qkv), half the vocabulary's rows through
+  the permutation; the params equal those of the default import (embed over 8 devices)."""
+  _, _, folder, _, loaded = imported[family]
+  mesh = hf_import.import_mesh_block()
+  mesh.update(data=1, fsdp=4, tensor=2)
+  out = hf_import.import_folder(str(folder), str(tmp_path / 'run'), mesh_config=mesh)
+  assert out['bytes_read'] == [out['bytes_in_files']]  # one process: every byte, once
+  again = _load(tmp_path / 'run')
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded.params),
+                          jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def test_a_mesh_that_cuts_a_parameter_unevenly_is_refused_before_reading(imported, tmp_path):
+  from rlhf_jax.errors import UserError
+  mesh = hf_import.import_mesh_block()
+  mesh.update(data=1, fsdp=1, tensor=8)  # 4 query heads (2 kv heads) over 8 devices
+  with pytest.raises(UserError, match=r'does not divide layer_0/attn/\w+ of shape'):
+    hf_import.import_folder(str(imported['llama'][2]), str(tmp_path / 'run'), mesh_config=mesh)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow  # two imports in subprocesses, ~20 s
+def test_two_processes_import_what_one_does_reading_half(tmp_path):
+  """2 processes x 4 CPU devices import the sharded Llama checkpoint to the same params,
+  bit for bit, as 1 process x 8 devices; each process reads half of every tensor whose
+  embed axis fsdp shards (all but the norms, which are replicated) and the whole of the
+  rest, by a hand count of the tensors' bytes."""
+  from conftest import read_state
+  from test_multihost import free_port
+  hf = hf_reference.FAMILY_CONFIGS['llama']
+  tensors = hf_reference.random_tensors(hf, seed=3)
+  hf_reference.write_checkpoint(str(tmp_path / 'hf'), hf, tensors, shards=2)
+  port = free_port()
+  args = lambda run: [sys.executable, '-m', 'rlhf_jax.convert', '--from=hf',
+                      str(tmp_path / 'hf'), f'--workdir={tmp_path / run}']
+  procs = [subprocess.Popen(args('one'), cwd=REPO, env=cli_env(8), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)]
+  procs += [subprocess.Popen(
+      args('two') + [f'--coordinator=localhost:{port}', '--num_processes=2',
+                     f'--process_id={i}'], cwd=REPO, env=cli_env(4), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert 'imported llama' in outs[1][0] and 'imported' not in outs[2][0]  # process 0 prints
+  one, two = read_state(tmp_path / 'one/checkpoints/0'), read_state(tmp_path / 'two/checkpoints/0')
+  a, b = jax.tree_util.tree_leaves_with_path(one), jax.tree_util.tree_leaves_with_path(two)
+  assert [p for p, _ in a] == [p for p, _ in b] and len(a) > 20
+  for (path, x), (_, y) in zip(a, b):
+    assert x.dtype == y.dtype, path
+    np.testing.assert_array_equal(x, y, err_msg=str(path))
+  assert (tmp_path / 'one/config.json').read_text() == (tmp_path / 'two/config.json').read_text()
+  assert sorted(os.listdir(tmp_path / 'two')) == ['checkpoints', 'config.json', 'import.json',
+                                                  'tokenizer']
+  total = sum(v.nbytes for v in tensors.values())
+  half = sum(v.nbytes // 2 if v.ndim == 2 else v.nbytes for v in tensors.values())
+  figures = {run: json.load(open(tmp_path / run / 'import.json')) for run in ('one', 'two')}
+  assert figures['one']['bytes_read'] == [total] == [figures['one']['bytes_in_files']]
+  assert figures['two']['bytes_read'] == [half, half] and half < 0.52 * total
+  assert figures['two']['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
+
+
 @pytest.mark.slow  # over 5 s
 def test_the_cli_imports_and_exports(imported, tmp_path):
   _, _, folder, _, _ = imported['llama']

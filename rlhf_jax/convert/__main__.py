@@ -1,4 +1,6 @@
 """python -m rlhf_jax.convert --from=hf DIR --workdir=RUN [--param_dtype=float32|bfloat16]
+       [--mesh.data=N --mesh.fsdp=N --mesh.tensor=N]
+       [--coordinator=HOST:PORT --num_processes=N --process_id=I | --distributed=auto]
    python -m rlhf_jax.convert --to=hf DIR --workdir=RUN [--step=N] [--max_shard_mb=N] [--merge]
 
 --from=hf reads the local Hugging Face folder DIR (config.json, *.safetensors, tokenizer)
@@ -6,6 +8,10 @@ into a fresh run directory RUN that any stage names in init.run (hf_import.py). 
 writes RUN's newest checkpoint (or --step) to the fresh folder DIR (hf_export.py); a LoRA
 run needs --merge (its base with the adapters merged in, docs/lora.md). Nothing
 is downloaded. Bad input: one `error: ...` line, exit status 2.
+
+An import may run as several processes (one per host, the same command in each plus the
+coordinator flags of rlhf_jax/distributed.py): every process builds the same mesh and
+reads only the blocks of each tensor its own devices hold. An export runs in one process.
 """
 import argparse
 import sys
@@ -27,6 +33,14 @@ def parse(argv):
   p.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--step', type=int, default=-1)
   p.add_argument('--max_shard_mb', type=int, default=5 * 1024)
+  for axis, default in (('data', 1), ('fsdp', -1), ('tensor', 1)):
+    p.add_argument(f'--mesh.{axis}', dest=f'mesh_{axis}', type=int, default=default,
+                   help=f'import: mesh.{axis} (default {default}; -1: the devices left)')
+  p.add_argument('--distributed', default='', help="'auto': jax.distributed from the "
+                 "cluster's environment")
+  p.add_argument('--coordinator', default='', help='HOST:PORT of process 0')
+  p.add_argument('--num_processes', type=int, default=0)
+  p.add_argument('--process_id', type=int, default=-1)
   p.add_argument('--merge', action='store_true',
                  help='--to=hf of a LoRA run: export W + alpha/r A B (required for one)')
   args = p.parse_args(argv)
@@ -40,11 +54,20 @@ def parse(argv):
 def main(argv) -> int:
   try:
     args = parse(argv)
+    from rlhf_jax import distributed
+    distributed.initialize(mode=args.distributed, coordinator=args.coordinator,
+                           num_processes=args.num_processes, process_id=args.process_id)
     if args.source:
       from rlhf_jax.convert import hf_import
-      out = hf_import.import_folder(args.folder, args.workdir, param_dtype=args.param_dtype)
-      print(f'imported {out["family"]}: {out["tensors"]} tensors, {out["params"]:,} '
-            f'parameters -> {args.workdir}')
+      mesh = hf_import.import_mesh_block()
+      mesh.update(data=args.mesh_data, fsdp=args.mesh_fsdp, tensor=args.mesh_tensor)
+      out = hf_import.import_folder(args.folder, args.workdir, param_dtype=args.param_dtype,
+                                    mesh_config=mesh)
+      if distributed.is_primary():
+        print(f'imported {out["family"]}: {out["tensors"]} tensors, {out["params"]:,} '
+              f'parameters -> {args.workdir}; bytes read by process: '
+              f'{", ".join(f"{b:,}" for b in out["bytes_read"])} of '
+              f'{out["bytes_in_files"]:,} in the files')
     else:
       from rlhf_jax.convert import hf_export
       out = hf_export.export_run(args.workdir, args.folder, step=args.step,

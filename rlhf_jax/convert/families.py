@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from rlhf_jax.convert.layout import Layout
 from rlhf_jax.errors import UserError
 
 LLAMA_LIKE = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma')
@@ -179,39 +180,44 @@ def export_family(m) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """Our params at `ours` (paths) <-> the HF tensors `names`; to_ours maps the list of HF
-  arrays to the list of ours, to_hf back."""
+  """Our params at `ours` (paths) <-> the HF tensors `names`: `layouts[i]` says where ours[i]
+  sits in them (layout.py, read block by block on import); to_hf maps the list of our
+  arrays to the list of theirs (export)."""
   ours: tuple
   names: tuple
-  to_ours: Callable
+  layouts: tuple
   to_hf: Callable
 
 
-def _linear(shape):
-  """torch Linear [out, in] <-> ours [in, *shape] (shape splits `out`)."""
-  return (lambda a: [a[0].T.reshape(a[0].shape[1], *shape)],
+_SAME = Layout()
+_T = Layout(order=(1, 0), groups=(1, 1))  # torch Linear [out, in] <-> ours [in, out]
+
+
+def _linear():
+  """torch Linear [out, in] <-> ours [in, heads, head_dim] (`out` split in two)."""
+  return ((Layout(order=(1, 0), groups=(2, 1)),),
           lambda w: [w[0].reshape(w[0].shape[0], -1).T])
 
 
 def _out_linear():
   """o_proj [D, H*hd] <-> ours [H, hd, D]."""
-  return (lambda a, h: [a[0].T.reshape(h, -1, a[0].shape[0])],
+  return ((Layout(order=(1, 0), groups=(1, 2)),),
           lambda w: [w[0].reshape(-1, w[0].shape[-1]).T])
 
 
-def _same(shape=None):
-  return (lambda a: [a[0] if shape is None else a[0].reshape(shape)],
-          lambda w: [w[0].reshape(-1) if shape is not None else w[0]])
+def _same(split: bool = False):
+  """Ours is theirs, or theirs 1-D split into [heads, head_dim] (`split`)."""
+  return ((Layout(order=(0,), groups=(2,)) if split else _SAME,),
+          lambda w: [w[0].reshape(-1) if split else w[0]])
 
 
 def entries(family: str, m, perm: np.ndarray) -> list[Entry]:
   """Every tensor of `family` for model block `m`. perm[i]: the HF id of our token i (the
   vocabulary is permuted so the specials sit at our ids 0-3, hf_tokenizer.py)."""
   inverse = np.argsort(perm)
-  rows = (lambda a: [a[0][perm]], lambda w: [w[0][inverse]])
+  rows = ((Layout(perm=perm),), lambda w: [w[0][inverse]])
   e = lambda ours, names, fns: Entry(tuple(ours), tuple(names), *fns)
   h, kv = m.n_heads, m.n_kv_heads or m.n_heads
-  hd = m.head_dim or m.d_model // m.n_heads
   out = []
   if family == 'gpt2':
     d = m.d_model
@@ -223,15 +229,16 @@ def entries(family: str, m, perm: np.ndarray) -> list[Entry]:
         out += [e([(L, ours, 'scale')], [p + theirs + '.weight'], _same()),
                 e([(L, ours, 'bias')], [p + theirs + '.bias'], _same())]
       qkv = [(L, 'attn', n) for n in ('query', 'key', 'value')]
-      out += [e(qkv, [p + 'attn.c_attn.weight'],
-                (lambda a: [x.reshape(d, h, hd) for x in np.split(a[0], 3, axis=1)],
+      out += [e(qkv, [p + 'attn.c_attn.weight'],  # [D, 3D]: q, k, v side by side
+                (tuple(Layout(order=(0, 1), groups=(1, 2), part=(1, k, 3)) for k in range(3)),
                  lambda w: [np.concatenate([x.reshape(d, -1) for x in w], axis=1)])),
               e([(L, 'attn', n + '_bias') for n in ('query', 'key', 'value')],
                 [p + 'attn.c_attn.bias'],
-                (lambda a: [x.reshape(h, hd) for x in np.split(a[0], 3)],
+                (tuple(Layout(order=(0,), groups=(2,), part=(0, k, 3)) for k in range(3)),
                  lambda w: [np.concatenate([x.reshape(-1) for x in w])])),
               e([(L, 'attn', 'out')], [p + 'attn.c_proj.weight'],
-                (lambda a: [a[0].reshape(h, hd, d)], lambda w: [w[0].reshape(h * hd, d)])),
+                ((Layout(order=(0, 1), groups=(2, 1)),),
+                 lambda w: [w[0].reshape(h * w[0].shape[1], d)])),
               e([(L, 'attn', 'out_bias')], [p + 'attn.c_proj.bias'], _same()),
               e([(L, 'mlp', 'up')], [p + 'mlp.c_fc.weight'], _same()),
               e([(L, 'mlp', 'up_bias')], [p + 'mlp.c_fc.bias'], _same()),
@@ -241,37 +248,34 @@ def entries(family: str, m, perm: np.ndarray) -> list[Entry]:
             e([('final_norm', 'bias')], ['ln_f.bias'], _same())]
     return out
   out.append(e([('embed', 'embedding')], ['model.embed_tokens.weight'], rows))
-  o_in, o_out = _out_linear()
   for i in range(m.n_layers):
     p, L = f'model.layers.{i}.', f'layer_{i}'
-    for ours, theirs, heads in (('query', 'q_proj', h), ('key', 'k_proj', kv),
-                                ('value', 'v_proj', kv)):
-      out.append(e([(L, 'attn', ours)], [p + f'self_attn.{theirs}.weight'], _linear((heads, hd))))
+    for ours, theirs in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
+      out.append(e([(L, 'attn', ours)], [p + f'self_attn.{theirs}.weight'], _linear()))
       if m.qkv_bias:
         out.append(e([(L, 'attn', ours + '_bias')], [p + f'self_attn.{theirs}.bias'],
-                     _same((heads, hd))))
-    out.append(e([(L, 'attn', 'out')], [p + 'self_attn.o_proj.weight'],
-                 (lambda a, h=h: o_in(a, h), o_out)))
+                     _same(split=True)))
+    out.append(e([(L, 'attn', 'out')], [p + 'self_attn.o_proj.weight'], _out_linear()))
     if m.attn_out_bias:
       out.append(e([(L, 'attn', 'out_bias')], [p + 'self_attn.o_proj.bias'], _same()))
     if m.qk_norm:
       out += [e([(L, 'attn', 'query_norm', 'scale')], [p + 'self_attn.q_norm.weight'], _same()),
               e([(L, 'attn', 'key_norm', 'scale')], [p + 'self_attn.k_norm.weight'], _same())]
     out += [e([(L, 'mlp', 'gate_up')], [p + 'mlp.gate_proj.weight', p + 'mlp.up_proj.weight'],
-              (lambda a: [np.stack([a[0].T, a[1].T], axis=1)],
+              ((dataclasses.replace(_T, stack=1),),  # ours [D, 2, F]
                lambda w: [w[0][:, 0].T, w[0][:, 1].T])),
-            e([(L, 'mlp', 'down')], [p + 'mlp.down_proj.weight'],
-              (lambda a: [a[0].T], lambda w: [w[0].T])),
+            e([(L, 'mlp', 'down')], [p + 'mlp.down_proj.weight'], ((_T,), lambda w: [w[0].T])),
             e([(L, 'attn_norm', 'scale')], [p + 'input_layernorm.weight'], _same()),
             e([(L, 'mlp_norm', 'scale')], [p + 'post_attention_layernorm.weight'], _same())]
     if m.mlp_bias:
       out += [e([(L, 'mlp', 'gate_up_bias')], [p + 'mlp.gate_proj.bias', p + 'mlp.up_proj.bias'],
-                (lambda a: [np.stack(a)], lambda w: [w[0][0], w[0][1]])),
+                ((Layout(stack=0),), lambda w: [w[0][0], w[0][1]])),
               e([(L, 'mlp', 'down_bias')], [p + 'mlp.down_proj.bias'], _same())]
   out.append(e([('final_norm', 'scale')], ['model.norm.weight'], _same()))
   if not m.tie_embeddings:
     out.append(e([('logits', 'kernel')], ['lm_head.weight'],
-                 (lambda a: [a[0][perm].T], lambda w: [w[0].T[inverse]])))
+                 ((Layout(order=(1, 0), groups=(1, 1), perm=perm),),
+                  lambda w: [w[0].T[inverse]])))
   return out
 
 

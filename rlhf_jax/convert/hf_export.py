@@ -46,7 +46,10 @@ def _flat(tree, prefix=()) -> dict:
 def export_run(workdir: str, folder: str, *, step: int = -1,
                max_shard_bytes: int = 5 << 30, merge: bool = False) -> dict:
   if jax.process_count() > 1:
-    raise UserError('convert runs in one process')
+    raise UserError('--to=hf runs in one process: it gathers every weight onto one host '
+                    'and writes the safetensors files from there; run the export on one '
+                    'host without --coordinator/--num_processes (any host that sees the '
+                    'run directory)')
   if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
     raise UserError(f'--to=hf {folder} exists and is not an empty folder; export writes a '
                     'fresh one')
