@@ -25,7 +25,18 @@ from rlhf_jax.models.transformer import KVCache, Transformer
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """How to pick each token. temperature, top_k (0: off) and top_p (1.0: off) are applied
-  in that order; greedy takes the argmax of the raw logits instead."""
+  in that order; greedy takes the argmax of the raw logits instead.
+
+  cache_bucket: response steps per length bucket of the cached decoder. Steps
+  [j * bucket, (j + 1) * bucket) attend over the first P + (j + 1) * bucket cache slots
+  only (each bucket one compiled loop body), so a step reads the filled part of the cache
+  plus less than one bucket, not all P + max_new_tokens slots; 0: one bucket.
+
+  row_keys: row r's token at step t is drawn with fold_in(fold_in(key, r), t), its own
+  stream, so the tokens of a row do not depend on which other rows share its batch or
+  which slot it sits in: what continuous batching (sampling_continuous.py, always row
+  keys) needs to give each prompt exactly the static sampler's tokens. False: one key per
+  step for the whole batch, fold_in(key, t)."""
   max_new_tokens: int
   temperature: float = 1.0
   top_k: int = 0
@@ -33,10 +44,14 @@ class SampleConfig:
   greedy: bool = False
   eos_id: int = 2
   pad_id: int = 0
+  cache_bucket: int = 32
+  row_keys: bool = False
 
   def validate(self, vocab_size: int) -> None:
     if self.max_new_tokens <= 0:
       raise UserError(f'max_new_tokens={self.max_new_tokens} must be positive')
+    if self.cache_bucket < 0:
+      raise UserError(f'cache_bucket={self.cache_bucket} must be >= 0 (0: one bucket)')
     if not self.greedy and not self.temperature > 0:
       raise UserError(f'temperature={self.temperature} must be > 0 (or use greedy)')
     if not 0 <= self.top_k <= vocab_size:
@@ -106,15 +121,25 @@ def filter_logits(logits: jax.Array, config: SampleConfig) -> jax.Array:
   return logits
 
 
+def step_keys(key: jax.Array, rows: jax.Array, step: jax.Array) -> jax.Array:
+  """[B] keys fold_in(fold_in(key, rows[b]), step[b]) (row keys; step [] or [B])."""
+  step = jnp.broadcast_to(step, rows.shape)
+  return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rows, step)
+
+
 def choose(logits: jax.Array, *, key: jax.Array, config: SampleConfig):
-  """Next tokens from logits [B, V]: (tokens [B], sampling log-probs [B], raw log-probs [B])."""
+  """Next tokens from logits [B, V]: (tokens [B], sampling log-probs [B], raw log-probs [B]).
+  key: one key for the batch, or [B] keys, one per row (`step_keys`)."""
   raw = jax.nn.log_softmax(logits, axis=-1)
   if config.greedy:
     tokens = jnp.argmax(logits, axis=-1)
     sampled = jnp.zeros(tokens.shape, jnp.float32)
   else:
     filtered = filter_logits(logits, config)
-    tokens = jax.random.categorical(key, filtered, axis=-1)
+    if not (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1):
+      tokens = jax.random.categorical(key, filtered, axis=-1)
+    else:
+      tokens = jax.vmap(jax.random.categorical)(key, filtered)
     sampled = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None],
                                   axis=-1)[:, 0]
   raw_picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
@@ -133,9 +158,19 @@ class _Loop:
   raw_logprobs: jax.Array
 
 
+def buckets(config: SampleConfig) -> list[int]:
+  """Where the cached decoder's length buckets end: bucket j holds response steps
+  [ends[j-1], ends[j]) and its own cache chunk of those slots; a step of bucket j reads the
+  prompt's chunk and chunks 0..j, enough for its own slot P + s."""
+  n, size = config.max_new_tokens, config.cache_bucket or config.max_new_tokens
+  return [min(end, n) for end in range(size, n + size, size)]
+
+
 def _decode(prompts, prompt_lengths, key, *, config: SampleConfig, next_logits, first_logits,
             cache, max_steps):
-  """The loop shared by the cached and the full-recompute decoders."""
+  """The loop shared by the cached and the full-recompute decoders: one while loop per
+  length bucket (`buckets`; the full-recompute decoder has one), next_logits(state,
+  token, chunks) reading the cache's first `chunks` chunks (None: no cache)."""
   b = prompts.shape[0]
   n = config.max_new_tokens
   zeros = jnp.zeros((b, n), jnp.float32)
@@ -143,19 +178,26 @@ def _decode(prompts, prompt_lengths, key, *, config: SampleConfig, next_logits, 
                done=jnp.zeros((b,), bool), response=jnp.full((b, n), config.pad_id, jnp.int32),
                logprobs=zeros, raw_logprobs=zeros)
 
-  def body(s: _Loop) -> _Loop:
-    token, lp, raw = choose(s.logits, key=jax.random.fold_in(key, s.step), config=config)
+  def body(s: _Loop, window) -> _Loop:
+    keys = (step_keys(key, jnp.arange(b), s.step) if config.row_keys
+            else jax.random.fold_in(key, s.step))
+    token, lp, raw = choose(s.logits, key=keys, config=config)
     live = ~s.done
     token = jnp.where(live, token, config.pad_id)
     put = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None], (0, s.step))
-    logits, cache = next_logits(s, token)
+    logits, cache = next_logits(s, token, window)
     return _Loop(step=s.step + 1, logits=logits, cache=cache,
                  done=s.done | (token == config.eos_id), response=put(s.response, token),
                  logprobs=put(s.logprobs, jnp.where(live, lp, 0.0)),
                  raw_logprobs=put(s.raw_logprobs, jnp.where(live, raw, 0.0)))
 
   limit = n if max_steps is None else jnp.minimum(max_steps, n)
-  final = jax.lax.while_loop(lambda s: (s.step < limit) & ~jnp.all(s.done), body, init)
+  final = init
+  for j, end in enumerate(buckets(config) if cache is not None else [n]):
+    bound = jnp.minimum(limit, end)
+    chunks = j + 2 if cache is not None else None  # the prompt's, then buckets 0..j
+    final = jax.lax.while_loop(lambda s, bound=bound: (s.step < bound) & ~jnp.all(s.done),
+                               functools.partial(body, window=chunks), final)
   # A column holds a response token if it was decoded while its row was live: before the
   # loop stopped and not after the row's first EOS.
   cols = jnp.arange(n)[None, :]
@@ -174,19 +216,23 @@ def sample(params, prompts, prompt_lengths, key, max_steps=None, *, model: Trans
 
   prompts: [B, P] int32 left-padded (`left_pad`), prompt_lengths: [B] int32 >= 1; key: the
   step keys are fold_in(key, i). One prefill over the prompts writes slots 0..P-1, then
-  each step feeds one token per row. The loop stops when every row has emitted EOS, or
-  after max_steps steps (a traced int, for benchmarks; None: max_new_tokens).
+  each step feeds one token per row, attending over the cache's filled part rounded up to
+  its length bucket (config.cache_bucket). The loop stops when every row has emitted EOS,
+  or after max_steps steps (a traced int, for benchmarks; None: max_new_tokens).
   """
   b, p = prompts.shape
   segments, positions = _prompt_layout(prompt_lengths, p)
-  cache = KVCache.empty(model.cfg, batch=b, length=p + config.max_new_tokens)
+  ends = buckets(config)
+  cache = KVCache.empty(model.cfg, batch=b, length=p + config.max_new_tokens,
+                        chunks=(p, *np.diff([0, *ends])))
   out = model.apply({'params': params}, prompts, segment_ids=segments, positions=positions,
-                    cache=cache)
+                    cache=cache, cache_chunks=1)
 
-  def next_logits(s: _Loop, token):
+  def next_logits(s: _Loop, token, window):
     step_out = model.apply({'params': params}, token[:, None],
                            segment_ids=jnp.ones((b, 1), jnp.int32),
-                           positions=(prompt_lengths + s.step)[:, None], cache=s.cache)
+                           positions=(prompt_lengths + s.step)[:, None], cache=s.cache,
+                           cache_chunks=window)
     return step_out.logits[:, 0], step_out.cache
 
   return _decode(prompts, prompt_lengths, key, config=config, next_logits=next_logits,
@@ -219,7 +265,8 @@ def sample_without_cache(params, prompts, prompt_lengths, key, max_steps=None, *
 
   empty = jnp.full((b, config.max_new_tokens), config.pad_id, jnp.int32)
 
-  def next_logits(s: _Loop, token):
+  def next_logits(s: _Loop, token, window):
+    del window  # no cache
     # The buffer is the prompt, the response so far and this step's token.
     response = jax.lax.dynamic_update_slice(s.response, token[:, None], (0, s.step))
     return logits_at(jnp.concatenate([prompts, response], axis=1), p + s.step), None
@@ -265,6 +312,13 @@ def _jitted(fn, model, config, in_shardings, out_shardings):
                  out_shardings=unflatten(out_shardings))
 
 
+@functools.lru_cache(maxsize=16)
+def _continuous(slots: int, refill: int):
+  """One function object per (slots, refill), so `_jitted` compiles each once."""
+  from rlhf_jax.sampling_continuous import sample_continuous
+  return functools.partial(sample_continuous, slots=slots, refill=refill)
+
+
 class Sampler:
   """`sample`, `sample_without_cache` and `score` for one model and SampleConfig, jitted
   once per shape on `mesh`: batch arrays over the mesh's batch axes, params as
@@ -286,6 +340,7 @@ class Sampler:
                        lengths=self.rows_sharding)
     decode_in = (param_shardings, self.batch_sharding, self.rows_sharding, replicated,
                  replicated)
+    self._param_shardings, self._out = param_shardings, out
     self._sample, self._sample_full = (
         _jitted(fn, model, config, *_hashable(decode_in, out))
         for fn in (sample, sample_without_cache))
@@ -318,6 +373,25 @@ class Sampler:
     return distributed.put_global(
         tuple(map(cast, (rows, row_lengths, *more))),
         (self.batch_sharding, self.rows_sharding, *(self.batch_sharding for _ in more)))
+
+  def sample_continuous(self, params, prompts, prompt_lengths, key, *, slots: int,
+                        refill: int = 0) -> SampleOutput:
+    """All N prompts through `slots` cache rows by continuous batching
+    (sampling_continuous.py), `refill` rows prefilled at a time (0: slots // 4, at least
+    1); each prompt's tokens are those of `sample` with row_keys over all N at once."""
+    refill = refill or max(1, slots // 4)
+    n = prompts.shape[0]
+    if slots <= 0 or slots % self.dp or not 0 < refill <= slots:
+      raise UserError(f'continuous batching needs slots > 0 divisible by the data-parallel '
+                      f'size {self.dp} and 0 < refill <= slots; got slots={slots}, '
+                      f'refill={refill}')
+    self._check_rows(prompts)
+    fn = _jitted(_continuous(slots, refill), self.model, self.config, *_hashable(
+        (self._param_shardings, self.batch_sharding, self.rows_sharding,
+         sharding.replicated(self.mesh)), self._out))
+    prompts, prompt_lengths = self._put(prompts, prompt_lengths)
+    with sharding.activate(self.mesh, self.mesh_config):
+      return fn(params, prompts, prompt_lengths, key)
 
   def sample_in_chunks(self, params, prompts, prompt_lengths, key, *,
                        chunk: int = 1024) -> SampleOutput:

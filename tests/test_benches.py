@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, cli_env
@@ -53,19 +54,25 @@ def test_train_step_bench():
 def test_sampling_bench():
   f, table = run_with_table('rlhf_jax.bench_sampling', '--config=configs/pretrain.py:tiny',
                             '--batch=16', '--prompt_len=8', '--new_tokens=12',
-                            '--baseline_steps=2')
-  assert (f['batch'], f['prompt_len'], f['new_tokens']) == (16, 8, 12)
+                            '--cache_bucket=4', '--baseline_steps=2')
+  assert (f['batch'], f['prompt_len'], f['new_tokens'], f['cache_bucket']) == (16, 8, 12, 4)
   positive_timings(f, ('kv_cache_tokens_per_s', 'full_recompute_tokens_per_s',
-                       'kv_cache_compile_s', 'full_recompute_compile_s', 'speedup'))
-  # Decoding steps run: the full-recompute baseline stops after --baseline_steps=2 (16
-  # rows of a random-init model do not all emit EOS within 2 tokens); the cached decoder
-  # runs at most --new_tokens=12.
+                       'kv_cache_compile_s', 'full_recompute_compile_s', 'speedup',
+                       'one_bucket_tokens_per_s', 'matmul_ms', 'read_gib_per_s'))
+  # Decoding steps run: the full-recompute baseline stops after --baseline_steps=2; both
+  # cached decoders run all --new_tokens=12 (the bench refuses a batch that stopped early).
   steps = {row[0]: int(row[1]) for row in table
-           if row and row[0] in ('kv_cache', 'full_recompute')}
-  assert steps['full_recompute'] == 2 and 1 <= steps['kv_cache'] <= 12
+           if row and row[0] in ('bucketed', 'one_bucket', 'full_recompute')}
+  assert steps == {'bucketed': 12, 'one_bucket': 12, 'full_recompute': 2}
   # The cache holds keys and values of 2 layers for 16 x (8 + 12) slots of 64 floats.
   cache_mib = 2 * 2 * 16 * 20 * 64 * 4 / 2**20
   assert f['kv_cache_peak_mib'] >= cache_mib
+  # The floor: matmuls plus the mean filled cache (8 + i + 1 slots at step i) at the
+  # measured read rate, recomputed from the figures.
+  mean_bytes = np.mean([2 * 2 * 16 * (8 + i + 1) * 64 * 4 for i in range(12)])
+  want = f['matmul_ms'] + mean_bytes / (f['read_gib_per_s'] * 2**30) * 1e3
+  assert abs(f['floor_ms'] - want) <= 0.01 * want + 1e-3
+  assert f['step_over_floor'] == pytest.approx(f['step_ms'] / f['floor_ms'], rel=0.02)
 
 
 def test_collapse_bench():

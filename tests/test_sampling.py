@@ -68,10 +68,13 @@ def world_prompts(lang, rows, seed=0):
   return sampling.left_pad(prompts)
 
 
-def test_raw_logprobs_equal_scoring(trained):
+@pytest.mark.parametrize('bucket', [32, 7])
+def test_raw_logprobs_equal_scoring(trained, bucket):
+  """Also with length buckets of 7 steps: 40 new tokens cross 5 bucket edges (the last
+  bucket partial), each step reading only the cache chunks filled so far."""
   setup, params = trained
   sampler = make_sampler(setup, sampling.SampleConfig(max_new_tokens=40, temperature=0.9,
-                                                      top_k=20))
+                                                      top_k=20, cache_bucket=bucket))
   prompts, lengths = world_prompts(setup.source.world, 16)
   assert len(set(lengths.tolist())) > 2  # prompts of several lengths share the batch
   out = jax.device_get(sampler.sample(params, prompts, lengths, jax.random.key(3)))
@@ -100,9 +103,13 @@ def test_raw_logprobs_equal_scoring(trained):
   np.testing.assert_allclose(out.logprobs, np.where(out.mask > 0, want, 0.0), atol=1e-5)
 
 
-def test_greedy_with_cache_equals_full_recomputation(trained):
+@pytest.mark.parametrize('bucket', [0, 7])
+def test_greedy_with_cache_equals_full_recomputation(trained, bucket):
+  """One bucket (every step reads every slot), and buckets of 7 steps that the 30 new
+  tokens cross 4 times, after prompts of 1 to 7 tokens."""
   setup, params = trained
-  sampler = make_sampler(setup, sampling.SampleConfig(max_new_tokens=30, greedy=True))
+  sampler = make_sampler(setup, sampling.SampleConfig(max_new_tokens=30, greedy=True,
+                                                      cache_bucket=bucket))
   prompts, lengths = world_prompts(setup.source.world, 16, seed=1)
   cached = jax.device_get(sampler.sample(params, prompts, lengths, jax.random.key(0)))
   full = jax.device_get(sampler.sample(params, prompts, lengths, jax.random.key(0),
@@ -262,3 +269,42 @@ def test_samplers_of_one_model_share_their_compiled_programs(trained):
   b = jax.device_get(second.sample(params, prompts, lengths, jax.random.key(5)))
   assert first._sample._cache_size() == compiled
   np.testing.assert_array_equal(a.response, b.response)
+
+
+@pytest.mark.slow
+def test_continuous_batching_gives_each_prompt_the_static_samplers_tokens(trained):
+  """24 prompts of 1 to 7 tokens through 8 cache rows (refilled 2 at a time) and through 4
+  rows (1 at a time): each prompt's response, length and log-probs equal the static
+  sampler's with row keys on all 24 at once, whichever row it landed in."""
+  setup, params = trained
+  config = sampling.SampleConfig(max_new_tokens=40, temperature=0.9, row_keys=True)
+  sampler = make_sampler(setup, config)
+  prompts, lengths = world_prompts(setup.source.world, 24, seed=2)
+  key = jax.random.key(5)
+  static = jax.device_get(sampler.sample(params, prompts, lengths, key))
+  assert len(set(static.lengths.tolist())) > 5  # a ragged workload
+  for slots, refill in ((8, 2), (4, 1)):
+    cont = jax.device_get(sampler.sample_continuous(params, prompts, lengths, key,
+                                                    slots=slots, refill=refill))
+    np.testing.assert_array_equal(cont.response, static.response)
+    np.testing.assert_array_equal(cont.lengths, static.lengths)
+    np.testing.assert_array_equal(cont.mask, static.mask)
+    np.testing.assert_allclose(cont.raw_logprobs, static.raw_logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cont.logprobs, static.logprobs, atol=1e-5, rtol=0)
+
+
+def test_row_keys_do_not_depend_on_the_batch(trained):
+  """With row keys, row r draws its token at step t with fold_in(fold_in(key, r), t):
+  the first token of each row equals that draw made by hand from the row's logits."""
+  setup, params = trained
+  config = sampling.SampleConfig(max_new_tokens=6, row_keys=True)
+  sampler = make_sampler(setup, config)
+  prompts, lengths = world_prompts(setup.source.world, 8, seed=3)
+  key = jax.random.key(9)
+  out = jax.device_get(sampler.sample(params, prompts, lengths, key))
+  logits = jax.jit(sampling.response_logits, static_argnames='model')(
+      params, prompts, lengths, out.response[:, :1], model=setup.model)[:, 0]
+  for r in range(8):
+    want = jax.random.categorical(jax.random.fold_in(jax.random.fold_in(key, r), 0),
+                                  logits[r])
+    assert out.response[r, 0] == int(want)

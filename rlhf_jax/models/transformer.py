@@ -250,6 +250,24 @@ def _attend(q, k, v, mask, dtype, cap: float = 0.0):
   return jnp.einsum('bkgqj,bkjd->bkgqd', probs, v).reshape(b, h, tq, d)
 
 
+def _attend_parts(q, parts, dtype, cap: float = 0.0):
+  """_attend over keys given in parts [(k, v, mask), ...], one softmax across all of
+  them: the same numbers as attending over the parts' keys laid end to end, without
+  building that concatenation."""
+  b, h, tq, d = q.shape
+  kh = parts[0][0].shape[1]
+  q = q.reshape(b, kh, h // kh, tq, d)
+  scores = [jnp.where(m[:, :, None], softcap(jnp.einsum('bkgqd,bkjd->bkgqj', q, k).astype(
+      jnp.float32), cap), jnp.finfo(jnp.float32).min) for k, _, m in parts]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)
+  out, start = 0, 0
+  for (k, v, _), s in zip(parts, scores):
+    width = s.shape[-1]
+    out = out + jnp.einsum('bkgqj,bkjd->bkgqd', probs[..., start:start + width], v)
+    start += width
+  return out.reshape(b, h, tq, d)
+
+
 def causal_block_attention(q, k, v, *, mask, block: int, dtype, cap: float = 0.0) -> jax.Array:
   """Softmax attention of q over k, v ([B, T, H, D], q already scaled) under `mask`
   [B, 1, T, T], which must include the causal mask.
@@ -276,10 +294,14 @@ def causal_block_attention(q, k, v, *, mask, block: int, dtype, cap: float = 0.0
 class KVCache:
   """Keys and values of every layer for the slots decoded so far (one slot per token).
 
-  keys, values: tuple over layers of [B, K, S, D] (K: key/value heads); segment_ids: [B, S] int32 of the token
-  in each slot (0: padding or not yet written); index: [] int32, the first free slot.
-  Slots are filled left to right, so slot order is token order: a query at slot s sees
-  keys at slots <= s of its own segment.
+  keys, values: tuple over layers of a tuple over chunks of [B, K, C_j, D] (K: key/value
+  heads): S = sum C_j slots, chunk j holding slots [sum C_<j, sum C_<=j), each chunk its
+  own buffer so that a step reading only the first chunks reads them in place (a slice of
+  one [.., S, ..] buffer would be copied). segment_ids: [B, S] int32 of the token in each
+  slot (0: padding or not yet written); index: [] int32, the first free slot, or [B], one
+  per row (continuous batching: rows at different steps; one chunk only). Slots are filled
+  left to right, so slot order is token order: a query at slot s sees keys at slots <= s
+  of its own segment.
   """
   keys: tuple
   values: tuple
@@ -287,9 +309,15 @@ class KVCache:
   index: jax.Array
 
   @classmethod
-  def empty(cls, cfg: 'ModelConfig', *, batch: int, length: int) -> 'KVCache':
-    shape = (batch, cfg.kv_heads, length, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, _DTYPES[cfg.dtype]) for _ in range(cfg.n_layers))
+  def empty(cls, cfg: 'ModelConfig', *, batch: int, length: int,
+            chunks: tuple = ()) -> 'KVCache':
+    """chunks: the slots C_j of each chunk, summing to length (empty: one chunk)."""
+    chunks = tuple(chunks) or (length,)
+    if sum(chunks) != length or min(chunks) < 1:
+      raise ValueError(f'cache chunks {chunks} do not split {length} slots')
+    zeros = lambda: tuple(
+        tuple(jnp.zeros((batch, cfg.kv_heads, c, cfg.head_dim), _DTYPES[cfg.dtype])
+              for c in chunks) for _ in range(cfg.n_layers))
     return cls(keys=zeros(), values=zeros(), segment_ids=jnp.zeros((batch, length), jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
@@ -298,11 +326,12 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, angles, kv=None, index=None):
+  def __call__(self, x, mask, angles, kv=None, index=None, chunks: int = 0):
     """x [B, T, D]. Without `kv`, self-attention under mask [B, 1, T, T]. With kv = (keys,
-    values) [B, K, S, D] of this layer, writes this call's keys and values at slots
-    index..index+T-1 and attends over all S slots under mask [B, 1, T, S]; returns
-    (out, (keys, values))."""
+    values) of this layer, each a tuple of chunks [B, K, C_j, D] (KVCache), attends over
+    the first `chunks` chunks (0: all), W slots in all, under mask [B, 1, T, W], having
+    written this call's keys and values at slots index..index+T-1, which the caller
+    guarantees lie in the last of those chunks; returns (out, (keys, values))."""
     cfg = self.cfg
     dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
     axes = ('embed', 'heads', 'kv')
@@ -330,11 +359,16 @@ class Attention(nn.Module):
       # The cache is heads-major, so each step transposes only its new keys and values,
       # never the whole cache.
       heads_major = lambda t: t.transpose(0, 2, 1, 3)
-      write = lambda cache, new: nn.with_logical_constraint(
-          jax.lax.dynamic_update_slice(cache, heads_major(new).astype(cache.dtype),
-                                       (0, 0, index, 0)), ('batch', 'act_heads', 'length', 'kv'))
-      k, v = kv = (write(kv[0], k), write(kv[1], v))
-      out = heads_major(_attend(heads_major(q), k, v, mask, dtype, cfg.attn_softcap))
+      n = chunks or len(kv[0])
+      sizes = [c.shape[2] for c in kv[0][:n]]
+      last = sum(sizes[:-1])  # the first slot of the chunk written to
+      write = lambda cache, new: cache[:n - 1] + (nn.with_logical_constraint(
+          write_slots(cache[n - 1], heads_major(new).astype(cache[0].dtype), index - last, 2),
+          ('batch', 'act_heads', 'length', 'kv')),) + cache[n:]
+      kv = (write(kv[0], k), write(kv[1], v))
+      bounds = [sum(sizes[:j]) for j in range(n + 1)]
+      parts = [(kv[0][j], kv[1][j], mask[..., bounds[j]:bounds[j + 1]]) for j in range(n)]
+      out = heads_major(_attend_parts(heads_major(q), parts, dtype, cfg.attn_softcap))
     elif cfg.attention in attention_kernels.KERNELS:  # here mask is the [B, T] segment ids
       out = attention_kernels.KERNELS[cfg.attention](q, k, v, segment_ids=mask)
     elif cfg.attention == 'dot_product_attention':
@@ -397,7 +431,7 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, mask, angles, kv=None, index=None):
+  def __call__(self, x, mask, angles, kv=None, index=None, chunks: int = 0):
     cfg = self.cfg
     post = lambda name, y: _norm(cfg, name)(y) if cfg.post_norms else y
     h = _norm(cfg, 'attn_norm')(x)
@@ -405,7 +439,7 @@ class Block(nn.Module):
     if kv is None:
       x = x + post('post_attn_norm', attn(h, mask, angles))
     else:
-      out, kv = attn(h, mask, angles, kv, index)
+      out, kv = attn(h, mask, angles, kv, index, chunks)
       x = x + post('post_attn_norm', out)
     x = x + post('post_mlp_norm', Mlp(cfg, name='mlp')(_norm(cfg, 'mlp_norm')(x)))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
@@ -421,16 +455,25 @@ class ModelOutput:
   cache: KVCache | None = None
 
 
+def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """buf [B, ...] with `new` written from slot `index` on along `axis`: one index for all
+  rows ([]), or one per row ([B], the continuous-batching sampler's rows each at its own
+  step)."""
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis)
+  return jax.vmap(lambda b, x, i: jax.lax.dynamic_update_slice_in_dim(b, x, i, axis - 1))(
+      buf, new, index)
+
+
 def cache_mask(cache: KVCache, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(mask [B, 1, T, S], slot segment ids [B, S]) for T new tokens written at cache.index:
-  a query sees written slots up to its own, in its own segment."""
+  """(mask [B, 1, T, S], slot segment ids [B, S]) for T new tokens written at cache.index
+  ([] or one per row [B]): a query sees written slots up to its own, in its own segment."""
   t, s = segment_ids.shape[1], cache.segment_ids.shape[1]
-  slot_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                               (0, cache.index))
-  query_slot = cache.index + jnp.arange(t)
-  causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+  slot_segments = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, 1)
+  query_slot = jnp.reshape(cache.index, (-1, 1)) + jnp.arange(t)  # [1 | B, T]
+  causal = jnp.arange(s)[None, None, :] <= query_slot[:, :, None]  # [1 | B, T, S]
   same = segment_ids[:, :, None] == slot_segments[:, None, :]
-  mask = causal[None] & same & (slot_segments[:, None, :] > 0)
+  mask = causal & same & (slot_segments[:, None, :] > 0)
   return mask[:, None], slot_segments
 
 
@@ -439,10 +482,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, *, segment_ids, positions, return_hidden: bool = False,
-               cache: KVCache | None = None, token_types=None):
+               cache: KVCache | None = None, cache_chunks: int = 0, token_types=None):
     """inputs, segment_ids, positions: [B, T] int32. With `cache`, the T tokens continue
     the cached ones (a prompt to prefill, or one new token per row) and the output carries
     the updated cache; the numbers equal a full forward over all tokens so far.
+
+    cache_chunks (static): attention reads only the cache's first `cache_chunks` chunks
+    (0: all), which must hold every slot written so far, and whose last chunk must hold
+    this call's slots (the sampler's length buckets: a decode step reads the filled part
+    of the cache, not all of it).
 
     token_types: [B, T] int32 in {0, 1} (prompt, response) for models that must know where
     a response starts (reward models); it adds a learned type embedding, a parameter only
@@ -480,10 +528,12 @@ class Transformer(nn.Module):
         x = block(cfg, name=f'layer_{i}')(x, mask, angles)
     else:
       mask, slot_segments = cache_mask(cache, segment_ids)
+      if cache_chunks:
+        mask = mask[..., :sum(c.shape[2] for c in cache.keys[0][:cache_chunks])]
       keys, values = [], []
       for i in range(cfg.n_layers):
         x, (k, v) = Block(cfg, name=f'layer_{i}')(
-            x, mask, angles, (cache.keys[i], cache.values[i]), cache.index)
+            x, mask, angles, (cache.keys[i], cache.values[i]), cache.index, cache_chunks)
         keys.append(k)
         values.append(v)
       cache = KVCache(keys=tuple(keys), values=tuple(values), segment_ids=slot_segments,
