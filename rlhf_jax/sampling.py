@@ -380,18 +380,21 @@ class Sampler:
     (sampling_continuous.py), `refill` rows prefilled at a time (0: slots // 4, at least
     1); each prompt's tokens are those of `sample` with row_keys over all N at once."""
     refill = refill or max(1, slots // 4)
-    n = prompts.shape[0]
     if slots <= 0 or slots % self.dp or not 0 < refill <= slots:
       raise UserError(f'continuous batching needs slots > 0 divisible by the data-parallel '
                       f'size {self.dp} and 0 < refill <= slots; got slots={slots}, '
                       f'refill={refill}')
     self._check_rows(prompts)
-    fn = _jitted(_continuous(slots, refill), self.model, self.config, *_hashable(
-        (self._param_shardings, self.batch_sharding, self.rows_sharding,
-         sharding.replicated(self.mesh)), self._out))
+    fn = self.continuous_program(slots, refill)
     prompts, prompt_lengths = self._put(prompts, prompt_lengths)
     with sharding.activate(self.mesh, self.mesh_config):
       return fn(params, prompts, prompt_lengths, key)
+
+  def continuous_program(self, slots: int, refill: int):
+    """The jitted continuous sampler (params, prompts, lengths, key) -> SampleOutput."""
+    return _jitted(_continuous(slots, refill), self.model, self.config, *_hashable(
+        (self._param_shardings, self.batch_sharding, self.rows_sharding,
+         sharding.replicated(self.mesh)), self._out))
 
   def sample_in_chunks(self, params, prompts, prompt_lengths, key, *,
                        chunk: int = 1024) -> SampleOutput:

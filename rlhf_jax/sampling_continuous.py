@@ -2,10 +2,10 @@
 finishes (EOS or max_new_tokens) taking the next prompt, so a ragged workload costs about
 its total tokens, not N / slots times its longest row.
 
-One compiled while loop. Each iteration first refills, when at least `refill` rows are
-free (or none is live) and prompts remain: the next `refill` prompts are prefilled
-together on a [refill, P] cache and their keys, values and slot segments scattered into
-the free rows, whose write index goes back to P; then every row decodes one token. Each
+One compiled program: every row decodes one token per step until at least `refill` rows
+are free while prompts remain (or no row is live); then the next `refill` prompts are
+prefilled together on a [refill, P] cache and their keys, values and slot segments
+scattered into the free rows, whose write index goes back to P; and so on. Each
 row has its own step and cache index (KVCache.index [slots]), so positions, slots and the
 mask are per row; a row's cache slots past its own index hold a former prompt's keys
 under segment 0 and are never seen.
@@ -103,12 +103,17 @@ def sample_continuous(params, prompts, prompt_lengths, key, *, model: Transforme
   fill = lambda s, rows: _refill(s, rows, params, prompts, prompt_lengths, model=model)
   state = fill(start, min(slots, n_prompts))
 
-  def body(s: _Slots) -> _Slots:
-    due = (s.next < n_prompts) & (((~s.live).sum() >= refill) | ~s.live.any())
-    s = jax.lax.cond(due, lambda s: fill(s, refill), lambda s: s, s)
-    return _decode_step(s, params, key, model=model, config=config)
+  due = lambda s: (s.next < n_prompts) & ((~s.live).sum() >= refill)
+  decode = lambda s: _decode_step(s, params, key, model=model, config=config)
 
-  final = jax.lax.while_loop(lambda s: s.live.any() | (s.next < n_prompts), body, state)
+  def round_(s: _Slots) -> _Slots:
+    # Decode until a refill is due or no row is live, then refill (a no-op scatter once
+    # the prompts are used up). Nested loops, not a cond per step: a conditional over the
+    # cache would copy it.
+    s = jax.lax.while_loop(lambda s: s.live.any() & ~due(s), decode, s)
+    return fill(s, refill)
+
+  final = jax.lax.while_loop(lambda s: s.live.any() | (s.next < n_prompts), round_, state)
   mask = (jnp.arange(n)[None, :] < final.lengths[:, None]).astype(jnp.float32)
   return SampleOutput(
       tokens=jnp.concatenate([prompts, final.response], axis=1), response=final.response,

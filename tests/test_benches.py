@@ -75,6 +75,25 @@ def test_sampling_bench():
   assert f['step_over_floor'] == pytest.approx(f['step_ms'] / f['floor_ms'], rel=0.02)
 
 
+def test_ragged_bench():
+  f, table = run_with_table('rlhf_jax.bench_ragged', '--config=configs/pretrain.py:tiny',
+                            '--prompts=64', '--slots=16', '--refill=4', '--prompt_len=8',
+                            '--new_tokens=32')
+  assert (f['prompts'], f['slots'], f['refill'], f['new_tokens']) == (64, 16, 4, 32)
+  positive_timings(f, ('static_tokens_per_s', 'continuous_tokens_per_s', 'speedup'))
+  # The stopping rate solves E[min(L, 32)] = 8 for geometric L, here in closed form.
+  p = f['stop_probability']
+  assert (1 - (1 - p) ** 32) / p == pytest.approx(8.0, rel=1e-6)
+  # The model emits EOS at that rate: 64 capped geometric lengths (sd about 7) average
+  # 8 within 4 standard errors.
+  assert abs(f['mean_length'] - 8.0) < 4 * 7 / 8
+  rows = {row[0]: row for row in table if row and row[0] in ('static', 'continuous')}
+  assert float(rows['continuous'][4]) == pytest.approx(f['mean_length'], abs=0.05)
+  assert int(rows['continuous'][2]) == round(f['mean_length'] * 64)
+  assert f['speedup'] == pytest.approx(
+      f['continuous_tokens_per_s'] / f['static_tokens_per_s'], rel=0.02)
+
+
 def test_collapse_bench():
   f = run('rlhf_jax.bench_collapse', '--seeds=2', '--generations=2', '--samples=64',
           '--repeats=1')

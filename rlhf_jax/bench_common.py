@@ -1,0 +1,50 @@
+"""What the decoding benches share: timing a compiled program, its static memory, and world
+prompts."""
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax import sampling
+
+
+def peak_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def measure(fn, args, *, repeats: int = 1) -> dict:
+  """Compile once (timed apart), then the best of `repeats` steady-state calls."""
+  t = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t
+  jax.block_until_ready(compiled(*args))  # warm: first-call allocations
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    best = min(best, time.perf_counter() - t)
+  return {'compile_s': compile_s, 'run_s': best, 'out': out, 'compiled': compiled,
+          'peak_bytes': peak_bytes(compiled)}
+
+
+def step_seconds(m: dict, args_at, steps: int) -> float:
+  """(time of `steps` decode steps - time of the prefill alone) / steps, best of two."""
+  prefill = min(_timed(m['compiled'], args_at(0)) for _ in range(2))
+  return (m['run_s'] - prefill) / steps
+
+
+def _timed(compiled, args) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - t
+
+
+def world_prompts(setup, rows: int, length: int):
+  """Prefixes of true sequences, BOS included, at most `length` tokens."""
+  from rlhf_jax.world import language
+  seqs = np.asarray(language.sample(setup.source.world, key=jax.random.key(1),
+                                    batch_size=rows, seq_len=length))
+  return sampling.left_pad([[int(t) for t in row if t > 2 or t == 1][:length] for row in seqs],
+                           length=length)
