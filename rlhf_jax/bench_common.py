@@ -41,10 +41,11 @@ def _timed(compiled, args) -> float:
   return time.perf_counter() - t
 
 
-def world_prompts(setup, rows: int, length: int):
-  """Prefixes of true sequences, BOS included, at most `length` tokens."""
+def world_prompts(lang, rows: int, length: int):
+  """Prefixes of true sequences of the language `lang`, BOS included, at most `length`
+  tokens, left-padded."""
   from rlhf_jax.world import language
-  seqs = np.asarray(language.sample(setup.source.world, key=jax.random.key(1),
+  seqs = np.asarray(language.sample(lang, key=jax.random.key(1),
                                     batch_size=rows, seq_len=length))
   return sampling.left_pad([[int(t) for t in row if t > 2 or t == 1][:length] for row in seqs],
                            length=length)

@@ -97,7 +97,7 @@ def main():
     p = stop_probability(_FRACTION.value, _NEW.value)
     params = with_stopping_rate(setup.state.params, setup.model.cfg, p=p,
                                 eos_id=sample_config.eos_id)
-    prompts, lengths = world_prompts(setup, _PROMPTS.value, _PROMPT_LEN.value)
+    prompts, lengths = world_prompts(setup.source.world, _PROMPTS.value, _PROMPT_LEN.value)
     key = jax.random.key(0)
     with sharding.activate(setup.mesh, config.mesh):
       chunks = lambda rows: sampler.sample_in_chunks(params, prompts[:rows], lengths[:rows],

@@ -61,7 +61,7 @@ def main():
             config=sampling.SampleConfig(max_new_tokens=_NEW.value, temperature=1.0,
                                          cache_bucket=bucket))
         for name, bucket in (('bucketed', _BUCKET.value), ('one_bucket', 0))}
-    prompts, lengths = world_prompts(setup, _BATCH.value, _PROMPT_LEN.value)
+    prompts, lengths = world_prompts(setup.source.world, _BATCH.value, _PROMPT_LEN.value)
     if _BATCH.value % samplers['bucketed'].dp:
       raise UserError(f'--batch={_BATCH.value} is not divisible by the data-parallel size '
                       f'{samplers["bucketed"].dp}')

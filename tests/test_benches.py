@@ -110,3 +110,21 @@ def test_selfplay_update_bench():
   positive_timings(f, ('scan_s', 'loop_s', 'ratio'))
   # The two run the same updates on the same batches: equal parameters up to rounding.
   assert f['max_param_diff'] < 1e-5
+
+
+def test_rl_iteration_bench():
+  f, table = run_with_table('rlhf_jax.bench_rl', '--size=configs/pretrain.py:tiny',
+                            '--batch=16', '--prompt_len=8', '--new_tokens=16')
+  assert (f['batch'], f['prompt_len'], f['new_tokens'], f['value']) == (16, 8, 16, 'head')
+  parts = ('rollout', 'learner_forward', 'reference_log_probs', 'reward_model', 'updates')
+  positive_timings(f, tuple(f'{k}_s' for k in parts) + ('step_s', 'rollout_one_bucket_s'))
+  # The shares are each phase over their sum.
+  assert sum(f[f'{k}_share'] for k in parts) == pytest.approx(1.0, abs=0.005)
+  assert f['phases_s'] == pytest.approx(sum(f[f'{k}_s'] for k in parts), abs=5e-4)
+  # 16 rollouts of at most 16 tokens.
+  assert 16 <= f['response_tokens'] <= 16 * 16
+  # The compiled step holds at least the learner's AdamW state: params and two moments of
+  # the tiny policy (139,584 parameters: test_train_step_bench's count) and its value head.
+  assert f['step_peak_mib'] >= 3 * 139_584 * 4 / 2**20
+  rows = [row[0] for row in table if row]
+  assert 'rollout' in rows and 'updates' in rows
