@@ -132,14 +132,32 @@ LONGEST_FILES = ('test_selfplay_loop', 'test_self_improve', 'test_collapse_loop'
                  'test_sharding')
 
 
+# Refusal tests that each start the CLI (about 3 s a case): the quick check runs the first
+# QUICK_CASES of their cases, the full suite all of them.
+QUICK_CASES = {'test_cai.py::test_bad_input_is_one_line': 2,
+               'test_cli_errors.py::test_bad_override': 4,
+               'test_cli_errors.py::test_attention_kernel_the_backend_lacks': 1,
+               'test_selfplay_loop.py::test_bad_input_fails_with_one_line': 2,
+               'test_collapse_loop.py::test_bad_fields': 1,
+               'test_lora.py::test_bad_lora_settings_are_refused_in_one_line': 1,
+               'test_best_of_n.py::test_experiment_bad_input': 1,
+               'test_rlhf_rounds.py::test_bad_loop_fields': 1}
+
+
 def pytest_collection_modifyitems(config, items):
   """Marks `slow` every test that uses a fixture of SLOW_FIXTURES (the chain alone takes
-  minutes), besides the tests marked by hand, so that the quick check (-m 'not slow')
-  never starts the chain; and puts the LONGEST_FILES first, in that order (a stable sort:
-  each file's tests keep theirs)."""
+  minutes) and the cases of QUICK_CASES past their count, besides the tests marked by
+  hand, so that the quick check (-m 'not slow') never starts the chain; and puts the
+  LONGEST_FILES first, in that order (a stable sort: each file's tests keep theirs)."""
+  seen = {}
   for item in items:
     if any(name in getattr(item, 'fixturenames', ()) for name in SLOW_FIXTURES):
       item.add_marker(pytest.mark.slow)
+    name = f'{item.path.name}::{item.originalname}'
+    if name in QUICK_CASES:
+      seen[name] = seen.get(name, 0) + 1
+      if seen[name] > QUICK_CASES[name]:
+        item.add_marker(pytest.mark.slow)
   rank = {name: i for i, name in enumerate(LONGEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 

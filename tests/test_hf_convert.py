@@ -129,7 +129,8 @@ def test_cached_decoding_equals_full_recomputation(imported, family):
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('family', FAMILIES)
+@pytest.mark.parametrize('family', [f if f == 'llama' else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])
 def test_the_sampler_decodes_every_family_as_full_recomputation(imported, family):
   from rlhf_jax import sampling
   _, _, _, _, loaded = imported[family]
@@ -285,9 +286,10 @@ def _folder(tmp_path, **changes):
 @pytest.mark.parametrize('change, mentions', [
     ({'model_type': 'bert', 'architectures': ['BertForMaskedLM']}, ('BertForMaskedLM',)),
     ({'hidden_act': 'relu'}, ('hidden_act', 'relu')),
-    ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, ('rope_scaling', 'yarn')),
+    pytest.param({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}},
+                 ('rope_scaling', 'yarn'), marks=pytest.mark.slow),
     ({'num_hidden_layers': 3}, ('lacks', 'model.layers.2')),
-    ({'intermediate_size': 32}, ('shape',)),
+    pytest.param({'intermediate_size': 32}, ('shape',), marks=pytest.mark.slow),
 ])
 def test_bad_checkpoints_are_refused_in_one_line(tmp_path, change, mentions):
   folder = _folder(tmp_path, **change)

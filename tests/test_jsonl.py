@@ -308,12 +308,14 @@ PREF_LENS = ('--config.prefs.prompt_len=48', '--config.prefs.max_new_tokens=32')
 @pytest.mark.parametrize('stage, rows, mentions', [
     ('sft', [sft_rows(1)[0], '{"prompt": "a", "completion"', sft_rows(2)[1]],
      ('line 2: invalid JSON',)),
-    ('sft', [{'prompt': 'the cat', 'completion': ''}], ("line 1: field 'completion' is empty",)),
+    pytest.param('sft', [{'prompt': 'the cat', 'completion': ''}],
+                 ("line 1: field 'completion' is empty",), marks=pytest.mark.slow),
     ('dpo', [pref_rows(1)[0], pref_rows(1)[0], {'prompt': 'a', 'chosen': 'x', 'rejected': 'x'}],
      ("line 3: 'chosen' equals 'rejected'",)),
-    ('dpo', [{'prompt': 'a', 'chosen': 'x'}], ("line 1: missing field 'rejected'",)),
-    ('sft', [{'prompt': ' '.join(['cat'] * 60), 'completion': 'dog'}],
-     ('line 1: the prompt is', 'over sft.prompt_len=48')),
+    pytest.param('dpo', [{'prompt': 'a', 'chosen': 'x'}], ("line 1: missing field 'rejected'",),
+                 marks=pytest.mark.slow),
+    pytest.param('sft', [{'prompt': ' '.join(['cat'] * 60), 'completion': 'dog'}],
+                 ('line 1: the prompt is', 'over sft.prompt_len=48'), marks=pytest.mark.slow),
 ])
 def test_cli_refuses_bad_rows(stage, rows, mentions, text_run, tmp_path):
   path = write_jsonl(tmp_path / 'rows.jsonl', rows)
@@ -326,6 +328,7 @@ def test_cli_refuses_bad_rows(stage, rows, mentions, text_run, tmp_path):
   assert not workdir.exists()  # refused before DIR was made
 
 
+@pytest.mark.slow
 def test_cli_refuses_mismatched_init_runs(text_run, tmp_path):
   path = write_jsonl(tmp_path / 'rows.jsonl', sft_rows(4))
   # A run on the world (the text run's files less its tokenizer, its config saying world).
@@ -474,7 +477,8 @@ def text_run_of(run: str) -> str:
 @pytest.mark.parametrize('args, mentions', [
     (('--config=configs/ppo.py:tiny', '--config.ppo.reward=gold'),
      ("ppo.reward='gold'", "use ppo.reward='rm'")),
-    (('--config=configs/ppo.py:task_tiny',), ("ppo.reward='task'", "use ppo.reward='rm'")),
+    pytest.param(('--config=configs/ppo.py:task_tiny',),
+                 ("ppo.reward='task'", "use ppo.reward='rm'"), marks=pytest.mark.slow),
     (('--config=configs/grpo.py:tiny',), ('grpo.data=', 'no answer to check',
                                           "task.name='jsonl'")),
 ])

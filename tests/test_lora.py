@@ -192,6 +192,7 @@ def test_the_gradient_reaches_only_the_adapters():
   assert jax.tree.structure(state.params) == jax.tree.structure(trainable)
 
 
+@pytest.mark.slow
 def test_optimiser_state_bytes_equal_a_hand_count():
   config = load_config('sft')
   tx = runs.optimizer(config)
