@@ -13,30 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from rlhf_jax.models.transformer import (ModelConfig, Transformer, attention_mask,
                                          causal_block_attention, rotary, rotary_angles)
 
-SEGMENTS = np.array([
-    [1] * 7 + [2] * 9 + [0] * 4,   # two documents, then padding
-    [1] * 20,                      # one document filling the row
-    [1] * 5 + [2] * 11 + [3] * 4,  # three documents
-], np.int32)
-
-
-def reference_attention(q, k, v, segments):
-  """Plain float64 masked softmax attention; q is already scaled. Returns [B, T, H, D]."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, t, h, _ = q.shape
-  out = np.zeros_like(q)
-  for i in range(b):
-    for qi in range(t):
-      if segments[i, qi] == 0:
-        continue
-      keys = [j for j in range(qi + 1) if segments[i, j] == segments[i, qi]]
-      for head in range(h):
-        s = np.array([q[i, qi, head] @ k[i, j, head] for j in keys])
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        out[i, qi, head] = sum(pj * v[i, j, head] for pj, j in zip(p, keys))
-  return out
-
+from attention_reference import SEGMENTS, reference
 
 @pytest.mark.parametrize('block', [0, 4, 7, 20, 64])
 def test_block_attention_matches_reference(block):
@@ -45,7 +22,7 @@ def test_block_attention_matches_reference(block):
   mask = attention_mask(jnp.asarray(SEGMENTS))
   got = np.asarray(causal_block_attention(q, k, v, mask=mask, block=block,
                                           dtype=jnp.float32))
-  want = reference_attention(q, k, v, SEGMENTS)
+  want = reference(q, k, v, SEGMENTS)
   real = SEGMENTS > 0  # padding rows attend to nothing; their outputs are unused
   np.testing.assert_allclose(got[real], want[real], atol=2e-6, rtol=2e-6)
 
