@@ -103,7 +103,7 @@ def main():
       chunks = lambda rows: sampler.sample_in_chunks(params, prompts[:rows], lengths[:rows],
                                                      key, chunk=_SLOTS.value)
       static = _timed(lambda: chunks(_SLOTS.value), lambda: chunks(_PROMPTS.value))
-      continuous = measure(_ContinuousCall(sampler, _SLOTS.value, _REFILL.value),
+      continuous = measure(sampler.continuous_program(_SLOTS.value, _REFILL.value),
                            (params, prompts, lengths, key))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -129,16 +129,6 @@ def main():
       'speedup': round(float(rows['continuous']['rate'] / rows['static']['rate']), 2),
   }
   print(json.dumps(figures))
-
-
-class _ContinuousCall:
-  """`measure` wants .lower(*args); the continuous sampler's jitted program, found once."""
-
-  def __init__(self, sampler, slots: int, refill: int):
-    self.sampler, self.slots, self.refill = sampler, slots, refill
-
-  def lower(self, *args):
-    return self.sampler.continuous_program(self.slots, self.refill).lower(*args)
 
 
 def _timed(warm, call) -> dict:
