@@ -31,8 +31,11 @@ Variants:
              human_fraction 0 and --config.stages.reward_model.train.steps=200 (3 seeds):
              harm 0.009 ± 0.022, gold 0.237 ± 0.124, KL to SL 1.2 nats; 80-110 s each.
   tiny_rm    SL -> RL with a reward-model judge (semi-automated RLHF): a reward model on
-             384 human comparisons labels the rest. Expected result: not yet measured (no
-             runtime or result is claimed).
+             384 human comparisons labels the rest. Expected result, as measured (one
+             seed, after pretrain.py:tiny and sft.py:tiny as above): gold -0.467 -> 0.006
+             (SL) -> 0.360 ± 0.034 (RL), harm rate 0.336 -> 0.117 -> 0.020, KL to the
+             init policy 0.47 / 6.31 nats, response length 17.6 -> 13.9 -> 5.2 tokens,
+             6083 comparisons labelled by the judge; about 4 min on a 2-core CPU.
   tiny_dpo   SL -> RL with DPO on the judge's comparisons instead of reward model + PPO.
              Expected result, as measured (one seed, after pretrain.py:tiny and sft.py:tiny
              as above): gold -0.467 -> -0.132 (SL) -> 0.215 ± 0.025 (DPO), harm rate
