@@ -17,14 +17,15 @@ Variants:
              another job. Expected result, as measured (one run, the judge of
              configs/cai.py:tiny), on 1633 held-out pairs: agreement with the
              principle's truth 0.663 (harmless 0.916, helpful 0.664, on_topic 0.568; its
-             teacher's 0.908), gold agreement 0.545,
-             position flip rate 0.639, length bias -0.162, self-preference +0.131.
+             teacher's 0.908), gold agreement 0.545, position flip rate 0.639, length
+             bias -0.162, self-preference +0.131.
   tiny_wide  a judge of another size: made from runs/pretrain_tiny_wide
              (configs/pretrain.py:tiny with --config.model.d_model=128
              --config.model.n_layers=4 --config.model.d_ff=512), learning on
              runs/pretrain_tiny's samples. Expected result, as measured in
              experiments/constitutional.py (3 seeds): gold agreement 0.558 (the tiny
-             judge's 0.549), position flip rate 0.572 (0.614); its policies' harm and gold within the tiny judge's intervals.
+             judge's 0.549), position flip rate 0.572 (0.614); its policies' harm and
+             gold within the tiny judge's intervals.
 
 Any leaf can be overridden: --config.judge_data.teacher_temperature=0.1
 --config.constitution.harmless.weight=4.
