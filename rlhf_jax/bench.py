@@ -6,6 +6,12 @@ MFU = model FLOPs per second (ModelConfig.flops_per_token * tokens/s) divided by
 of a large float32 matmul timed on the same device in the same process, so the ratio holds
 on a noisy or throttled machine where absolute seconds would not. Prints a table, then one
 JSON line of the figures.
+
+With PyTorch importable (never a dependency) and `--torch` (the default), the same run
+also times the PyTorch eager step of the same model from the same initial weights
+(rlhf_jax/bench_torch.py) on the same tokens, and reports `vs_torch_eager`: our tokens/s
+over its tokens/s, each framework's MFU against its own matmul peak. Without torch the
+figures say `torch: not installed`.
 """
 import json
 import sys
@@ -18,13 +24,15 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from rlhf_jax import sharding
+from rlhf_jax import bench_torch, sharding
 from rlhf_jax.cli import config_name, parse_flags_or_exit
 from rlhf_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/pretrain.py:small',
                                           'Config file[:variant].', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 8, 'Timed train steps (after compilation).')
+_TORCH = flags.DEFINE_bool('torch', True, 'Also time the PyTorch eager step when torch '
+                           'imports (rlhf_jax/bench_torch.py).')
 _MATMUL_N = flags.DEFINE_integer('matmul_n', 2048, 'Size of the square peak-FLOP/s matmul.')
 
 
@@ -49,7 +57,7 @@ def matmul_peak(n: int, reps: int = 5) -> float:
 def step_time(setup, steps: int) -> tuple[float, float]:
   """(compile + first step seconds, median seconds per step over `steps` steps)."""
   state = setup.state
-  batches = [setup.put_batch(setup.source.next_batch()) for _ in range(2)]
+  batches = [setup.put_batch(b) for b in setup.bench_batches]
   t = time.perf_counter()
   state, m = setup.step(state, batches[0])
   jax.block_until_ready(m)
@@ -63,17 +71,38 @@ def step_time(setup, steps: int) -> tuple[float, float]:
   return first, float(np.median(times))
 
 
+def torch_skip(model) -> str:
+  """'' when the PyTorch comparison runs, else why not (shown as the `torch` figure)."""
+  if not _TORCH.value:
+    return 'off (--notorch)'
+  if not bench_torch.available():
+    return 'not installed'
+  if jax.process_count() > 1 or jax.device_count() > 1:
+    return 'skipped: one device only'
+  why = bench_torch.unsupported(model)
+  return f'skipped: no PyTorch mirror of {why}' if why else ''
+
+
 def main():
   parse_flags_or_exit(sys.argv)
   from rlhf_jax.stages.pretrain import Setup
   config = _CONFIG.value
+  torch = {}
   try:
     with tempfile.TemporaryDirectory() as workdir:
       setup = Setup(config, workdir=workdir)
+      setup.bench_batches = [setup.source.next_batch() for _ in range(2)]
+      why_not = torch_skip(setup.model.cfg)
+      initial = jax.device_get(setup.state.params) if not why_not else None
       with sharding.activate(setup.mesh, config.mesh):
         peak_before = matmul_peak(_MATMUL_N.value)
         compile_s, step_s = step_time(setup, _STEPS.value)
         peak_after = matmul_peak(_MATMUL_N.value)
+      if not why_not:
+        b = setup.bench_batches[0]
+        tokens = np.concatenate([b.inputs, b.targets[:, -1:]], axis=1)
+        torch = bench_torch.step_time(setup.model.cfg, initial, tokens, config.optim,
+                                      steps=_STEPS.value, matmul_n=_MATMUL_N.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -97,6 +126,18 @@ def main():
       'matmul_peak_tflops_per_s': round(peak / 1e12, 4),
       'mfu': round(model_flops / peak, 4),
   }
+  if torch:
+    torch_tokens = tokens / torch['torch_step_s']
+    figures.update({
+        'torch': torch['torch'], 'torch_threads': torch['torch_threads'],
+        'torch_step_s': round(torch['torch_step_s'], 4),
+        'torch_tokens_per_s': round(torch_tokens, 1),
+        'torch_matmul_peak_tflops_per_s': round(torch['torch_matmul_peak'] / 1e12, 4),
+        'torch_mfu': round(model.flops_per_token(config.train.seq_len) * torch_tokens
+                           / torch['torch_matmul_peak'], 4),
+        'vs_torch_eager': round(tokens_per_s / torch_tokens, 3)})
+  else:
+    figures['torch'] = why_not
   width = max(len(k) for k in figures)
   print(f'{"figure":<{width}}  value')
   for key, value in figures.items():

@@ -49,6 +49,14 @@ def test_train_step_bench():
   assert abs(f['tokens_per_s'] - 32 * seq / f['step_s']) <= 0.01 * f['tokens_per_s']
   mfu = flops_per_token * f['tokens_per_s'] / (f['matmul_peak_tflops_per_s'] * 1e12)
   assert abs(f['mfu'] - mfu) <= 0.01 * mfu + 1e-4
+  if f['torch'] == 'not installed':
+    assert 'vs_torch_eager' not in f
+  else:  # the PyTorch eager step of the same model, timed in the same run
+    assert f['torch'].endswith('eager')
+    ratio = f['tokens_per_s'] / f['torch_tokens_per_s']
+    assert abs(f['vs_torch_eager'] - ratio) <= 0.01 * ratio
+    assert abs(f['torch_tokens_per_s'] - 32 * seq / f['torch_step_s']) <= 0.01 * f[
+        'torch_tokens_per_s']
 
 
 def test_sampling_bench():
