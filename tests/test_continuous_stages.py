@@ -87,6 +87,7 @@ def test_sample_in_chunks_continuous_equals_static_with_row_keys():
   np.testing.assert_allclose(cont.logprobs, static.logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # over 10 s here: left out of the quick check
 def test_preference_pairs_continuous_equal_static_with_row_keys(tmp_path, monkeypatch):
   """preference_data.make_shard (12 prompts x 3 responses, labelled by the annotators)
   writes the same pairs, labels and gold rewards through 4 continuous slots as with the
@@ -145,6 +146,7 @@ def test_collapse_samples_continuous_equal_static_with_row_keys(tmp_path, monkey
   np.testing.assert_array_equal(rows['cont'], rows['static'])
 
 
+@pytest.mark.slow  # over 10 s here: left out of the quick check
 def test_ppo_step_rollout_continuous_equals_static_with_row_keys(monkeypatch):
   """The jitted PPO step (reward gold) with ppo.continuous_slots=2 over a batch of 6
   prompts trains on the responses the step with the static row-keyed sampler draws, and
@@ -227,6 +229,7 @@ BEST_OF_N = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # over 10 s here: left out of the quick check
 def test_best_of_n_candidates_continuous_equal_static_with_row_keys():
   """experiments/best_of_n.py's candidates (4 prompts x 5 samples) through 4 continuous
   slots equal those of the static row-keyed sampler (in a subprocess: the script defines
