@@ -6,7 +6,9 @@ oracle: gold and proxy reward against KL, the x-axis of Gao et al. 2022.
 
 For each of --prompts world prompts (drawn as stages/ppo.py's prompt_pool draws them, up
 to 8 tokens, with --seed) the SFT policy samples max(--ns) candidates and --ref_samples
-more reference samples (48 new tokens, temperature 1, all iid), once. Every sample is
+more reference samples (48 new tokens, temperature 1, all iid), once (with
+--continuous_slots=S by continuous batching through S cache rows, with row keys: other
+samples than the default static sampler's, so other numbers than below). Every sample is
 scored by the proxy, the reward-model ensemble with each member centred by its
 reward_norm.json and the members averaged (as ppo_step.proxy_reward scores PPO rollouts),
 and by the gold reward. For each n the first n candidates of a prompt compete: the proxy
