@@ -120,6 +120,7 @@ def test_preference_pairs_continuous_equal_static_with_row_keys(tmp_path, monkey
     np.testing.assert_array_equal(getattr(cont, name), getattr(static, name), err_msg=name)
 
 
+@pytest.mark.slow  # over 10 s here: left out of the quick check
 def test_collapse_samples_continuous_equal_static_with_row_keys(tmp_path, monkeypatch):
   """The collapse loop's generation sample (40 rows from BOS on the 8-device mesh, chunks
   of the loop's own size) is the same through 8 continuous slots as with the static
