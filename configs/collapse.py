@@ -33,6 +33,8 @@ def get_config(arg: str = 'tiny'):
       schedule='replace',      # 'replace' | 'accumulate' | 'mix'
       mix_fraction=0.5,        # mix: share of each generation's rows that are fresh real data
       temperature=1.0,         # sampling temperature of the synthetic data
+      continuous_slots=0,      # 0: the static sampler; > 0: continuous batching through
+                               # that many cache rows, with row keys (other rows than 0's)
       init='scratch',          # 'scratch' | 'finetune' (from the previous generation)
   ))
   if arg == 'tiny':

@@ -59,6 +59,10 @@ def get_config(arg: str = 'tiny'):
       prompt_len=8,
       max_new_tokens=48,
       no_eos_penalty=-1.0,     # added to the score of a response that ends without EOS
+      continuous_slots=0,      # 0: the static sampler over each batch; > 0 (a multiple of
+                               # the data-parallel size, <= train.batch_size): continuous
+                               # batching of the rollouts through that many cache rows in
+                               # the jitted step, with row keys (other tokens than 0's)
       kl_control='fixed',      # 'fixed' | 'adaptive' (Ziegler et al.)
       kl_coef=0.05,            # beta of the per-token penalty -beta (log pi - log ref)
       kl_target=4.0,           # adaptive: target sequence KL (nats)

@@ -6,7 +6,9 @@ oracle: gold and proxy reward against KL, the x-axis of Gao et al. 2022.
 
 For each of --prompts world prompts (drawn as stages/ppo.py's prompt_pool draws them, up
 to 8 tokens, with --seed) the SFT policy samples max(--ns) candidates and --ref_samples
-more reference samples (48 new tokens, temperature 1, all iid), once. Every sample is
+more reference samples (48 new tokens, temperature 1, all iid), once (with
+--continuous_slots=S by continuous batching through S cache rows, with row keys: other
+samples than the default static sampler's, so other numbers than below). Every sample is
 scored by the proxy, the reward-model ensemble with each member centred by its
 reward_norm.json and the members averaged (as ppo_step.proxy_reward scores PPO rollouts),
 and by the gold reward. For each n the first n candidates of a prompt compete: the proxy
@@ -74,6 +76,10 @@ _PROMPTS = flags.DEFINE_integer('prompts', 256, 'World prompts.')
 _REF = flags.DEFINE_integer('ref_samples', 64, 'Reference samples per prompt for the CDF (M).')
 _OUT = flags.DEFINE_string('out', 'runs/best_of_n', 'Output directory.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the prompts and the samples.')
+_SLOTS = flags.DEFINE_integer(
+    'continuous_slots', 0, '0: the static sampler; > 0 (a multiple of the data-parallel '
+    'size): continuous batching through that many cache rows, with row keys (other samples '
+    'than 0 gives).')
 PROMPT_LEN, MAX_NEW_TOKENS = 8, 48
 SCORE_BATCH = 1024  # rows per reward-model forward (one compiled shape)
 Z95 = 1.96
@@ -95,6 +101,7 @@ def load_config() -> ml_collections.ConfigDict:
   if _PROMPTS.value < 2 or _REF.value < 1:
     raise UserError(f'--prompts={_PROMPTS.value} must be >= 2 and --ref_samples='
                     f'{_REF.value} >= 1')
+  config_lib.check_continuous_slots('--continuous_slots', _SLOTS.value)
   # Read here too so that a bad run is named by its flag, not by ppo's config field.
   runs.read_config(os.path.abspath(_SFT.value), role='--sft_run')
   stage = runs.read_config(os.path.abspath(_RM.value), role='--rm_run').get('stage')
@@ -122,6 +129,20 @@ def in_chunks(fn, *arrays, chunk: int) -> np.ndarray:
   return np.concatenate(parts)
 
 
+def sample_candidates(sft, prompts, lengths, *, per: int, mesh, mesh_config, seed: int,
+                      continuous_slots: int = 0):
+  """`per` samples of the SFT policy (a runs.load result) to each prompt [P, T], as host
+  arrays [P * per, ...] (prompt-major), 48 new tokens at temperature 1."""
+  sampler = sampling.Sampler(model=sft.model,
+                             config=sampling.SampleConfig(max_new_tokens=MAX_NEW_TOKENS),
+                             mesh=mesh, mesh_config=mesh_config,
+                             param_shardings=sft.param_shardings,
+                             continuous_slots=continuous_slots)
+  key = jax.random.fold_in(jax.random.key(seed), 0xB0F)
+  return sampler.sample_in_chunks(sft.params, np.repeat(prompts, per, axis=0),
+                                  np.repeat(lengths, per), key)
+
+
 def sample_and_score(config, ns: list[int]):
   """(proxy, gold) [P, max(ns) + M] rewards; the first max(ns) columns are candidates."""
   mesh = sharding.make_mesh(config.mesh)
@@ -138,13 +159,8 @@ def sample_and_score(config, ns: list[int]):
   prompts, lengths = ppo.prompt_pool(config, world, dp)
   per = max(ns) + _REF.value
   t0 = time.time()
-  sampler = sampling.Sampler(model=sft.model,
-                             config=sampling.SampleConfig(max_new_tokens=MAX_NEW_TOKENS),
-                             mesh=mesh, mesh_config=config.mesh,
-                             param_shardings=sft.param_shardings)
-  key = jax.random.fold_in(jax.random.key(_SEED.value), 0xB0F)
-  out = sampler.sample_in_chunks(sft.params, np.repeat(prompts, per, axis=0),
-                                 np.repeat(lengths, per), key)
+  out = sample_candidates(sft, prompts, lengths, per=per, mesh=mesh, mesh_config=config.mesh,
+                          seed=_SEED.value, continuous_slots=_SLOTS.value)
   print(f'sampled {len(out.response)} responses in {time.time() - t0:.0f}s '
         f'(mean length {out.mask.sum(axis=1).mean():.1f})', flush=True)
   rows_p, rows_l = np.repeat(prompts, per, axis=0), np.repeat(lengths, per)

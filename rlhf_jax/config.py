@@ -253,6 +253,9 @@ def prefs_block() -> ml_collections.ConfigDict:
       prompt_len=8,            # BOS and up to prompt_len - 1 tokens of a true sequence
       max_new_tokens=48,
       temperature=1.0,
+      continuous_slots=0,      # 0: the static sampler; > 0 (a multiple of the data-parallel
+                               # size): continuous batching through that many cache rows,
+                               # with row keys (SampleConfig.row_keys): other tokens than 0's
       round=0,                 # recorded in the lineage; rounds > 0 draw fresh prompts
       eval_fraction=0.1,       # prompts held out, with all their pairs
       labels_per_pair=1,       # distinct annotators who each label every pair
@@ -423,11 +426,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"data.source={source!r} is not one of 'world', 'text:PATH', 'tfds:NAME'")
   if source.partition(':')[2] == '' and source != 'world':
     raise UserError(f'data.source={source!r} names no path or dataset after the colon')
+  for block in CONTINUOUS_BLOCKS:
+    if block in config:
+      check_continuous_slots(f'{block}.continuous_slots',
+                             config[block].get('continuous_slots', 0))
   # A task block is checked by the stage's resolve(), against the world of its init run.
   if 'distill' in config:
     _validate_distill(config.distill)
   if 'init' in config:
     _validate_feedback(config)
+
+
+# The blocks whose sampling takes a continuous_slots field (sampling.Sampler's).
+CONTINUOUS_BLOCKS = ('prefs', 'ppo', 'collapse')
+
+
+def check_continuous_slots(name: str, slots, dp: int = 1) -> None:
+  """A continuous_slots field: 0 (the static sampler) or a positive multiple of the
+  data-parallel size `dp` (1 where the mesh is not built yet)."""
+  if not isinstance(slots, int) or slots < 0 or slots % dp:
+    raise UserError(f'{name}={slots!r} must be 0 (the static sampler) or a positive '
+                    f'multiple of the data-parallel size {dp} (continuous batching through '
+                    'that many cache rows)')
 
 
 def _validate_feedback(config: ml_collections.ConfigDict) -> None:
@@ -589,6 +609,10 @@ def _validate_ppo(config: ml_collections.ConfigDict) -> None:
   if p.num_prompts < config.train.batch_size:
     raise UserError(f'ppo.num_prompts={p.num_prompts} is smaller than one batch of '
                     f'{config.train.batch_size} rollouts')
+  if p.get('continuous_slots', 0) > config.train.batch_size:
+    raise UserError(f'ppo.continuous_slots={p.continuous_slots} is more cache rows than the '
+                    f'train.batch_size={config.train.batch_size} rollouts of a step; use '
+                    'fewer (or 0: the static sampler over the batch)')
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -617,7 +641,9 @@ UNRECORDED_FIELDS = ('train.progress',)
 UNRESOLVED = ('model.vocab_size',)
 # Fields added after runs were written, with the value such a run (whose config.json lacks
 # them) ran with: absent there and at this value here, they do not make the config differ.
-ADDED_FIELDS = {'lora.rank': 0, 'lora.alpha': 16.0, 'lora.targets': 'query,value'}
+ADDED_FIELDS = {'lora.rank': 0, 'lora.alpha': 16.0, 'lora.targets': 'query,value',
+                'prefs.continuous_slots': 0, 'ppo.continuous_slots': 0,
+                'collapse.continuous_slots': 0}
 
 
 def flatten(d: dict, prefix: str = '') -> dict:

@@ -322,17 +322,30 @@ def _continuous(slots: int, refill: int):
 class Sampler:
   """`sample`, `sample_without_cache` and `score` for one model and SampleConfig, jitted
   once per shape on `mesh`: batch arrays over the mesh's batch axes, params as
-  `param_shardings` (the train state's) say, so a rollout gathers nothing to one device."""
+  `param_shardings` (the train state's) say, so a rollout gathers nothing to one device.
+
+  continuous_slots: how `sample_in_chunks` decodes. 0: the static sampler, a chunk at a
+  time; > 0 (divisible by the data-parallel size): continuous batching through that many
+  cache rows per chunk (`sample_continuous`), with row keys, so each prompt gets exactly
+  the tokens the static sampler with SampleConfig.row_keys gives it (config's row_keys is
+  then set, for `sample` too)."""
 
   def __init__(self, *, model: Transformer, config: SampleConfig, mesh, mesh_config,
-               param_shardings):
+               param_shardings, continuous_slots: int = 0):
     config.validate(model.cfg.vocab_size)
+    if continuous_slots:
+      config = dataclasses.replace(config, row_keys=True)
     self.model, self.config = model, config
     self.mesh, self.mesh_config = mesh, mesh_config
     self.batch_sharding = sharding.batch_sharding(mesh, mesh_config)
     self.rows_sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(self.batch_sharding.spec[0]))
     self.dp = sharding.data_parallel_size(mesh, mesh_config)
+    if continuous_slots < 0 or continuous_slots % self.dp:
+      raise UserError(f'continuous_slots={continuous_slots} must be 0 (the static sampler) or '
+                      f'a positive multiple of the data-parallel size {self.dp} of the mesh '
+                      '(each device holds as many cache rows)')
+    self.continuous_slots = continuous_slots
     replicated = sharding.replicated(mesh)
     out = SampleOutput(tokens=self.batch_sharding, response=self.batch_sharding,
                        mask=self.batch_sharding, logprobs=self.batch_sharding,
@@ -400,15 +413,23 @@ class Sampler:
                        chunk: int = 1024) -> SampleOutput:
     """`sample` over any number of prompts, `chunk` rows at a time (one compiled shape;
     the last chunk is padded with copies of its first row), chunk c with key fold_in(key,
-    c). Returns host numpy arrays."""
+    c). With continuous_slots, each chunk goes through `sample_continuous` instead (its
+    prompts padded only to a multiple of the data-parallel size, and at most as many
+    slots as it has rows): the same tokens as the static sampler with row keys. Returns
+    host numpy arrays."""
     n = prompts.shape[0]
     chunk = -(-min(chunk, n) // self.dp) * self.dp
     parts = []
     for c, lo in enumerate(range(0, n, chunk)):
-      rows = np.arange(lo, lo + chunk)
+      size = chunk
+      if self.continuous_slots:  # padding rows would be decoded, not just carried
+        size = -(-min(chunk, n - lo) // self.dp) * self.dp
+      rows = np.arange(lo, lo + size)
       rows = np.where(rows < n, rows, lo)
-      out = distributed.to_host(self.sample(params, prompts[rows], prompt_lengths[rows],
-                                            jax.random.fold_in(key, c)))
+      args = (params, prompts[rows], prompt_lengths[rows], jax.random.fold_in(key, c))
+      out = distributed.to_host(
+          self.sample_continuous(*args, slots=min(self.continuous_slots, size))
+          if self.continuous_slots else self.sample(*args))
       parts.append(jax.tree.map(lambda x: np.asarray(x)[:min(chunk, n - lo)], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 

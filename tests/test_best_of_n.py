@@ -203,11 +203,13 @@ def fake_sft(tmp_path_factory):
     ('missing-run', 'holds no run'),
     ('n-zero', 'n must be >= 1'),
     ('not-a-reward-model', 'not a reward_model run'),
+    ('negative-slots', '--continuous_slots=-8 must be 0'),
 ])
 def test_experiment_bad_input(fake_sft, tmp_path, case, mentions):
   args = {'missing-run': [f'--sft_run={tmp_path / "nowhere"}'],
           'n-zero': ['--ns=0,2'],
-          'not-a-reward-model': [f'--sft_run={fake_sft}', f'--rm_run={fake_sft}']}[case]
+          'not-a-reward-model': [f'--sft_run={fake_sft}', f'--rm_run={fake_sft}'],
+          'negative-slots': ['--continuous_slots=-8']}[case]
   result = experiment(*args, f'--out={tmp_path / "out"}')
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()

@@ -296,7 +296,8 @@ def _sample(config, paths: Paths, g: int, loaded) -> None:
       model=loaded.model,
       config=sampling.SampleConfig(max_new_tokens=config.train.seq_len,
                                    temperature=c.temperature),
-      mesh=mesh, mesh_config=config.mesh, param_shardings=loaded.param_shardings)
+      mesh=mesh, mesh_config=config.mesh, param_shardings=loaded.param_shardings,
+      continuous_slots=c.get('continuous_slots', 0))
   prompts = np.full((c.samples, 1), language.BOS_ID, np.int32)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0x5A3F), g)
   out = sampler.sample_in_chunks(loaded.params, prompts, np.ones(c.samples, np.int32), key)

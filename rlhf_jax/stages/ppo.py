@@ -208,6 +208,8 @@ def run(config, *, workdir: str) -> None:
   given = jsonl_data.read_given(config, workdir=workdir)
   setup = FromRun(config, rows_per_step=config.train.batch_size)
   p = config.ppo
+  config_lib.check_continuous_slots('ppo.continuous_slots', p.get('continuous_slots', 0),
+                                    setup.dp)
   task = None
   if p.reward == 'task':  # a bad task file fails here, before DIR is written
     task = grpo.make_task(config, setup, max_new_tokens=p.max_new_tokens)
@@ -271,7 +273,7 @@ def run(config, *, workdir: str) -> None:
       reward=p.reward, no_eos_penalty=p.no_eos_penalty, kl_control=p.kl_control,
       kl_target=p.kl_target, kl_horizon=p.kl_horizon, max_new_tokens=p.max_new_tokens,
       ppo=ppo_update.PPOConfig.from_config(p), judge_verdicts=verdicts, lora=setup.lora,
-      world_gold=texts is None)
+      world_gold=texts is None, continuous_slots=p.get('continuous_slots', 0))
   step = jax.jit(functools.partial(ppo_step.train_step, model=learner.model,
                                    lm=setup.init.model, rm_model=rm_model, tx=learner.tx,
                                    schedule=learner.schedule, config=step_config,

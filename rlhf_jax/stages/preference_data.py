@@ -64,7 +64,8 @@ def make_shard(config, setup: FromRun, *, directory: str) -> None:
   sampler = sampling.Sampler(
       model=setup.init.model,
       config=sampling.SampleConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature),
-      mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings)
+      mesh=setup.mesh, mesh_config=config.mesh, param_shardings=setup.init.param_shardings,
+      continuous_slots=p.get('continuous_slots', 0))
   key = jax.random.fold_in(jax.random.key(config.seed), 0x9F3)
   if p.round > 0:  # fresh prompts and labels each round (round 0 keeps the original set)
     key = jax.random.fold_in(key, p.round)
@@ -92,6 +93,8 @@ def make_shard(config, setup: FromRun, *, directory: str) -> None:
   who = pairs.raw_annotator[pairs.raw_annotator >= 0]
   if not distributed.is_primary():
     return
+  if p.get('continuous_slots', 0):  # row keys: other samples than the static sampler's
+    feedback['continuous_slots'] = p.continuous_slots
   preferences.write_shard(directory, pairs, lineage={**feedback,
       **setup.lineage(), 'round': p.round, 'responses_per_prompt': p.responses_per_prompt,
       'temperature': p.temperature, 'annotators': config.annotators.to_dict(),

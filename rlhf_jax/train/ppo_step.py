@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, sampling
+from rlhf_jax.sampling_continuous import sample_continuous
 from rlhf_jax.models import lora
 from rlhf_jax.train import judge_reward, kl_control, ppo_update
 from rlhf_jax.train.reward_step import response_sequences
@@ -77,6 +78,22 @@ class StepConfig:
   # False for text prompts (ppo.data='jsonl:PATH'): no world, so no rl/gold_reward or
   # rl/harm_rate (the world's gold weights would index text token ids meaninglessly).
   world_gold: bool = True
+  # ppo.continuous_slots: 0, the static sampler over the batch; else continuous batching
+  # of the batch through that many cache rows (sampling_continuous.py), with row keys.
+  continuous_slots: int = 0
+
+
+def sample_rollouts(params, prompts, prompt_lengths, key, *, model, config: StepConfig):
+  """The step's sampler: `sampling.sample` over the B rows at once, or (continuous_slots)
+  continuous batching through fewer cache rows, the tokens of `sample` with row keys."""
+  sample_config = sampling.SampleConfig(max_new_tokens=config.max_new_tokens)
+  if not config.continuous_slots:
+    return sampling.sample(params, prompts, prompt_lengths, key, model=model,
+                           config=sample_config)
+  slots = config.continuous_slots
+  return sample_continuous(params, prompts, prompt_lengths, key, model=model,
+                           config=dataclasses.replace(sample_config, row_keys=True),
+                           slots=slots, refill=max(1, slots // 4))
 
 
 def member_rewards(rm_params, prompts, prompt_lengths, responses, mask, *, rm_model):
@@ -129,9 +146,8 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
   if config.lora:
     base = {k: frozen.ref_params for k in ('policy', 'critic') if k in state.params}
     full = lambda params: lora.combine(params, base)
-  out = sampling.sample(full(state.params)['policy'], prompts, lengths, k_sample,
-                        model=policy_lm or lm,
-                        config=sampling.SampleConfig(max_new_tokens=config.max_new_tokens))
+  out = sample_rollouts(full(state.params)['policy'], prompts, lengths, k_sample,
+                        model=policy_lm or lm, config=config)
   response, mask = out.response, out.mask
   inputs = (sequence_inputs(prompts, lengths, response), response)
   learner_apply = make_apply(model, prompt_len=prompts.shape[1])
@@ -148,9 +164,8 @@ def train_step(state: PPOState, frozen: Frozen, batch: PromptBatch, *, model, lm
   elif config.reward == 'task':
     proxy = task.verify(batch.answers, batch.answer_lengths, response, mask)
   elif config.reward == 'judge':
-    ref = sampling.sample(frozen.ref_params, prompts, lengths, jax.random.fold_in(key, 1),
-                          model=lm, config=sampling.SampleConfig(
-                              max_new_tokens=config.max_new_tokens))
+    ref = sample_rollouts(frozen.ref_params, prompts, lengths, jax.random.fold_in(key, 1),
+                          model=lm, config=config)
     proxy, _ = judge_reward.direct_reward(
         frozen.judge, jax.random.fold_in(key, 2), prompts=prompts, prompt_lengths=lengths,
         response=response, mask=mask, ref_response=ref.response, ref_mask=ref.mask,
