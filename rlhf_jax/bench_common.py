@@ -1,11 +1,12 @@
-"""What the decoding benches share: timing a compiled program, its static memory, and world
-prompts."""
+"""What the decoding benches share: timing a compiled program, its static memory, world
+prompts, and a model with a known stopping rate (ragged response lengths)."""
 import time
 
 import jax
 import numpy as np
 
 from rlhf_jax import sampling
+from rlhf_jax.errors import UserError
 
 
 def peak_bytes(compiled) -> int:
@@ -49,3 +50,28 @@ def world_prompts(lang, rows: int, length: int):
                                     batch_size=rows, seq_len=length))
   return sampling.left_pad([[int(t) for t in row if t > 2 or t == 1][:length] for row in seqs],
                            length=length)
+
+
+def stop_probability(mean_fraction: float, n: int) -> float:
+  """p with E[min(L, n)] = mean_fraction * n for L geometric on 1, 2, ...:
+  E = (1 - (1 - p)^n) / p, decreasing in p; by bisection."""
+  lo, hi = 1e-9, 1.0
+  for _ in range(100):
+    p = (lo + hi) / 2
+    lo, hi = (p, hi) if (1 - (1 - p) ** n) / p > mean_fraction * n else (lo, p)
+  return (lo + hi) / 2
+
+
+def with_stopping_rate(params, cfg, *, p: float, eos_id: int):
+  """params whose model ends a row with probability about p per step (module docstring)."""
+  if cfg.tie_embeddings or cfg.norm != 'rms' or cfg.norm_offset:
+    raise UserError('the ragged bench sets the stopping rate through untied output weights '
+                    'and an RMS final norm (the default model)')
+  params = jax.tree.map(lambda x: x, params)
+  c, d = 0, cfg.d_model
+  b = float(np.log(p / (1 - p) * (cfg.vocab_size - 1)))
+  embed = params['embed']['embedding']
+  params['embed']['embedding'] = embed.at[:, c].set(1000.0)
+  kernel = params['logits']['kernel'].at[c].set(0.0)
+  params['logits']['kernel'] = kernel.at[c, eos_id].set(b / d ** 0.5)
+  return params

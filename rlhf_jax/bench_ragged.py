@@ -33,7 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import sampling, sharding
-from rlhf_jax.bench_common import measure, world_prompts
+from rlhf_jax.bench_common import measure, stop_probability, with_stopping_rate, world_prompts
 from rlhf_jax.cli import config_name, parse_flags_or_exit
 from rlhf_jax.errors import UserError
 
@@ -45,31 +45,6 @@ _REFILL = flags.DEFINE_integer('refill', 8, 'Rows the continuous sampler refills
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt length (tokens, BOS included).')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'Most new tokens per row.')
 _FRACTION = flags.DEFINE_float('mean_fraction', 0.25, 'Mean response length / new_tokens.')
-
-
-def stop_probability(mean_fraction: float, n: int) -> float:
-  """p with E[min(L, n)] = mean_fraction * n for L geometric on 1, 2, ...:
-  E = (1 - (1 - p)^n) / p, decreasing in p; by bisection."""
-  lo, hi = 1e-9, 1.0
-  for _ in range(100):
-    p = (lo + hi) / 2
-    lo, hi = (p, hi) if (1 - (1 - p) ** n) / p > mean_fraction * n else (lo, p)
-  return (lo + hi) / 2
-
-
-def with_stopping_rate(params, cfg, *, p: float, eos_id: int):
-  """params whose model ends a row with probability about p per step (module docstring)."""
-  if cfg.tie_embeddings or cfg.norm != 'rms' or cfg.norm_offset:
-    raise UserError('the ragged bench sets the stopping rate through untied output weights '
-                    'and an RMS final norm (the default model)')
-  params = jax.tree.map(lambda x: x, params)
-  c, d = 0, cfg.d_model
-  b = float(np.log(p / (1 - p) * (cfg.vocab_size - 1)))
-  embed = params['embed']['embedding']
-  params['embed']['embedding'] = embed.at[:, c].set(1000.0)
-  kernel = params['logits']['kernel'].at[c].set(0.0)
-  params['logits']['kernel'] = kernel.at[c, eos_id].set(b / d ** 0.5)
-  return params
 
 
 def main():

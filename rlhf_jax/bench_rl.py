@@ -2,18 +2,22 @@
 apart and as the one compiled step, with XLA's peak memory of each, in the same run.
 
   python -m rlhf_jax.bench_rl [--config=configs/ppo.py:tiny] [--size=configs/pretrain.py:small]
-      [--batch=64] [--prompt_len=32] [--new_tokens=128]
+      [--batch=64] [--prompt_len=32] [--new_tokens=128] [--continuous_slots=16]
+      [--mean_fraction=0]
 
 The PPO settings (epochs, minibatches, value: head | critic, optimiser) are --config's;
 the model and world are --size's. Policy, reference, reward model (one member, the
 'last' pooling) and critic (with ppo.value='critic') are that model freshly initialised:
 speed does not depend on the weights, and a fresh model emits EOS about once in V tokens,
-so nearly every rollout runs all new_tokens steps (the worst case of a real one). The phases, each its own jitted
-program on the same inputs, as train/ppo_step.py runs them:
+so nearly every rollout runs all new_tokens steps (the worst case of a real one);
+--mean_fraction > 0 gives the policy bench_ragged's known stopping rate instead (geometric
+lengths with that mean fraction of new_tokens). The phases, each its own jitted program on
+the same inputs, as train/ppo_step.py runs them:
 
   rollout      the policy's cached sampler, length buckets on (cache_bucket 32), and the
                same with one bucket (every step reads the whole cache: the sampler before
-               issue 25's buckets);
+               issue 25's buckets), and through --continuous_slots cache rows by
+               continuous batching (ppo.continuous_slots; ppo_step.sample_rollouts);
   learner      the policy (+ value) forward that gives log pi_old and V_old;
   reference    the reference's teacher-forced log-probs (sampling.score);
   reward       the reward model's score of each response;
@@ -21,10 +25,10 @@ program on the same inputs, as train/ppo_step.py runs them:
 
 `step` is the whole ppo_step.train_step compiled as the stage compiles it. Each time is the
 best of two calls after a separate compile; memory is XLA's static peak (arguments +
-outputs + temporaries - aliased). Continuous batching does not enter a PPO step: its
-batch is fixed and every row's response is needed before the update. Prints a table, then
-one JSON line.
+outputs + temporaries - aliased). `step` samples as the stage does by default (static,
+buckets). Prints a table, then one JSON line.
 """
+import dataclasses
 import functools
 import json
 import sys
@@ -37,7 +41,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhf_jax import sampling
-from rlhf_jax.bench_common import measure, world_prompts
+from rlhf_jax.bench_common import measure, stop_probability, with_stopping_rate, world_prompts
 from rlhf_jax.cli import config_name, parse_flags_or_exit
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import policy_value, reward_model
@@ -54,6 +58,9 @@ _SIZE = config_flags.DEFINE_config_file('size', 'configs/pretrain.py:small',
 _BATCH = flags.DEFINE_integer('batch', 64, 'Prompts per PPO step.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt length (tokens, BOS included).')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'New tokens per rollout.')
+_SLOTS = flags.DEFINE_integer('continuous_slots', 16, 'Cache rows of the continuous rollout.')
+_FRACTION = flags.DEFINE_float('mean_fraction', 0.0, 'Mean response length / new_tokens of '
+                               'the policy (0: a fresh model, nearly no EOS).')
 
 
 def main():
@@ -62,6 +69,9 @@ def main():
   try:
     if min(_BATCH.value, _PROMPT_LEN.value, _NEW.value) <= 0:
       raise UserError('--batch, --prompt_len and --new_tokens must be positive')
+    if not 0 < _SLOTS.value <= _BATCH.value or not 0 <= _FRACTION.value < 1:
+      raise UserError('--continuous_slots must be in [1, --batch] and --mean_fraction in '
+                      '[0, 1)')
     if config.get('stage') != 'ppo':
       raise UserError(f'--config must be a PPO config; it is a {config.get("stage")!r} one')
     p = config.ppo
@@ -102,6 +112,9 @@ def run(config, cfg: ModelConfig):
   key = jax.random.key(config.seed)
   dummy = np.ones((1, 8), np.int32)
   lm_params = nn.meta.unbox(lm.init(key, dummy, segment_ids=dummy, positions=dummy)['params'])
+  if _FRACTION.value:
+    lm_params = with_stopping_rate(lm_params, cfg, p=stop_probability(_FRACTION.value, n),
+                                   eos_id=sampling.SampleConfig(max_new_tokens=n).eos_id)
   params = nn.meta.unbox(policy_value.init_params(learner)(jax.random.fold_in(key, 1)))
   params['policy'] = lm_params
   if 'critic' in params:
@@ -131,6 +144,10 @@ def run(config, cfg: ModelConfig):
         max_new_tokens=n, cache_bucket=bucket)))
     phases[name] = measure(sample, (lm_params, batch.prompts, batch.prompt_lengths, key),
                            repeats=2)
+  continuous = jax.jit(functools.partial(ppo_step.sample_rollouts, model=lm, config=(
+      dataclasses.replace(step_config, continuous_slots=_SLOTS.value))))
+  phases['rollout, continuous'] = measure(
+      continuous, (lm_params, batch.prompts, batch.prompt_lengths, key), repeats=2)
   out = phases['rollout']['out']
   response, mask = out.response, out.mask
   inputs = (ppo_step.sequence_inputs(batch.prompts, batch.prompt_lengths, response), response)
@@ -161,6 +178,8 @@ def run(config, cfg: ModelConfig):
   table = [(k, phases[k], phases[k]['run_s'] / total) for k in parts]
   table.append(('rollout, one bucket', phases['rollout, one bucket'],
                 phases['rollout, one bucket']['run_s'] / total))
+  table.append(('rollout, continuous', phases['rollout, continuous'],
+                phases['rollout, continuous']['run_s'] / total))
   table.append(('step (one program)', whole, whole['run_s'] / total))
   key_of = lambda k: k.split(',')[0].replace(' ', '_').replace('-', '_')
   figures = {'batch': b, 'prompt_len': plen, 'new_tokens': n, 'value': p.value,
@@ -171,6 +190,10 @@ def run(config, cfg: ModelConfig):
              'rollout_one_bucket_s': round(phases['rollout, one bucket']['run_s'], 4),
              'rollout_bucket_speedup': round(phases['rollout, one bucket']['run_s']
                                              / phases['rollout']['run_s'], 2),
+             'continuous_slots': _SLOTS.value, 'mean_fraction': _FRACTION.value,
+             'rollout_continuous_s': round(phases['rollout, continuous']['run_s'], 4),
+             'rollout_continuous_speedup': round(phases['rollout']['run_s']
+                                                 / phases['rollout, continuous']['run_s'], 2),
              'phases_s': round(total, 4), 'step_s': round(whole['run_s'], 4),
              'step_compile_s': round(whole['compile_s'], 2),
              'step_peak_mib': round(whole['peak_bytes'] / 2**20, 1),

@@ -122,15 +122,20 @@ def test_selfplay_update_bench():
 
 def test_rl_iteration_bench():
   f, table = run_with_table('rlhf_jax.bench_rl', '--size=configs/pretrain.py:tiny',
-                            '--batch=16', '--prompt_len=8', '--new_tokens=16')
+                            '--batch=16', '--prompt_len=8', '--new_tokens=16',
+                            '--continuous_slots=4', '--mean_fraction=0.25')
   assert (f['batch'], f['prompt_len'], f['new_tokens'], f['value']) == (16, 8, 16, 'head')
+  assert (f['continuous_slots'], f['mean_fraction']) == (4, 0.25)
+  positive_timings(f, ('rollout_continuous_s',))
+  ratio = f['rollout_s'] / f['rollout_continuous_s']
+  assert f['rollout_continuous_speedup'] == pytest.approx(ratio, rel=0.01, abs=0.01)
   parts = ('rollout', 'learner_forward', 'reference_log_probs', 'reward_model', 'updates')
   positive_timings(f, tuple(f'{k}_s' for k in parts) + ('step_s', 'rollout_one_bucket_s'))
   # The shares are each phase over their sum.
   assert sum(f[f'{k}_share'] for k in parts) == pytest.approx(1.0, abs=0.005)
   assert f['phases_s'] == pytest.approx(sum(f[f'{k}_s'] for k in parts), abs=5e-4)
-  # 16 rollouts of at most 16 tokens.
-  assert 16 <= f['response_tokens'] <= 16 * 16
+  # 16 rollouts of at most 16 tokens, a quarter of them on average (geometric lengths).
+  assert 16 <= f['response_tokens'] <= 16 * 16 * 0.6
   # The compiled step holds at least the learner's AdamW state: params and two moments of
   # the tiny policy (139,584 parameters: test_train_step_bench's count) and its value head.
   assert f['step_peak_mib'] >= 3 * 139_584 * 4 / 2**20
