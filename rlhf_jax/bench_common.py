@@ -63,7 +63,7 @@ def stop_probability(mean_fraction: float, n: int) -> float:
 
 
 def with_stopping_rate(params, cfg, *, p: float, eos_id: int):
-  """params whose model ends a row with probability about p per step (module docstring)."""
+  """params whose model ends a row with probability about p per step (bench_ragged.py says how)."""
   if cfg.tie_embeddings or cfg.norm != 'rms' or cfg.norm_offset:
     raise UserError('the ragged bench sets the stopping rate through untied output weights '
                     'and an RMS final norm (the default model)')
