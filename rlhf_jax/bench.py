@@ -9,8 +9,9 @@ JSON line of the figures.
 
 With PyTorch importable (never a dependency) and `--torch` (the default), the same run
 also times the PyTorch eager step of the same model from the same initial weights
-(rlhf_jax/bench_torch.py) on the same tokens, and reports `vs_torch_eager`: our tokens/s
-over its tokens/s, each framework's MFU against its own matmul peak. Without torch the
+(rlhf_jax/bench_torch.py) on the same tokens, one of its steps after each of ours, and
+reports `vs_torch_eager`: our tokens/s over its tokens/s, each framework's MFU against its
+own matmul peak. Without torch the
 figures say `torch: not installed`.
 """
 import json
@@ -54,21 +55,30 @@ def matmul_peak(n: int, reps: int = 5) -> float:
   return 2.0 * n ** 3 / _best_time(lambda: mm(a, b), reps)
 
 
-def step_time(setup, steps: int) -> tuple[float, float]:
-  """(compile + first step seconds, median seconds per step over `steps` steps)."""
+def step_time(setup, steps: int, other=None) -> tuple[float, float, float | None]:
+  """(compile + first step seconds, median seconds per step over `steps` steps, and the
+  median seconds of `other()` (a step of another framework, or None), called after each of
+  ours, so that both see the same machine: a load that comes and goes slows both alike)."""
   state = setup.state
   batches = [setup.put_batch(b) for b in setup.bench_batches]
   t = time.perf_counter()
   state, m = setup.step(state, batches[0])
   jax.block_until_ready(m)
   first = time.perf_counter() - t
-  times = []
+  if other is not None:
+    other()  # its warm-up
+  times, other_times = [], []
   for i in range(steps):
     t = time.perf_counter()
     state, m = setup.step(state, batches[i % 2])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  return first, float(np.median(times))
+    if other is not None:
+      t = time.perf_counter()
+      other()
+      other_times.append(time.perf_counter() - t)
+  return first, float(np.median(times)), (float(np.median(other_times)) if other_times
+                                          else None)
 
 
 def torch_skip(model) -> str:
@@ -93,16 +103,18 @@ def main():
       setup = Setup(config, workdir=workdir)
       setup.bench_batches = [setup.source.next_batch() for _ in range(2)]
       why_not = torch_skip(setup.model.cfg)
-      initial = jax.device_get(setup.state.params) if not why_not else None
-      with sharding.activate(setup.mesh, config.mesh):
-        peak_before = matmul_peak(_MATMUL_N.value)
-        compile_s, step_s = step_time(setup, _STEPS.value)
-        peak_after = matmul_peak(_MATMUL_N.value)
+      torch_step = None
       if not why_not:
         b = setup.bench_batches[0]
         tokens = np.concatenate([b.inputs, b.targets[:, -1:]], axis=1)
-        torch = bench_torch.step_time(setup.model.cfg, initial, tokens, config.optim,
-                                      steps=_STEPS.value, matmul_n=_MATMUL_N.value)
+        torch_step = bench_torch.train_step(setup.model.cfg, jax.device_get(setup.state.params),
+                                            tokens, config.optim)
+      with sharding.activate(setup.mesh, config.mesh):
+        peak_before = matmul_peak(_MATMUL_N.value)
+        compile_s, step_s, torch_s = step_time(setup, _STEPS.value, torch_step)
+        peak_after = matmul_peak(_MATMUL_N.value)
+      if torch_step is not None:
+        torch = {'torch_step_s': torch_s, **bench_torch.describe(_MATMUL_N.value)}
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

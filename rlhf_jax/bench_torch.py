@@ -119,11 +119,10 @@ def _matmul_peak(n: int, reps: int = 5) -> float:
   return 2.0 * n ** 3 / best
 
 
-def step_time(cfg, params, tokens: np.ndarray, optim, *, steps: int,
-              matmul_n: int = 2048) -> dict:
-  """Median seconds of a PyTorch eager train step (forward, cross-entropy on next tokens,
-  backward, global-norm clipping, AdamW) on tokens [B, T+1], after one untimed step, and
-  the FLOP/s of an n x n float32 matmul timed the same way."""
+def train_step(cfg, params, tokens: np.ndarray, optim):
+  """A PyTorch eager train step (forward, cross-entropy on next tokens, backward,
+  global-norm clipping, AdamW of the `optim` block) of the mirror of `cfg` holding
+  `params`, on tokens [B, T+1]: a callable returning the loss."""
   import torch
   import torch.nn.functional as F
   model = build(cfg, params)
@@ -131,7 +130,7 @@ def step_time(cfg, params, tokens: np.ndarray, optim, *, steps: int,
                           eps=optim.eps, weight_decay=optim.weight_decay)
   tokens = torch.from_numpy(np.asarray(tokens, np.int64))
 
-  def step():
+  def step() -> float:
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1))
     opt.zero_grad(set_to_none=True)
@@ -140,12 +139,11 @@ def step_time(cfg, params, tokens: np.ndarray, optim, *, steps: int,
       torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
     opt.step()
     return float(loss)
+  return step
 
-  step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
+
+def describe(matmul_n: int = 2048) -> dict:
+  """torch's version, threads, and the FLOP/s of an n x n float32 matmul in it."""
+  import torch
   return {'torch': f'{torch.__version__} eager', 'torch_threads': torch.get_num_threads(),
-          'torch_step_s': float(np.median(times)), 'torch_matmul_peak': _matmul_peak(matmul_n)}
+          'torch_matmul_peak': _matmul_peak(matmul_n)}
