@@ -144,13 +144,37 @@ QUICK_CASES = {'test_cai.py::test_bad_input_is_one_line': 2,
                'test_rlhf_rounds.py::test_bad_loop_fields': 1}
 
 
+# Tests marked `long` (and `slow`): the multi-process twins of stages whose 2-process runs
+# take minutes each on the 2-core machine (on the slowest one, ~15 of the suite's minutes
+# together). The full suite skips them, saying so; `--long` runs them too. Multi-process
+# stays covered there by pretraining with resume, SFT, the reward model, DPO, PPO and the
+# pipeline stopped in PPO, collapse, and the HF import on two processes.
+LONG_TESTS = ('test_multihost.py::test_rlhf_rounds_on_two_processes_equal_one',
+              'test_multihost.py::test_rl_against_a_verifier_on_two_processes_equals_one',
+              'test_multihost.py::test_self_improvement_on_two_processes_equals_one',
+              'test_multihost.py::test_distill_on_two_processes_equals_one',
+              'test_multihost.py::test_selfplay_on_two_processes_equals_one')
+
+
+def pytest_addoption(parser):
+  parser.addoption('--long', action='store_true',
+                   help='also run the tests marked long (conftest.py LONG_TESTS)')
+
+
 def pytest_collection_modifyitems(config, items):
   """Marks `slow` every test that uses a fixture of SLOW_FIXTURES (the chain alone takes
   minutes) and the cases of QUICK_CASES past their count, besides the tests marked by
-  hand, so that the quick check (-m 'not slow') never starts the chain; and puts the
+  hand, so that the quick check (-m 'not slow') never starts the chain; marks LONG_TESTS
+  `long` and skips them without --long; and puts the
   LONGEST_FILES first, in that order (a stable sort: each file's tests keep theirs)."""
   seen = {}
+  skip_long = pytest.mark.skip(reason='long: run with --long (conftest.py LONG_TESTS)')
   for item in items:
+    if f'{item.path.name}::{item.originalname}' in LONG_TESTS:
+      item.add_marker(pytest.mark.long)
+      item.add_marker(pytest.mark.slow)
+      if not config.getoption('--long'):
+        item.add_marker(skip_long)
     if any(name in getattr(item, 'fixturenames', ()) for name in SLOW_FIXTURES):
       item.add_marker(pytest.mark.slow)
     name = f'{item.path.name}::{item.originalname}'
