@@ -89,7 +89,7 @@ def build(cfg, params):
   import torch
   model = _modules()(cfg)
   d = cfg.d_model
-  t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
   with torch.no_grad():
     model.embed.weight.copy_(t(params['embed']['embedding']))
     model.norm.weight.copy_(t(params['final_norm']['scale']))
